@@ -1,0 +1,190 @@
+//! The client core's one error type. Every variant says what was wrong and where (URL with
+//! its query redacted, file path, manifest field, line number) and keeps the EHR's own words;
+//! none carries a token. Whether to retry is a property of the error, not of the call site.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::fhir::EhrMessage;
+use crate::url_util::SafeUrl;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of failure this is, for counting in status displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Category {
+    /// Connection refused or reset, timeouts, a body cut mid-stream.
+    Network,
+    /// The EHR said "slow down" (429/503).
+    Throttled,
+    /// The EHR answered 5xx or a transient OperationOutcome.
+    Server,
+    /// The EHR refused us: 4xx with an OperationOutcome.
+    Rejected,
+    /// Discovery, keys or the token endpoint failed.
+    Auth,
+    /// The EHR broke the Bulk Data protocol (missing header, bad manifest).
+    Protocol,
+    /// A downloaded file's content was not valid NDJSON of the promised type.
+    Content,
+    /// The export ran out of time or stopped making progress.
+    Timeout,
+    /// Local disk.
+    Storage,
+    /// The request or configuration the user gave is wrong.
+    Config,
+    /// Cancelled by the user, or an internal component has stopped.
+    Cancelled,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("network error talking to {url}: {message}")]
+    Network { url: SafeUrl, message: String },
+
+    #[error("{url} answered HTTP {status} (slow down){}", retry_hint(.retry_after))]
+    Throttled {
+        url: SafeUrl,
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+
+    #[error("{url} answered HTTP {status}: {message}")]
+    Http {
+        url: SafeUrl,
+        status: u16,
+        message: EhrMessage,
+    },
+
+    #[error(
+        "token endpoint {url} refused the request: {error}{}{}",
+        .description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default(),
+        .uri.as_deref().map(|u| format!(", see {u}")).unwrap_or_default()
+    )]
+    OAuth {
+        url: SafeUrl,
+        status: u16,
+        error: String,
+        description: Option<String>,
+        uri: Option<String>,
+    },
+
+    #[error("SMART discovery at {url} failed: {reason}")]
+    Discovery { url: SafeUrl, reason: String },
+
+    #[error("signing key problem: {reason}")]
+    Key { reason: String },
+
+    #[error("invalid configuration `{key}`: {reason}")]
+    Config { key: String, reason: String },
+
+    #[error("invalid export request: {reason}")]
+    InvalidRequest { reason: String },
+
+    #[error("{url} broke the Bulk Data protocol: {reason}")]
+    Protocol { url: SafeUrl, reason: String },
+
+    #[error("manifest from {url} is invalid: field `{field}` {reason}")]
+    Manifest {
+        url: SafeUrl,
+        field: String,
+        reason: String,
+    },
+
+    #[error("file {url} line {line}: {reason}")]
+    Content {
+        url: SafeUrl,
+        line: u64,
+        reason: String,
+    },
+
+    #[error(
+        "refusing to send the access token to {url}: its origin is neither the FHIR server's nor in the allow-list"
+    )]
+    ForeignOrigin { url: SafeUrl },
+
+    #[error("export at {url} passed its deadline of {limit:?}")]
+    Deadline { url: SafeUrl, limit: Duration },
+
+    #[error("export at {url} made no progress for {limit:?} (last X-Progress: {last_progress:?})")]
+    Stalled {
+        url: SafeUrl,
+        limit: Duration,
+        last_progress: Option<String>,
+    },
+
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::sync::Arc<std::io::Error>,
+    },
+
+    #[error("cancelled")]
+    Cancelled,
+
+    #[error("{component} has stopped")]
+    Unavailable { component: &'static str },
+}
+
+fn retry_hint(retry_after: &Option<Duration>) -> String {
+    match retry_after {
+        Some(d) => format!(", retry after {}s", d.as_secs()),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    pub fn category(&self) -> Category {
+        match self {
+            Error::Network { .. } => Category::Network,
+            Error::Throttled { .. } => Category::Throttled,
+            Error::Http { status, message, .. } => {
+                if *status >= 500 || message.transient {
+                    Category::Server
+                } else {
+                    Category::Rejected
+                }
+            }
+            Error::OAuth { .. } | Error::Discovery { .. } | Error::Key { .. } => Category::Auth,
+            Error::Protocol { .. } | Error::Manifest { .. } | Error::ForeignOrigin { .. } => {
+                Category::Protocol
+            }
+            Error::Content { .. } => Category::Content,
+            Error::Deadline { .. } | Error::Stalled { .. } => Category::Timeout,
+            Error::Io { .. } => Category::Storage,
+            Error::Config { .. } | Error::InvalidRequest { .. } => Category::Config,
+            Error::Cancelled | Error::Unavailable { .. } => Category::Cancelled,
+        }
+    }
+
+    /// Whether the same request may succeed if tried again later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Network { .. } | Error::Throttled { .. } => true,
+            Error::Http {
+                status, message, ..
+            } => *status >= 500 || message.transient,
+            // A token endpoint that is down (5xx) can come back; a refusal cannot.
+            Error::OAuth { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// The delay the server asked for, if it asked.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Throttled { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source: std::sync::Arc::new(source),
+        }
+    }
+}

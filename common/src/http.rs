@@ -1,0 +1,209 @@
+//! The one HTTP seam. The client logic builds [`HttpRequest`]s and reads [`HttpResponse`]s;
+//! an [`HttpTransport`] moves them. [`ReqwestTransport`] is production (one pooled client for
+//! every request, proxy variables honoured, timeouts); the simulation supplies a hyper-over-
+//! turmoil implementation. Transports never follow redirects and never decode
+//! `Content-Encoding`: the client does both itself, so the rules about where a token may go
+//! and which byte offset a resume starts from live in one place for every transport.
+
+use std::pin::Pin;
+use std::sync::Once;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, Method, StatusCode};
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::url_util::SafeUrl;
+
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+
+/// A request as the client logic sees it.
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    pub method: Method,
+    pub url: Url,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl HttpRequest {
+    pub fn new(method: Method, url: Url) -> Self {
+        HttpRequest {
+            method,
+            url,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// Adds a header. Names and values here are program constants or already-validated
+    /// values; an invalid one is a bug, reported as a protocol error rather than a panic.
+    pub fn header(mut self, name: http::header::HeaderName, value: &str) -> Self {
+        match http::HeaderValue::from_str(value) {
+            Ok(value) => {
+                self.headers.append(name, value);
+            }
+            Err(_) => tracing::warn!(header = %name, "dropping header with invalid characters"),
+        }
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+}
+
+/// A response whose body has not been read yet.
+pub struct HttpResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The URL this response came from.
+    pub url: Url,
+    pub body: BodyStream,
+}
+
+impl std::fmt::Debug for HttpResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpResponse")
+            .field("status", &self.status)
+            .field("url", &SafeUrl::from(&self.url))
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpResponse {
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn content_type(&self) -> Option<&str> {
+        self.header_str("content-type")
+    }
+
+    /// Reads the whole body, refusing more than `limit` bytes (manifests, token responses and
+    /// error bodies are small; NDJSON is never read this way).
+    pub async fn read_limited(mut self, limit: usize) -> Result<Bytes> {
+        let mut collected = Vec::new();
+        while let Some(chunk) = self.body.next().await {
+            let chunk = chunk?;
+            if collected.len() + chunk.len() > limit {
+                return Err(Error::Protocol {
+                    url: SafeUrl::from(&self.url),
+                    reason: format!("response body is larger than the {limit} bytes allowed here"),
+                });
+            }
+            collected.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(collected))
+    }
+}
+
+/// Moves one request to a server and returns its response head with a streaming body.
+#[async_trait::async_trait]
+pub trait HttpTransport: Send + Sync + 'static {
+    async fn send(&self, request: HttpRequest) -> Result<HttpResponse>;
+}
+
+/// Timeouts for [`ReqwestTransport`].
+#[derive(Debug, Clone)]
+pub struct TransportSettings {
+    pub connect_timeout: Duration,
+    /// Longest silence while reading a response (a stalled download fails after this).
+    pub read_timeout: Duration,
+    pub user_agent: String,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        TransportSettings {
+            connect_timeout: Duration::from_secs(15),
+            read_timeout: Duration::from_secs(120),
+            user_agent: format!("fhirhaul/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// Production transport: one reqwest client (one connection pool) for every request.
+/// Proxy settings come from the usual `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` variables.
+#[derive(Clone)]
+pub struct ReqwestTransport {
+    client: reqwest::Client,
+}
+
+static RUSTLS_PROVIDER: Once = Once::new();
+
+impl ReqwestTransport {
+    pub fn new(settings: &TransportSettings) -> Result<Self> {
+        RUSTLS_PROVIDER.call_once(|| {
+            // Fails only if another provider was installed first, which is just as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        });
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(settings.connect_timeout)
+            .read_timeout(settings.read_timeout)
+            .user_agent(settings.user_agent.clone())
+            .build()
+            .map_err(|e| Error::Config {
+                key: "http".into(),
+                reason: format!("cannot build the HTTP client: {e}"),
+            })?;
+        Ok(ReqwestTransport { client })
+    }
+}
+
+fn describe_reqwest_error(error: &reqwest::Error) -> String {
+    // reqwest's Display names the URL including the query; build our own text instead.
+    let mut text = if error.is_timeout() {
+        "timed out".to_string()
+    } else if error.is_connect() {
+        "could not connect".to_string()
+    } else if error.is_body() || error.is_decode() {
+        "response body interrupted".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[async_trait::async_trait]
+impl HttpTransport for ReqwestTransport {
+    async fn send(&self, request: HttpRequest) -> Result<HttpResponse> {
+        let url = request.url.clone();
+        let response = self
+            .client
+            .request(request.method, request.url)
+            .headers(request.headers)
+            .body(request.body)
+            .send()
+            .await
+            .map_err(|e| Error::Network {
+                url: SafeUrl::from(&url),
+                message: describe_reqwest_error(&e),
+            })?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body_url = SafeUrl::from(&url);
+        let body = response.bytes_stream().map(move |chunk| {
+            chunk.map_err(|e| Error::Network {
+                url: body_url.clone(),
+                message: describe_reqwest_error(&e),
+            })
+        });
+        Ok(HttpResponse {
+            status,
+            headers,
+            url,
+            body: Box::pin(body),
+        })
+    }
+}
