@@ -1,1 +1,281 @@
+//! One whole export in one process: kick off, poll, download every file (starting on
+//! partial-manifest files while polling continues), write a summary. `fhirhaul run` uses this
+//! today; the coordinator's job driver uses the same pieces step by step.
 
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use url::Url;
+
+use crate::client::FhirClient;
+use crate::download::{DownloadOptions, DownloadSettings, FileOutcome, download_file};
+use crate::error::{Category, Error, Result};
+use crate::kickoff::{DEFAULT_KICKOFF_ATTEMPTS, ExportRequest, KICKOFF_BACKOFF, ServerProfile, kick_off};
+use crate::manifest::{FileKind, ManifestFile};
+use crate::retry::Backoff;
+use crate::status::{PollEvent, PollSettings, Poller, delete_export};
+use crate::url_util::SafeUrl;
+
+/// How one export runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportSettings {
+    pub poll: PollSettings,
+    pub download: DownloadSettings,
+    /// Files downloaded at once (a limit per EHR, so it is not hammered).
+    pub concurrency: usize,
+    /// DELETE the status URL once every file is saved, so the EHR can purge them.
+    pub delete_when_done: bool,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        ExportSettings {
+            poll: PollSettings::default(),
+            download: DownloadSettings::default(),
+            concurrency: 4,
+            delete_when_done: false,
+        }
+    }
+}
+
+/// What an export tells its caller as it goes.
+#[derive(Debug)]
+pub enum ExportEvent {
+    Accepted { status_url: Url },
+    Poll(PollEvent),
+    ManifestReady { files: usize, transaction_time: String },
+    FileDone { file: ManifestFile, outcome: FileOutcome },
+    FileFailed { file: ManifestFile, error: Error },
+}
+
+/// A saved file in the summary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedFile {
+    pub kind: FileKind,
+    pub resource_type: Option<String>,
+    pub url: String,
+    #[serde(flatten)]
+    pub outcome: FileOutcome,
+}
+
+/// A file that could not be saved, with the reason.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailedFile {
+    pub kind: FileKind,
+    pub resource_type: Option<String>,
+    pub url: String,
+    pub category: String,
+    pub error: String,
+}
+
+/// The result of an export, also written as `summary.json` in the output directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportReport {
+    pub status_url: String,
+    /// The manifest's `transactionTime`: the `_since` of the next incremental export.
+    pub transaction_time: String,
+    pub output_dir: PathBuf,
+    pub files: Vec<SavedFile>,
+    pub failed: Vec<FailedFile>,
+    /// Failures by category.
+    pub failures_by_category: BTreeMap<String, usize>,
+}
+
+impl ExportReport {
+    pub fn resources(&self) -> u64 {
+        self.files.iter().map(|f| f.outcome.resources).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.outcome.bytes).sum()
+    }
+}
+
+/// Where a file goes under the export directory: `<Type>.<n>.ndjson`, `deleted/…`,
+/// `error/…`. Names come from validated type names and counters, never from the URL, so a
+/// hostile manifest cannot write outside the directory.
+#[derive(Default)]
+struct Namer {
+    counters: BTreeMap<(FileKind, String), u32>,
+}
+
+impl Namer {
+    fn path_for(&mut self, dir: &Path, file: &ManifestFile) -> PathBuf {
+        let kind = file.resource_type.clone().unwrap_or_else(|| "Organized".to_string());
+        let counter = self.counters.entry((file.kind, kind.clone())).or_default();
+        *counter += 1;
+        let name = format!("{kind}.{counter}.ndjson");
+        match file.kind {
+            FileKind::Output => dir.join(name),
+            FileKind::Deleted => dir.join("deleted").join(name),
+            FileKind::Error => dir.join("error").join(name),
+        }
+    }
+}
+
+struct Downloads<'a> {
+    client: &'a FhirClient,
+    settings: &'a ExportSettings,
+    dir: &'a Path,
+    namer: Namer,
+    started: HashSet<Url>,
+    tasks: JoinSet<(ManifestFile, Result<FileOutcome>)>,
+    limit: Arc<Semaphore>,
+    cancel: CancellationToken,
+}
+
+impl Downloads<'_> {
+    fn start(&mut self, file: ManifestFile, requires_token: bool) {
+        if !self.started.insert(file.url.clone()) {
+            return;
+        }
+        let dest = self.namer.path_for(self.dir, &file);
+        let client = self.client.clone();
+        let settings = self.settings.download.clone();
+        let limit = Arc::clone(&self.limit);
+        let cancel = self.cancel.clone();
+        let span = tracing::info_span!("file", file = %SafeUrl::from(&file.url), dest = %dest.display());
+        self.tasks.spawn(
+            async move {
+                let _permit = limit.acquire_owned().await;
+                let options = DownloadOptions {
+                    cancel,
+                    ..Default::default()
+                };
+                let result = download_file(&client, &file, requires_token, &dest, &settings, options).await;
+                (file, result)
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Runs one export to completion. Files that fail are reported, not fatal: the others are
+/// still saved. Errors before the manifest (kick-off, polling) are returned.
+pub async fn run_export(
+    client: &FhirClient,
+    request: &ExportRequest,
+    profile: &ServerProfile,
+    settings: &ExportSettings,
+    out_dir: &Path,
+    cancel: CancellationToken,
+    mut on_event: impl FnMut(ExportEvent),
+) -> Result<ExportReport> {
+    request.validate(profile)?;
+    tokio::fs::create_dir_all(out_dir)
+        .await
+        .map_err(|e| Error::io("creating output directory", out_dir, e))?;
+    let mut kickoff_backoff = Backoff::new(KICKOFF_BACKOFF.0, KICKOFF_BACKOFF.1, client.entropy().clone());
+    let accepted = kick_off(client, request, profile, DEFAULT_KICKOFF_ATTEMPTS, &mut kickoff_backoff).await?;
+    on_event(ExportEvent::Accepted {
+        status_url: accepted.status_url.clone(),
+    });
+    let mut downloads = Downloads {
+        client,
+        settings,
+        dir: out_dir,
+        namer: Namer::default(),
+        started: HashSet::new(),
+        tasks: JoinSet::new(),
+        limit: Arc::new(Semaphore::new(settings.concurrency.max(1))),
+        cancel: cancel.clone(),
+    };
+    let mut poller = Poller::new(settings.poll.clone(), client);
+    let completed = poller
+        .run(client, &accepted.status_url, &cancel, |event| {
+            // Partial-manifest files start downloading while polling goes on.
+            if let PollEvent::PartialFiles {
+                files,
+                requires_access_token,
+            } = &event
+            {
+                for file in files {
+                    downloads.start(file.clone(), *requires_access_token);
+                }
+            }
+            on_event(ExportEvent::Poll(event));
+        })
+        .await?;
+    on_event(ExportEvent::ManifestReady {
+        files: completed.files.len(),
+        transaction_time: completed.transaction_time.clone(),
+    });
+    for file in completed.files.iter().cloned() {
+        downloads.start(file, completed.requires_access_token);
+    }
+    let mut saved = Vec::new();
+    let mut failed = Vec::new();
+    let mut by_category: BTreeMap<String, usize> = BTreeMap::new();
+    while let Some(joined) = downloads.tasks.join_next().await {
+        let (file, result) = match joined {
+            Ok(done) => done,
+            Err(join_error) => {
+                tracing::error!(%join_error, "download task ended abnormally");
+                continue;
+            }
+        };
+        match result {
+            Ok(outcome) => {
+                saved.push(SavedFile {
+                    kind: file.kind,
+                    resource_type: file.resource_type.clone(),
+                    url: SafeUrl::from(&file.url).to_string(),
+                    outcome: outcome.clone(),
+                });
+                on_event(ExportEvent::FileDone { file, outcome });
+            }
+            Err(error) => {
+                let category = format!("{:?}", error.category()).to_lowercase();
+                *by_category.entry(category.clone()).or_default() += 1;
+                failed.push(FailedFile {
+                    kind: file.kind,
+                    resource_type: file.resource_type.clone(),
+                    url: SafeUrl::from(&file.url).to_string(),
+                    category,
+                    error: error.to_string(),
+                });
+                on_event(ExportEvent::FileFailed { file, error });
+            }
+        }
+    }
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    saved.sort_by(|a, b| a.outcome.path.cmp(&b.outcome.path));
+    let report = ExportReport {
+        status_url: SafeUrl::from(&accepted.status_url).to_string(),
+        transaction_time: completed.transaction_time.clone(),
+        output_dir: out_dir.to_path_buf(),
+        files: saved,
+        failed,
+        failures_by_category: by_category,
+    };
+    let summary = serde_json::to_vec_pretty(&report).unwrap_or_default();
+    let summary_path = out_dir.join("summary.json");
+    tokio::fs::write(&summary_path, summary)
+        .await
+        .map_err(|e| Error::io("writing", &summary_path, e))?;
+    let manifest_path = out_dir.join("manifest.json");
+    let pages = serde_json::to_vec_pretty(&completed.pages).unwrap_or_default();
+    tokio::fs::write(&manifest_path, pages)
+        .await
+        .map_err(|e| Error::io("writing", &manifest_path, e))?;
+    if settings.delete_when_done && report.failed.is_empty() {
+        if let Err(error) = delete_export(client, &accepted.status_url).await {
+            tracing::warn!(%error, "could not DELETE the finished export; the EHR will expire it");
+        }
+    }
+    Ok(report)
+}
+
+/// Counts failures by category (for status displays).
+pub fn category_name(category: Category) -> String {
+    format!("{category:?}").to_lowercase()
+}

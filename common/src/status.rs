@@ -139,7 +139,10 @@ pub enum PollEvent {
     /// A new `X-Progress` text.
     Progress(String),
     /// Files from a partial manifest that were not handed out before.
-    PartialFiles(Vec<ManifestFile>),
+    PartialFiles {
+        files: Vec<ManifestFile>,
+        requires_access_token: bool,
+    },
     /// The poller will wait this long before the next request.
     Waiting { delay: Duration, reason: String },
 }
@@ -223,10 +226,14 @@ impl Poller {
                         }
                     }
                     if let Some(partial) = partial {
+                        let requires_access_token = partial.requires_access_token;
                         let fresh = self.fresh_files(partial.files);
                         if !fresh.is_empty() {
                             self.last_change = Instant::now();
-                            on_event(PollEvent::PartialFiles(fresh));
+                            on_event(PollEvent::PartialFiles {
+                                files: fresh,
+                                requires_access_token,
+                            });
                         }
                     }
                     (self.backoff.next_delay(retry_after), "in progress".to_string())
