@@ -1,1 +1,72 @@
-fn main() {}
+//! `fhirhaul`: one binary for every role. This file parses arguments, starts tracing and
+//! calls into the crates; the work lives in `common/` (client core) and `sim/` (simulated EHR).
+
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fhirhaul", version, about = "FHIR Bulk Data export at population scale")]
+struct Cli {
+    /// Log filter (e.g. `info`, `fhirhaul_common=debug`); also RUST_LOG.
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one export end to end in this process. With no --config it starts the built-in
+    /// simulated EHR and exports from it.
+    Run(commands::RunArgs),
+    /// Serve the simulated EHR on 127.0.0.1 and print a ready client registration.
+    SimEhr(commands::SimArgs),
+    /// Key management for SMART Backend Services registration.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new private key and the JWK Set to register (or host) with the EHR.
+    Generate {
+        /// RS384 or ES384.
+        #[arg(long, default_value = "ES384")]
+        alg: String,
+        /// Directory for `<kid>.pem` and `jwks.json`.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Key id; defaults to the RFC 7638 thumbprint.
+        #[arg(long)]
+        kid: Option<String>,
+        /// Add the new key to this existing JWKS (rotation) instead of starting a new one.
+        #[arg(long)]
+        add_to: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match cli.command {
+        Command::Run(args) => commands::run(args).await,
+        Command::SimEhr(args) => commands::sim_ehr(args).await,
+        Command::Keys {
+            command: KeysCommand::Generate { alg, out, kid, add_to },
+        } => commands::keys_generate(&alg, &out, kid, add_to.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod client;
 pub mod clock;
+pub mod config;
 pub mod download;
 pub mod error;
 pub mod export;

@@ -1,0 +1,264 @@
+//! The subcommands. Each is glue: read arguments and config, call the crates, print.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fhirhaul_common::clock::{Entropy, SystemClock};
+use fhirhaul_common::config::{Config, TenantConfig};
+use fhirhaul_common::export::{ExportEvent, ExportReport, ExportSettings, run_export};
+use fhirhaul_common::http::{ReqwestTransport, TransportSettings};
+use fhirhaul_common::keys::{Jwks, SigningAlgorithm, SigningKey};
+use fhirhaul_common::kickoff::{ExportRequest, ServerProfile};
+use fhirhaul_common::status::{PollEvent, PollSettings};
+use fhirhaul_sim::{SimConfig, SimEhr};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// fhirhaul.toml with the EHR to export from; without it the built-in simulated EHR is used.
+    #[arg(long, env = "FHIRHAUL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Which tenant of the config (default: the first).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Output directory (default: output_dir from the config, else ./fhirhaul-out).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Simulated EHR only: patients in the synthetic population.
+    #[arg(long, default_value_t = 200)]
+    patients: u32,
+    /// Simulated EHR only: population seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+pub struct SimArgs {
+    /// Port for the FHIR server (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    #[arg(long, default_value_t = 1000)]
+    patients: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the generated client's private key.
+    #[arg(long, default_value = "sim-client.pem")]
+    key_out: PathBuf,
+    /// How long an export takes before its manifest is ready.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    job_duration: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    fhirhaul_common::serde_duration::parse(text).ok_or_else(|| format!("`{text}` is not a duration like 5s, 2m, 250ms"))
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn transport() -> anyhow::Result<Arc<ReqwestTransport>> {
+    Ok(Arc::new(ReqwestTransport::new(&TransportSettings::default())?))
+}
+
+fn timestamp() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    )
+}
+
+/// `fhirhaul run`
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let cancel = CancellationToken::new();
+    let ctrl_c = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: stopping (partial files are kept as .part)");
+            ctrl_c.cancel();
+        }
+    });
+    let (tenant, out_root, _sim) = match &args.config {
+        Some(path) => {
+            let config = Config::load(path)?;
+            let tenant = match &args.tenant {
+                Some(name) => config.tenant.iter().find(|t| &t.name == name).cloned().with_context(|| format!("no tenant `{name}` in {}", path.display()))?,
+                None => config.tenant.first().cloned().with_context(|| format!("{} has no [[tenant]]", path.display()))?,
+            };
+            let out = args.out.clone().or(config.output_dir.clone()).unwrap_or_else(|| PathBuf::from("fhirhaul-out"));
+            (tenant, out, None)
+        }
+        None => {
+            let out = args.out.clone().unwrap_or_else(|| PathBuf::from("fhirhaul-out"));
+            let (tenant, sim) = embedded_sim_tenant(&args, &out).await?;
+            (tenant, out, Some(sim))
+        }
+    };
+    let export_dir = out_root.join(&tenant.name).join(timestamp());
+    let client = tenant.connect(transport()?, Arc::new(SystemClock), Entropy::from_os(), cancel.clone())?;
+    println!("exporting from {} into {}", tenant.base_url, export_dir.display());
+    let started = Instant::now();
+    let interactive = std::io::stdout().is_terminal();
+    let report = run_export(&client, &tenant.request, &tenant.profile, &tenant.export, &export_dir, cancel.clone(), |event| {
+        print_event(&event, interactive)
+    })
+    .await?;
+    print_report(&report, started.elapsed());
+    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+/// Starts the built-in simulated EHR and a tenant registered with it.
+async fn embedded_sim_tenant(args: &RunArgs, out: &Path) -> anyhow::Result<(TenantConfig, SimEhr)> {
+    let sim = SimEhr::start(SimConfig {
+        seed: args.seed,
+        patients: args.patients,
+        job_duration: Duration::from_secs(2),
+        ..SimConfig::default()
+    })
+    .await
+    .context("starting the simulated EHR")?;
+    let credentials = sim.new_client("ES384");
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let key_path = out.join("sim-client.pem");
+    write_private(&key_path, &credentials.private_key_pem)?;
+    println!("no --config given: using the built-in simulated EHR at {} ({} patients)", sim.base_url(), args.patients);
+    let tenant = TenantConfig {
+        name: "sim".into(),
+        base_url: sim.base_url().parse()?,
+        client_id: credentials.client_id,
+        private_key: key_path,
+        algorithm: Some(SigningAlgorithm::ES384),
+        kid: Some(credentials.kid),
+        scope: None,
+        token_url: None,
+        jku: None,
+        token_allow_list: vec![],
+        assertion_lifetime: Duration::from_secs(240),
+        refresh_margin: Duration::from_secs(300),
+        profile: ServerProfile::default(),
+        export: ExportSettings {
+            // The simulated EHR finishes in seconds and asks for 1 s between polls.
+            poll: PollSettings {
+                min_interval: Duration::from_millis(500),
+                max_interval: Duration::from_secs(5),
+                ..PollSettings::default()
+            },
+            ..ExportSettings::default()
+        },
+        request: ExportRequest {
+            allow_partial_manifests: true,
+            ..ExportRequest::default()
+        },
+    };
+    tenant.validate()?;
+    Ok((tenant, sim))
+}
+
+fn print_event(event: &ExportEvent, interactive: bool) {
+    let _ = interactive;
+    match event {
+        ExportEvent::Accepted { status_url } => println!("export accepted; polling {}", fhirhaul_common::url_util::SafeUrl::from(status_url)),
+        ExportEvent::Poll(PollEvent::Progress(text)) => println!("  progress: {text}"),
+        ExportEvent::Poll(PollEvent::PartialFiles { files, .. }) => println!("  {} file(s) ready early; downloading", files.len()),
+        ExportEvent::Poll(PollEvent::Waiting { .. }) => {}
+        ExportEvent::ManifestReady { files, transaction_time } => println!("manifest ready: {files} file(s), transactionTime {transaction_time}"),
+        ExportEvent::FileDone { outcome, .. } => println!(
+            "  saved {} ({} resources, {} bytes{})",
+            outcome.path.display(),
+            outcome.resources,
+            outcome.bytes,
+            if outcome.resumes > 0 { format!(", resumed {}x", outcome.resumes) } else { String::new() }
+        ),
+        ExportEvent::FileFailed { file, error } => println!("  FAILED {}: {error}", fhirhaul_common::url_util::SafeUrl::from(&file.url)),
+    }
+}
+
+fn print_report(report: &ExportReport, elapsed: Duration) {
+    println!(
+        "done in {:.1}s: {} file(s), {} resources, {:.1} MB in {}",
+        elapsed.as_secs_f64(),
+        report.files.len(),
+        report.resources(),
+        report.bytes() as f64 / 1e6,
+        report.output_dir.display()
+    );
+    println!("summary with SHA-256 of every file: {}", report.output_dir.join("summary.json").display());
+    println!("next incremental export: _since={}", report.transaction_time);
+    if !report.failed.is_empty() {
+        println!("{} file(s) failed:", report.failed.len());
+        for failed in &report.failed {
+            println!("  [{}] {}: {}", failed.category, failed.url, failed.error);
+        }
+    }
+}
+
+/// `fhirhaul sim-ehr`
+pub async fn sim_ehr(args: SimArgs) -> anyhow::Result<ExitCode> {
+    let fhir = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await.with_context(|| format!("binding 127.0.0.1:{}", args.port))?;
+    let storage = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let sim = SimEhr::serve(
+        SimConfig {
+            seed: args.seed,
+            patients: args.patients,
+            job_duration: args.job_duration,
+            ..SimConfig::default()
+        },
+        fhir,
+        storage,
+    )
+    .await?;
+    let credentials = sim.new_client("ES384");
+    write_private(&args.key_out, &credentials.private_key_pem)?;
+    println!("simulated EHR serving FHIR at {}", sim.base_url());
+    println!("token endpoint {}; storage origin {}", sim.token_url(), sim.storage_origin());
+    println!("registered client (ES384); put this in fhirhaul.toml:\n");
+    println!("[[tenant]]\nname = \"sim\"\nbase_url = \"{}\"\nclient_id = \"{}\"\nkid = \"{}\"\nprivate_key = \"{}\"", sim.base_url(), credentials.client_id, credentials.kid, args.key_out.display());
+    println!("[tenant.export.poll]\nmin_interval = \"1s\"\nmax_interval = \"5s\"\n");
+    println!("press Ctrl-C to stop");
+    tokio::signal::ctrl_c().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `fhirhaul keys generate`
+pub fn keys_generate(alg: &str, out: &Path, kid: Option<String>, add_to: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let Some(algorithm) = SigningAlgorithm::parse(alg) else {
+        bail!("--alg `{alg}` is not RS384 or ES384");
+    };
+    let mut jwks = match add_to {
+        Some(path) => Jwks::parse(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)?,
+        None => Jwks::default(),
+    };
+    let (key, pem) = SigningKey::generate(algorithm, kid)?;
+    jwks.add(key.public_jwk().clone())?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let key_path = out.join(format!("{}.pem", key.kid()));
+    if key_path.exists() {
+        bail!("{} already exists; not overwriting a private key", key_path.display());
+    }
+    write_private(&key_path, &pem)?;
+    let jwks_path = add_to.map(Path::to_path_buf).unwrap_or_else(|| out.join("jwks.json"));
+    std::fs::write(&jwks_path, serde_json::to_string_pretty(&jwks)?).with_context(|| format!("writing {}", jwks_path.display()))?;
+    println!("private key ({algorithm}, kid {}): {}", key.kid(), key_path.display());
+    println!("JWK Set with {} key(s) to register or host: {}", jwks.keys.len(), jwks_path.display());
+    Ok(ExitCode::SUCCESS)
+}
