@@ -220,7 +220,7 @@ impl Population {
     /// Resources removed since `since` (for `deleted` files): a deterministic few patients
     /// lost a Condition.
     pub fn deleted_since(&self, patient: u32) -> Option<String> {
-        (self.draw(patient, 99) % 25 == 0).then(|| format!("Condition/c{patient}-deleted"))
+        (self.draw(patient, 99) % 4 == 0).then(|| format!("Condition/c{patient}-deleted"))
     }
 }
 
