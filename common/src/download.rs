@@ -64,29 +64,52 @@ impl Default for DownloadSettings {
     }
 }
 
-/// What identifies the server's version of a file, for `If-Range`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Validator {
-    ETag(String),
-    LastModified(String),
+/// What identifies the server's version of a file: its ETag (strong or weak) and
+/// Last-Modified, as the response that started the file gave them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Validator {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+/// The opaque part of an entity tag, for weak comparison (RFC 9110 §8.8.3.2).
+fn opaque_tag(etag: &str) -> &str {
+    etag.strip_prefix("W/").unwrap_or(etag)
 }
 
 impl Validator {
     fn from_response(response: &HttpResponse) -> Option<Validator> {
-        if let Some(etag) = response.header_str("etag")
-            && !etag.starts_with("W/")
-        {
-            return Some(Validator::ETag(etag.to_string()));
-        }
-        response
-            .header_str("last-modified")
-            .map(|date| Validator::LastModified(date.to_string()))
+        let validator = Validator {
+            etag: response.header_str("etag").map(str::to_owned),
+            last_modified: response.header_str("last-modified").map(str::to_owned),
+        };
+        (validator.etag.is_some() || validator.last_modified.is_some()).then_some(validator)
     }
 
-    fn header_value(&self) -> &str {
-        match self {
-            Validator::ETag(value) | Validator::LastModified(value) => value,
+    /// The `If-Range` value: a strong ETag, else the Last-Modified date. A weak ETag cannot
+    /// be used (If-Range compares strongly).
+    fn if_range(&self) -> Option<&str> {
+        match &self.etag {
+            Some(etag) if !etag.starts_with("W/") => Some(etag),
+            _ => self.last_modified.as_deref(),
         }
+    }
+
+    /// Why a ranged response is not the same version of the file, if it is not. ETags are
+    /// compared weakly: the gzip variant's `W/"x"` and the identity `"x"` are one version.
+    /// This catches a server whose Last-Modified did not move when the file changed.
+    fn changed_in(&self, response: &HttpResponse) -> Option<String> {
+        if let (Some(ours), Some(theirs)) = (&self.etag, response.header_str("etag"))
+            && opaque_tag(ours) != opaque_tag(theirs)
+        {
+            return Some(format!("ETag changed from {ours} to {theirs}"));
+        }
+        if let (Some(ours), Some(theirs)) = (&self.last_modified, response.header_str("last-modified"))
+            && ours != theirs
+        {
+            return Some(format!("Last-Modified changed from {ours} to {theirs}"));
+        }
+        None
     }
 }
 
@@ -185,6 +208,8 @@ pub async fn download_file(
     let (position, resumes, restarts) = match result {
         Ok(done) => done,
         Err(error) => {
+            // Closing the channel lets the writer stop; it keeps the .part for a resume.
+            drop(driver);
             // The writer's own error (a bad line, a full disk) explains a closed channel.
             return Err(match writer_task.await {
                 Ok(Err(writer_error)) => writer_error,
@@ -257,14 +282,15 @@ impl Driver<'_> {
             if self.cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
-            let ranged = position.offset > 0 && position.validator.is_some();
+            let if_range = position.validator.as_ref().and_then(Validator::if_range).filter(|_| position.offset > 0);
+            let ranged = if_range.is_some();
             let mut request = HttpRequest::new(Method::GET, self.file.url.clone())
                 .header(ACCEPT, "application/fhir+ndjson");
-            if let (true, Some(validator)) = (ranged, &position.validator) {
+            if let Some(if_range) = if_range {
                 request = request
                     .header(ACCEPT_ENCODING, "identity")
                     .header(RANGE, &format!("bytes={}-", position.offset))
-                    .header(IF_RANGE, validator.header_value());
+                    .header(IF_RANGE, if_range);
             } else {
                 request = request.header(ACCEPT_ENCODING, "gzip");
             }
@@ -327,11 +353,8 @@ impl Driver<'_> {
                         response.header_str("content-range")
                     )));
                 }
-                let fresh = Validator::from_response(&response);
-                if let (Some(Validator::ETag(ours)), Some(Validator::ETag(theirs))) = (&position.validator, &fresh)
-                    && ours != theirs
-                {
-                    return Ok(Attempt::RestartWithoutRange(format!("ETag changed from {ours} to {theirs}")));
+                if let Some(change) = position.validator.as_ref().and_then(|v| v.changed_in(&response)) {
+                    return Ok(Attempt::RestartWithoutRange(change));
                 }
                 false
             }
@@ -363,7 +386,12 @@ impl Driver<'_> {
         if restart {
             tracing::info!(file = %self.url, "server sent the whole file (validator changed or Range ignored); restarting from zero");
         }
-        let validator = Validator::from_response(&response).or_else(|| if restart { None } else { position.validator.clone() });
+        // A resumed file keeps the validator of the response that started it.
+        let validator = if restart || position.offset == 0 {
+            Validator::from_response(&response)
+        } else {
+            position.validator.clone()
+        };
         self.ask(|reply| Command::Begin { restart: restart || position.offset == 0, gzip, validator, reply }).await??;
         let mut body = response.body;
         let mut cut = None;
@@ -583,7 +611,9 @@ impl Writer {
         match self.gzip.take() {
             None => self.take_decoded(chunk)?,
             Some(mut decoder) => {
-                let outcome = decoder.write_all(chunk);
+                // flate2 holds decoded bytes back until the next write; flush hands them over
+                // now, so a cut loses as little as possible.
+                let outcome = decoder.write_all(chunk).and_then(|()| decoder.flush());
                 let decoded = std::mem::take(decoder.get_mut());
                 self.gzip = Some(decoder);
                 if let Err(e) = outcome {

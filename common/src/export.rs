@@ -16,7 +16,7 @@ use url::Url;
 use crate::client::FhirClient;
 use crate::download::{DownloadOptions, DownloadSettings, FileOutcome, download_file};
 use crate::error::{Category, Error, Result};
-use crate::kickoff::{DEFAULT_KICKOFF_ATTEMPTS, ExportRequest, KICKOFF_BACKOFF, ServerProfile, kick_off};
+use crate::kickoff::{ExportRequest, ServerProfile, kick_off};
 use crate::manifest::{FileKind, ManifestFile};
 use crate::retry::Backoff;
 use crate::status::{PollEvent, PollSettings, Poller, delete_export};
@@ -32,6 +32,8 @@ pub struct ExportSettings {
     pub concurrency: usize,
     /// DELETE the status URL once every file is saved, so the EHR can purge them.
     pub delete_when_done: bool,
+    /// Kick-off attempts while the EHR answers 429/503 (waits as polling does).
+    pub kickoff_attempts: u32,
 }
 
 impl Default for ExportSettings {
@@ -41,6 +43,7 @@ impl Default for ExportSettings {
             download: DownloadSettings::default(),
             concurrency: 4,
             delete_when_done: false,
+            kickoff_attempts: 5,
         }
     }
 }
@@ -172,8 +175,8 @@ pub async fn run_export(
     tokio::fs::create_dir_all(out_dir)
         .await
         .map_err(|e| Error::io("creating output directory", out_dir, e))?;
-    let mut kickoff_backoff = Backoff::new(KICKOFF_BACKOFF.0, KICKOFF_BACKOFF.1, client.entropy().clone());
-    let accepted = kick_off(client, request, profile, DEFAULT_KICKOFF_ATTEMPTS, &mut kickoff_backoff).await?;
+    let mut kickoff_backoff = Backoff::new(settings.poll.min_interval, settings.poll.max_interval, client.entropy().clone());
+    let accepted = kick_off(client, request, profile, settings.kickoff_attempts.max(1), &mut kickoff_backoff).await?;
     on_event(ExportEvent::Accepted {
         status_url: accepted.status_url.clone(),
     });

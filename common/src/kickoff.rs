@@ -1,8 +1,6 @@
 //! Starting an export: the request model, its validation, building the GET or POST, and the
 //! kick-off exchange (202 + `Content-Location`, bounded retries on 429/503).
 
-use std::time::Duration;
-
 use http::Method;
 use http::header::{ACCEPT, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
@@ -328,11 +326,6 @@ pub async fn kick_off(
         }
     }
 }
-
-/// The default number of kick-off attempts under 429/503.
-pub const DEFAULT_KICKOFF_ATTEMPTS: u32 = 5;
-/// Bounds of the kick-off backoff when the server gives no `Retry-After`.
-pub const KICKOFF_BACKOFF: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(120));
 
 #[cfg(test)]
 mod tests {

@@ -983,6 +983,7 @@ impl StreamPlan {
             && self.sent >= limit
         {
             self.done = true;
+            Self::let_hyper_flush().await;
             return Some(Err(std::io::Error::other("fault: connection cut")));
         }
         if let Some(limit) = self.change_after
@@ -990,6 +991,7 @@ impl StreamPlan {
         {
             self.done = true;
             self.change_file().await;
+            Self::let_hyper_flush().await;
             return Some(Err(std::io::Error::other("fault: file changed mid-download")));
         }
         if self.remaining == 0 {
@@ -1013,12 +1015,21 @@ impl StreamPlan {
         match &mut self.gzip {
             None => Some(Ok(Bytes::from(buffer))),
             Some(encoder) => {
-                if let Err(e) = encoder.write_all(&buffer) {
+                // Flush each chunk (a sync flush), as streaming servers do, so the client
+                // can decode as it goes rather than at the end.
+                if let Err(e) = encoder.write_all(&buffer).and_then(|()| encoder.flush()) {
                     return Some(Err(e));
                 }
                 Some(Ok(Bytes::from(std::mem::take(encoder.get_mut()))))
             }
         }
+    }
+
+    /// A body error makes hyper drop the connection along with whatever it still buffers.
+    /// A real cut loses only what was in flight, so pause first: while the body is pending
+    /// hyper writes out what it holds.
+    async fn let_hyper_flush() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     /// The "file changed" fault: write a new version of the file, then (the caller) cut.

@@ -277,11 +277,11 @@ pub(crate) fn build(
                 let index = files.len();
                 let file = spool_one(&population, params, &kind, members, start..end, index, dir, 1, &mut planted, now)?;
                 files.push(file);
+                if let Some(kind) = &kind {
+                    planted.first_done.push(kind.clone());
+                }
             }
             start = end;
-        }
-        if let Some(kind) = &kind {
-            planted.first_done.push(kind.clone());
         }
     }
     if params.since.is_some() {
