@@ -66,8 +66,11 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -102,10 +105,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(path) => {
             let config = Config::load(path)?;
             let tenant = match &args.tenant {
-                Some(name) => config.tenant.iter().find(|t| &t.name == name).cloned().with_context(|| format!("no tenant `{name}` in {}", path.display()))?,
-                None => config.tenant.first().cloned().with_context(|| format!("{} has no [[tenant]]", path.display()))?,
+                Some(name) => config
+                    .tenant
+                    .iter()
+                    .find(|t| &t.name == name)
+                    .cloned()
+                    .with_context(|| format!("no tenant `{name}` in {}", path.display()))?,
+                None => config
+                    .tenant
+                    .first()
+                    .cloned()
+                    .with_context(|| format!("{} has no [[tenant]]", path.display()))?,
             };
-            let out = args.out.clone().or(config.output_dir.clone()).unwrap_or_else(|| PathBuf::from("fhirhaul-out"));
+            let out = args
+                .out
+                .clone()
+                .or(config.output_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("fhirhaul-out"));
             (tenant, out, None)
         }
         None => {
@@ -119,12 +135,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     println!("exporting from {} into {}", tenant.base_url, export_dir.display());
     let started = Instant::now();
     let interactive = std::io::stdout().is_terminal();
-    let report = run_export(&client, &tenant.request, &tenant.profile, &tenant.export, &export_dir, cancel.clone(), |event| {
-        print_event(&event, interactive)
-    })
+    let report = run_export(
+        &client,
+        &tenant.request,
+        &tenant.profile,
+        &tenant.export,
+        &export_dir,
+        cancel.clone(),
+        |event| print_event(&event, interactive),
+    )
     .await?;
     print_report(&report, started.elapsed());
-    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 /// Starts the built-in simulated EHR and a tenant registered with it.
@@ -141,7 +167,11 @@ async fn embedded_sim_tenant(args: &RunArgs, out: &Path) -> anyhow::Result<(Tena
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let key_path = out.join("sim-client.pem");
     write_private(&key_path, &credentials.private_key_pem)?;
-    println!("no --config given: using the built-in simulated EHR at {} ({} patients)", sim.base_url(), args.patients);
+    println!(
+        "no --config given: using the built-in simulated EHR at {} ({} patients)",
+        sim.base_url(),
+        args.patients
+    );
     let tenant = TenantConfig {
         name: "sim".into(),
         base_url: sim.base_url().parse()?,
@@ -177,19 +207,34 @@ async fn embedded_sim_tenant(args: &RunArgs, out: &Path) -> anyhow::Result<(Tena
 fn print_event(event: &ExportEvent, interactive: bool) {
     let _ = interactive;
     match event {
-        ExportEvent::Accepted { status_url } => println!("export accepted; polling {}", fhirhaul_common::url_util::SafeUrl::from(status_url)),
+        ExportEvent::Accepted { status_url } => println!(
+            "export accepted; polling {}",
+            fhirhaul_common::url_util::SafeUrl::from(status_url)
+        ),
         ExportEvent::Poll(PollEvent::Progress(text)) => println!("  progress: {text}"),
-        ExportEvent::Poll(PollEvent::PartialFiles { files, .. }) => println!("  {} file(s) ready early; downloading", files.len()),
+        ExportEvent::Poll(PollEvent::PartialFiles { files, .. }) => {
+            println!("  {} file(s) ready early; downloading", files.len())
+        }
         ExportEvent::Poll(PollEvent::Waiting { .. }) => {}
-        ExportEvent::ManifestReady { files, transaction_time } => println!("manifest ready: {files} file(s), transactionTime {transaction_time}"),
+        ExportEvent::ManifestReady {
+            files,
+            transaction_time,
+        } => println!("manifest ready: {files} file(s), transactionTime {transaction_time}"),
         ExportEvent::FileDone { outcome, .. } => println!(
             "  saved {} ({} resources, {} bytes{})",
             outcome.path.display(),
             outcome.resources,
             outcome.bytes,
-            if outcome.resumes > 0 { format!(", resumed {}x", outcome.resumes) } else { String::new() }
+            if outcome.resumes > 0 {
+                format!(", resumed {}x", outcome.resumes)
+            } else {
+                String::new()
+            }
         ),
-        ExportEvent::FileFailed { file, error } => println!("  FAILED {}: {error}", fhirhaul_common::url_util::SafeUrl::from(&file.url)),
+        ExportEvent::FileFailed { file, error } => println!(
+            "  FAILED {}: {error}",
+            fhirhaul_common::url_util::SafeUrl::from(&file.url)
+        ),
     }
 }
 
@@ -202,7 +247,10 @@ fn print_report(report: &ExportReport, elapsed: Duration) {
         report.bytes() as f64 / 1e6,
         report.output_dir.display()
     );
-    println!("summary with SHA-256 of every file: {}", report.output_dir.join("summary.json").display());
+    println!(
+        "summary with SHA-256 of every file: {}",
+        report.output_dir.join("summary.json").display()
+    );
     println!("next incremental export: _since={}", report.transaction_time);
     if !report.failed.is_empty() {
         println!("{} file(s) failed:", report.failed.len());
@@ -214,7 +262,9 @@ fn print_report(report: &ExportReport, elapsed: Duration) {
 
 /// `fhirhaul sim-ehr`
 pub async fn sim_ehr(args: SimArgs) -> anyhow::Result<ExitCode> {
-    let fhir = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await.with_context(|| format!("binding 127.0.0.1:{}", args.port))?;
+    let fhir = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
+        .await
+        .with_context(|| format!("binding 127.0.0.1:{}", args.port))?;
     let storage = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let sim = SimEhr::serve(
         SimConfig {
@@ -230,9 +280,19 @@ pub async fn sim_ehr(args: SimArgs) -> anyhow::Result<ExitCode> {
     let credentials = sim.new_client("ES384");
     write_private(&args.key_out, &credentials.private_key_pem)?;
     println!("simulated EHR serving FHIR at {}", sim.base_url());
-    println!("token endpoint {}; storage origin {}", sim.token_url(), sim.storage_origin());
+    println!(
+        "token endpoint {}; storage origin {}",
+        sim.token_url(),
+        sim.storage_origin()
+    );
     println!("registered client (ES384); put this in fhirhaul.toml:\n");
-    println!("[[tenant]]\nname = \"sim\"\nbase_url = \"{}\"\nclient_id = \"{}\"\nkid = \"{}\"\nprivate_key = \"{}\"", sim.base_url(), credentials.client_id, credentials.kid, args.key_out.display());
+    println!(
+        "[[tenant]]\nname = \"sim\"\nbase_url = \"{}\"\nclient_id = \"{}\"\nkid = \"{}\"\nprivate_key = \"{}\"",
+        sim.base_url(),
+        credentials.client_id,
+        credentials.kid,
+        args.key_out.display()
+    );
     println!("[tenant.export.poll]\nmin_interval = \"1s\"\nmax_interval = \"5s\"\n");
     println!("press Ctrl-C to stop");
     tokio::signal::ctrl_c().await?;
@@ -245,7 +305,9 @@ pub fn keys_generate(alg: &str, out: &Path, kid: Option<String>, add_to: Option<
         bail!("--alg `{alg}` is not RS384 or ES384");
     };
     let mut jwks = match add_to {
-        Some(path) => Jwks::parse(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)?,
+        Some(path) => {
+            Jwks::parse(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)?
+        }
         None => Jwks::default(),
     };
     let (key, pem) = SigningKey::generate(algorithm, kid)?;
@@ -257,8 +319,13 @@ pub fn keys_generate(alg: &str, out: &Path, kid: Option<String>, add_to: Option<
     }
     write_private(&key_path, &pem)?;
     let jwks_path = add_to.map(Path::to_path_buf).unwrap_or_else(|| out.join("jwks.json"));
-    std::fs::write(&jwks_path, serde_json::to_string_pretty(&jwks)?).with_context(|| format!("writing {}", jwks_path.display()))?;
+    std::fs::write(&jwks_path, serde_json::to_string_pretty(&jwks)?)
+        .with_context(|| format!("writing {}", jwks_path.display()))?;
     println!("private key ({algorithm}, kid {}): {}", key.kid(), key_path.display());
-    println!("JWK Set with {} key(s) to register or host: {}", jwks.keys.len(), jwks_path.display());
+    println!(
+        "JWK Set with {} key(s) to register or host: {}",
+        jwks.keys.len(),
+        jwks_path.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

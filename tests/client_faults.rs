@@ -14,12 +14,19 @@ use fhirhaul_sim::SimConfig;
 use support::{harness, harness_with, sim_config};
 
 fn one_type(kind: &str) -> ExportRequest {
-    ExportRequest { types: vec![kind.into()], ..Default::default() }
+    ExportRequest {
+        types: vec![kind.into()],
+        ..Default::default()
+    }
 }
 
 /// A single big Observation file, so faults land mid-body.
 fn big_file_config() -> SimConfig {
-    SimConfig { patients: 60, max_resources_per_file: 100_000, ..sim_config() }
+    SimConfig {
+        patients: 60,
+        max_resources_per_file: 100_000,
+        ..sim_config()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,7 +35,11 @@ async fn kickoff_429_waits_and_retries_then_succeeds() {
     h.sim.set_faults(|f| f.kickoff_429 = 2);
     let report = h.export(&one_type("Patient")).await.unwrap();
     h.assert_identical(&report);
-    assert_eq!(h.sim.observed().kickoffs.len(), 3, "two throttled kick-offs, then the accepted one");
+    assert_eq!(
+        h.sim.observed().kickoffs.len(),
+        3,
+        "two throttled kick-offs, then the accepted one"
+    );
     assert_eq!(h.sim.jobs().len(), 1, "only one export exists at the EHR");
 }
 
@@ -50,15 +61,32 @@ async fn kickoff_protocol_violations_and_refusals_are_clear_errors() {
     h.sim.set_faults(|f| f.kickoff_no_location = false);
     let error = h.export(&one_type("Medication")).await.unwrap_err();
     assert!(matches!(error, Error::Http { status: 400, .. }));
-    assert!(error.to_string().contains("error not-supported: _type `Medication` is not supported by this server"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("error not-supported: _type `Medication` is not supported by this server"),
+        "{error}"
+    );
 
-    let error = h.export(&ExportRequest { level: ExportLevel::Group("nope".into()), ..Default::default() }).await.unwrap_err();
-    assert!(error.to_string().contains("HTTP 404") && error.to_string().contains("Group/nope does not exist"), "{error}");
+    let error = h
+        .export(&ExportRequest {
+            level: ExportLevel::Group("nope".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("HTTP 404") && error.to_string().contains("Group/nope does not exist"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_429_503_and_transient_500_slow_down_without_failing() {
-    let config = SimConfig { job_duration: Duration::from_millis(100), ..sim_config() };
+    let config = SimConfig {
+        job_duration: Duration::from_millis(100),
+        ..sim_config()
+    };
     let h = harness(config).await;
     h.sim.set_faults(|f| {
         f.status_429 = 3;
@@ -68,8 +96,14 @@ async fn status_429_503_and_transient_500_slow_down_without_failing() {
     let (report, events) = h.export_collecting(&one_type("Condition")).await;
     h.assert_identical(&report.unwrap());
     assert!(h.sim.observed().status_requests >= 8);
-    assert!(events.iter().any(|e| e.contains("slow down")), "throttling shows in the events");
-    assert!(events.iter().any(|e| e.contains("database failover in progress")), "the EHR's words show: {events:?}");
+    assert!(
+        events.iter().any(|e| e.contains("slow down")),
+        "throttling shows in the events"
+    );
+    assert!(
+        events.iter().any(|e| e.contains("database failover in progress")),
+        "the EHR's words show: {events:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,18 +113,30 @@ async fn html_error_page_on_status_ends_the_export_with_the_raw_text() {
     let error = h.export(&one_type("Patient")).await.unwrap_err();
     assert!(matches!(error, Error::Http { status: 403, .. }));
     let text = error.to_string();
-    assert!(text.contains("non-FHIR body (text/html)") && text.contains("upstream proxy error"), "{text}");
+    assert!(
+        text.contains("non-FHIR body (text/html)") && text.contains("upstream proxy error"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_202_is_stopped_by_the_watchdog_and_the_deadline() {
-    let h = harness_with(sim_config(), "ES384", |t| t.export.poll.stall_timeout = Duration::from_millis(800)).await;
+    let h = harness_with(sim_config(), "ES384", |t| {
+        t.export.poll.stall_timeout = Duration::from_millis(800)
+    })
+    .await;
     h.sim.set_faults(|f| f.never_complete = true);
     let error = h.export(&one_type("Patient")).await.unwrap_err();
     assert!(matches!(error, Error::Stalled { .. }), "{error}");
-    assert!(error.to_string().contains("CANCELLED"), "the last X-Progress is in the error: {error}");
+    assert!(
+        error.to_string().contains("CANCELLED"),
+        "the last X-Progress is in the error: {error}"
+    );
 
-    let h = harness_with(sim_config(), "ES384", |t| t.export.poll.deadline = Duration::from_millis(600)).await;
+    let h = harness_with(sim_config(), "ES384", |t| {
+        t.export.poll.deadline = Duration::from_millis(600)
+    })
+    .await;
     h.sim.set_faults(|f| f.never_complete = true);
     let error = h.export(&one_type("Patient")).await.unwrap_err();
     assert!(matches!(error, Error::Deadline { .. }), "{error}");
@@ -98,11 +144,24 @@ async fn endless_202_is_stopped_by_the_watchdog_and_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_cancels_and_a_second_delete_still_counts_as_done() {
-    let config = SimConfig { job_duration: Duration::from_secs(30), ..sim_config() };
+    let config = SimConfig {
+        job_duration: Duration::from_secs(30),
+        ..sim_config()
+    };
     let h = harness(config).await;
-    let mut backoff = fhirhaul_common::retry::Backoff::new(Duration::from_millis(10), Duration::from_millis(50), h.client.entropy().clone());
-    let accepted = fhirhaul_common::kickoff::kick_off(&h.client, &one_type("Patient"), &Default::default(), 3, &mut backoff).await.unwrap();
-    assert!(matches!(poll_once(&h.client, &accepted.status_url).await.unwrap(), PollStep::InProgress { .. }));
+    let mut backoff = fhirhaul_common::retry::Backoff::new(
+        Duration::from_millis(10),
+        Duration::from_millis(50),
+        h.client.entropy().clone(),
+    );
+    let accepted =
+        fhirhaul_common::kickoff::kick_off(&h.client, &one_type("Patient"), &Default::default(), 3, &mut backoff)
+            .await
+            .unwrap();
+    assert!(matches!(
+        poll_once(&h.client, &accepted.status_url).await.unwrap(),
+        PollStep::InProgress { .. }
+    ));
     delete_export(&h.client, &accepted.status_url).await.unwrap();
     let error = poll_once(&h.client, &accepted.status_url).await.unwrap_err();
     assert!(matches!(error, Error::Http { status: 404, .. }), "{error}");
@@ -122,16 +181,33 @@ async fn cut_connections_resume_from_the_last_whole_line() {
     h.assert_identical(&report);
     let file = &report.files[0].outcome;
     assert!(file.resumes >= 1, "{file:?}");
-    assert_eq!(file.restarts, 0, "a resume never starts over when the file is unchanged");
+    assert_eq!(
+        file.restarts, 0,
+        "a resume never starts over when the file is unchanged"
+    );
     let observed = h.sim.observed();
     let served = std::fs::read(&h.sim.served_files(1)[0].path).unwrap();
     let ranged: Vec<_> = observed.file_requests.iter().filter(|r| r.range.is_some()).collect();
     assert!(!ranged.is_empty());
     for request in ranged {
-        let offset: usize = request.range.as_deref().unwrap().trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
-        assert!(offset > 0 && served[offset - 1] == b'\n', "resume offset {offset} is at a line boundary");
+        let offset: usize = request
+            .range
+            .as_deref()
+            .unwrap()
+            .trim_start_matches("bytes=")
+            .trim_end_matches('-')
+            .parse()
+            .unwrap();
+        assert!(
+            offset > 0 && served[offset - 1] == b'\n',
+            "resume offset {offset} is at a line boundary"
+        );
         assert!(request.if_range.is_some(), "If-Range guards the resume");
-        assert_eq!(request.accept_encoding.as_deref(), Some("identity"), "ranges are over identity bytes");
+        assert_eq!(
+            request.accept_encoding.as_deref(),
+            Some("identity"),
+            "ranges are over identity bytes"
+        );
         assert_eq!(request.status, 206);
     }
 }
@@ -148,8 +224,15 @@ async fn cut_gzip_download_resumes_on_identity_bytes_with_last_modified() {
     h.assert_identical(&report);
     let observed = h.sim.observed();
     assert_eq!(observed.file_requests[0].accept_encoding.as_deref(), Some("gzip"));
-    let resume = observed.file_requests.iter().find(|r| r.range.is_some()).expect("a ranged resume");
-    assert!(resume.if_range.as_deref().unwrap().ends_with("GMT"), "If-Range is the Last-Modified date: {resume:?}");
+    let resume = observed
+        .file_requests
+        .iter()
+        .find(|r| r.range.is_some())
+        .expect("a ranged resume");
+    assert!(
+        resume.if_range.as_deref().unwrap().ends_with("GMT"),
+        "If-Range is the Last-Modified date: {resume:?}"
+    );
     assert_eq!(resume.status, 206);
 }
 
@@ -165,7 +248,10 @@ async fn a_file_that_changes_mid_download_restarts_from_zero_and_ends_as_the_new
     // honour the If-Range and send a 206 of the new bytes; the client must notice the ETag
     // change and start over rather than stitch two versions together (the identity check
     // above proves it did).
-    assert!(h.sim.observed().file_requests.iter().any(|r| r.range.is_some()), "a resume was attempted");
+    assert!(
+        h.sim.observed().file_requests.iter().any(|r| r.range.is_some()),
+        "a resume was attempted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,20 +266,41 @@ async fn file_5xx_is_retried() {
 async fn malformed_line_fails_that_file_only_and_names_the_line() {
     let h = harness(sim_config()).await;
     h.sim.set_faults(|f| f.malformed_line = Some(("Observation".into(), 7)));
-    let report = h.export(&ExportRequest { types: vec!["Patient".into(), "Observation".into()], ..Default::default() }).await.unwrap();
+    let report = h
+        .export(&ExportRequest {
+            types: vec!["Patient".into(), "Observation".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
     let failed = &report.failed[0];
     assert_eq!(failed.category, "content");
-    assert!(failed.error.contains("line 7: is not a JSON object"), "{}", failed.error);
+    assert!(
+        failed.error.contains("line 7: is not a JSON object"),
+        "{}",
+        failed.error
+    );
     let first_observation = h.out().join("Observation.1.ndjson");
-    assert!(!first_observation.exists(), "an invalid file is never published under its final name");
-    assert!(part_path(&first_observation).exists(), "the partial download is kept for inspection");
+    assert!(
+        !first_observation.exists(),
+        "an invalid file is never published under its final name"
+    );
+    assert!(
+        part_path(&first_observation).exists(),
+        "the partial download is kept for inspection"
+    );
     // Everything else arrived intact.
     let served = h.sim.served_files(1);
     for saved in &report.files {
         assert!(served.iter().any(|s| s.sha256 == saved.outcome.sha256));
     }
-    assert!(report.files.iter().any(|f| f.resource_type.as_deref() == Some("Patient")));
+    assert!(
+        report
+            .files
+            .iter()
+            .any(|f| f.resource_type.as_deref() == Some("Patient"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +310,13 @@ async fn a_line_of_the_wrong_type_is_reported_with_file_and_line() {
     let report = h.export(&one_type("Encounter")).await.unwrap();
     let failed = &report.failed[0];
     assert!(failed.url.contains("/bulkfiles/1/0"), "{}", failed.url);
-    assert!(failed.error.contains("line 3: is a Patient resource in a file the manifest says holds Encounter"), "{}", failed.error);
+    assert!(
+        failed
+            .error
+            .contains("line 3: is a Patient resource in a file the manifest says holds Encounter"),
+        "{}",
+        failed.error
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,24 +325,49 @@ async fn html_instead_of_ndjson_is_refused() {
     h.sim.set_faults(|f| f.file_html = true);
     let report = h.export(&one_type("Patient")).await.unwrap();
     assert_eq!(report.files.len(), 0);
-    assert!(report.failed[0].error.contains("served an HTML page where NDJSON was promised"), "{}", report.failed[0].error);
+    assert!(
+        report.failed[0]
+            .error
+            .contains("served an HTML page where NDJSON was promised"),
+        "{}",
+        report.failed[0].error
+    );
     assert!(report.failed[0].error.contains("Session expired"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_to_storage_never_carries_the_token() {
-    let h = harness(SimConfig { redirect_files: true, ..sim_config() }).await;
+    let h = harness(SimConfig {
+        redirect_files: true,
+        ..sim_config()
+    })
+    .await;
     let report = h.export(&ExportRequest::default()).await.unwrap();
     h.assert_identical(&report);
     let observed = h.sim.observed();
     assert_eq!(observed.token_leaks, 0);
-    assert!(observed.file_requests.iter().any(|r| r.status == 307 && r.authorization));
-    assert!(observed.file_requests.iter().filter(|r| r.storage).all(|r| !r.authorization));
+    assert!(
+        observed
+            .file_requests
+            .iter()
+            .any(|r| r.status == 307 && r.authorization)
+    );
+    assert!(
+        observed
+            .file_requests
+            .iter()
+            .filter(|r| r.storage)
+            .all(|r| !r.authorization)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capability_urls_get_no_token_at_all() {
-    let h = harness(SimConfig { requires_access_token: false, ..sim_config() }).await;
+    let h = harness(SimConfig {
+        requires_access_token: false,
+        ..sim_config()
+    })
+    .await;
     let report = h.export(&ExportRequest::default()).await.unwrap();
     h.assert_identical(&report);
     let observed = h.sim.observed();
@@ -241,8 +379,15 @@ async fn capability_urls_get_no_token_at_all() {
 async fn the_token_is_never_sent_to_a_foreign_origin() {
     let h = harness(sim_config()).await;
     let foreign = format!("{}/storage/1/0?sig=x", h.sim.storage_origin()).parse().unwrap();
-    let error = h.client.send(HttpRequest::new(http::Method::GET, foreign), Auth::Bearer).await.unwrap_err();
+    let error = h
+        .client
+        .send(HttpRequest::new(http::Method::GET, foreign), Auth::Bearer)
+        .await
+        .unwrap_err();
     assert!(matches!(error, Error::ForeignOrigin { .. }));
-    assert!(error.to_string().contains("storage/1/0?…"), "the URL is named without its query: {error}");
+    assert!(
+        error.to_string().contains("storage/1/0?…"),
+        "the URL is named without its query: {error}"
+    );
     assert_eq!(h.sim.observed().file_requests.len(), 0, "nothing was sent");
 }

@@ -107,12 +107,14 @@ impl FhirClient {
         loop {
             let (response, token_reached_responder) =
                 self.send_following_redirects(request.clone(), token.as_ref()).await?;
-            if response.status == StatusCode::UNAUTHORIZED && token_reached_responder && !refreshed {
-                if let Some(refused) = &token {
-                    refreshed = true;
-                    token = Some(self.tokens.token_refused(refused.generation).await?);
-                    continue;
-                }
+            if response.status == StatusCode::UNAUTHORIZED
+                && token_reached_responder
+                && !refreshed
+                && let Some(refused) = &token
+            {
+                refreshed = true;
+                token = Some(self.tokens.token_refused(refused.generation).await?);
+                continue;
             }
             return Ok(response);
         }
@@ -185,11 +187,7 @@ impl FhirClient {
                 retry_after,
             };
         }
-        Error::Http {
-            url,
-            status,
-            message,
-        }
+        Error::Http { url, status, message }
     }
 
     /// The response's `Retry-After`, if present and readable.

@@ -78,8 +78,16 @@ impl TenantConfig {
     /// Checks what serde cannot: value ranges and relations between keys.
     pub fn validate(&self) -> Result<()> {
         let key = |field: &str| format!("tenant.{}.{field}", self.name);
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(config_error("tenant.name", format!("`{}` must be letters, digits, - or _", self.name)));
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(config_error(
+                "tenant.name",
+                format!("`{}` must be letters, digits, - or _", self.name),
+            ));
         }
         if !matches!(self.base_url.scheme(), "https" | "http") {
             return Err(config_error(&key("base_url"), "must be an http(s) URL"));
@@ -88,16 +96,25 @@ impl TenantConfig {
             return Err(config_error(&key("client_id"), "must not be empty"));
         }
         if self.assertion_lifetime > MAX_ASSERTION_LIFETIME || self.assertion_lifetime < Duration::from_secs(10) {
-            return Err(config_error(&key("assertion_lifetime"), "must be between 10s and 300s (SMART caps it at five minutes)"));
+            return Err(config_error(
+                &key("assertion_lifetime"),
+                "must be between 10s and 300s (SMART caps it at five minutes)",
+            ));
         }
         if let Some(token_url) = &self.token_url
             && Url::parse(token_url).is_err()
         {
-            return Err(config_error(&key("token_url"), format!("`{token_url}` is not an absolute URL")));
+            return Err(config_error(
+                &key("token_url"),
+                format!("`{token_url}` is not an absolute URL"),
+            ));
         }
         let poll = &self.export.poll;
         if poll.min_interval.is_zero() || poll.min_interval > poll.max_interval {
-            return Err(config_error(&key("export.poll.min_interval"), "must be above zero and at most max_interval"));
+            return Err(config_error(
+                &key("export.poll.min_interval"),
+                "must be above zero and at most max_interval",
+            ));
         }
         if self.export.concurrency == 0 {
             return Err(config_error(&key("export.concurrency"), "must be at least 1"));
@@ -105,16 +122,24 @@ impl TenantConfig {
         if self.export.download.max_attempts == 0 {
             return Err(config_error(&key("export.download.max_attempts"), "must be at least 1"));
         }
-        self.request.validate(&self.profile).map_err(|e| config_error(&key("request"), e.to_string()))
+        self.request
+            .validate(&self.profile)
+            .map_err(|e| config_error(&key("request"), e.to_string()))
     }
 
     /// Loads the signing key this tenant names.
     pub fn signing_key(&self) -> Result<SigningKey> {
         let pem = std::fs::read_to_string(&self.private_key).map_err(|e| {
-            config_error(&format!("tenant.{}.private_key", self.name), format!("cannot read {}: {e}", self.private_key.display()))
+            config_error(
+                &format!("tenant.{}.private_key", self.name),
+                format!("cannot read {}: {e}", self.private_key.display()),
+            )
         })?;
         SigningKey::from_pem(&pem, self.algorithm, self.kid.clone()).map_err(|e| {
-            config_error(&format!("tenant.{}.private_key", self.name), format!("{}: {e}", self.private_key.display()))
+            config_error(
+                &format!("tenant.{}.private_key", self.name),
+                format!("{}: {e}", self.private_key.display()),
+            )
         })
     }
 
@@ -133,9 +158,22 @@ impl TenantConfig {
         settings.jku = self.jku.clone();
         settings.assertion_lifetime = self.assertion_lifetime;
         settings.refresh_margin = self.refresh_margin;
-        let authenticator = Authenticator::new(Arc::clone(&transport), settings, key, Arc::clone(&clock), entropy.clone());
+        let authenticator = Authenticator::new(
+            Arc::clone(&transport),
+            settings,
+            key,
+            Arc::clone(&clock),
+            entropy.clone(),
+        );
         let tokens = TokenManager::spawn(authenticator, self.refresh_margin, Arc::clone(&clock), cancel);
-        Ok(FhirClient::new(transport, self.base_url.clone(), Arc::new(tokens), &self.token_allow_list, clock, entropy))
+        Ok(FhirClient::new(
+            transport,
+            self.base_url.clone(),
+            Arc::new(tokens),
+            &self.token_allow_list,
+            clock,
+            entropy,
+        ))
     }
 }
 
@@ -153,7 +191,8 @@ pub struct Config {
 impl Config {
     /// Reads and validates a TOML file; errors name the file and the key.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| config_error(&path.display().to_string(), format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| config_error(&path.display().to_string(), format!("cannot read: {e}")))?;
         Self::parse(&text).map_err(|e| match e {
             Error::Config { key, reason } => config_error(&key, format!("{reason} (in {})", path.display())),
             other => other,
@@ -162,7 +201,11 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Config> {
         let config: Config = toml::from_str(text).map_err(|e| {
-            let key = e.span().map(|span| text[..span.start].lines().count().to_string()).map(|line| format!("line {line}")).unwrap_or_else(|| "(file)".into());
+            let key = e
+                .span()
+                .map(|span| text[..span.start].lines().count().to_string())
+                .map(|line| format!("line {line}"))
+                .unwrap_or_else(|| "(file)".into());
             config_error(&key, e.message().to_string())
         })?;
         let mut names = std::collections::HashSet::new();
@@ -207,7 +250,10 @@ types = ["Patient", "Observation"]
         let tenant = &config.tenant[0];
         assert_eq!(tenant.export.poll.min_interval, Duration::from_secs(30));
         assert_eq!(tenant.export.poll.max_interval, Duration::from_secs(600));
-        assert_eq!(tenant.request.level, crate::kickoff::ExportLevel::Group("registry-1".into()));
+        assert_eq!(
+            tenant.request.level,
+            crate::kickoff::ExportLevel::Group("registry-1".into())
+        );
         assert_eq!(tenant.export.concurrency, 8);
     }
 

@@ -227,7 +227,9 @@ pub async fn download_file(
         None => {
             return Err(match writer_task.await {
                 Ok(Err(error)) => error,
-                _ => Error::Unavailable { component: "file writer" },
+                _ => Error::Unavailable {
+                    component: "file writer",
+                },
             });
         }
     };
@@ -273,7 +275,11 @@ impl Driver<'_> {
     /// resumes and restarts it took.
     async fn drive(&self, resume: Checkpoint) -> Result<(Checkpoint, u32, u32)> {
         let mut position = resume;
-        let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max, self.client.entropy().clone());
+        let mut backoff = Backoff::new(
+            self.settings.backoff_min,
+            self.settings.backoff_max,
+            self.client.entropy().clone(),
+        );
         let mut failures = 0u32;
         let mut resumes = 0u32;
         let mut restarts = 0u32;
@@ -282,10 +288,14 @@ impl Driver<'_> {
             if self.cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
-            let if_range = position.validator.as_ref().and_then(Validator::if_range).filter(|_| position.offset > 0);
+            let if_range = position
+                .validator
+                .as_ref()
+                .and_then(Validator::if_range)
+                .filter(|_| position.offset > 0);
             let ranged = if_range.is_some();
-            let mut request = HttpRequest::new(Method::GET, self.file.url.clone())
-                .header(ACCEPT, "application/fhir+ndjson");
+            let mut request =
+                HttpRequest::new(Method::GET, self.file.url.clone()).header(ACCEPT, "application/fhir+ndjson");
             if let Some(if_range) = if_range {
                 request = request
                     .header(ACCEPT_ENCODING, "identity")
@@ -335,7 +345,12 @@ impl Driver<'_> {
         }
     }
 
-    async fn attempt(&self, request: HttpRequest, position: &Checkpoint, warned_content_type: &mut bool) -> Result<Attempt> {
+    async fn attempt(
+        &self,
+        request: HttpRequest,
+        position: &Checkpoint,
+        warned_content_type: &mut bool,
+    ) -> Result<Attempt> {
         let response = self.client.send(request, self.auth).await?;
         let status = response.status.as_u16();
         let restart = match status {
@@ -358,7 +373,11 @@ impl Driver<'_> {
                 }
                 false
             }
-            416 => return Ok(Attempt::RestartWithoutRange("server says the range is not satisfiable".into())),
+            416 => {
+                return Ok(Attempt::RestartWithoutRange(
+                    "server says the range is not satisfiable".into(),
+                ));
+            }
             _ => return Err(self.client.error_from(response).await),
         };
         let content_type = response.content_type().unwrap_or("").to_ascii_lowercase();
@@ -392,7 +411,13 @@ impl Driver<'_> {
         } else {
             position.validator.clone()
         };
-        self.ask(|reply| Command::Begin { restart: restart || position.offset == 0, gzip, validator, reply }).await??;
+        self.ask(|reply| Command::Begin {
+            restart: restart || position.offset == 0,
+            gzip,
+            validator,
+            reply,
+        })
+        .await??;
         let mut body = response.body;
         let mut cut = None;
         loop {
@@ -404,7 +429,9 @@ impl Driver<'_> {
             match next {
                 Some(Ok(chunk)) => {
                     if self.commands.send(Command::Data(chunk)).await.is_err() {
-                        return Err(Error::Unavailable { component: "file writer" });
+                        return Err(Error::Unavailable {
+                            component: "file writer",
+                        });
                     }
                 }
                 Some(Err(error)) => {
@@ -427,11 +454,12 @@ impl Driver<'_> {
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(make(reply))
-            .await
-            .map_err(|_| Error::Unavailable { component: "file writer" })?;
-        answer.await.map_err(|_| Error::Unavailable { component: "file writer" })
+        self.commands.send(make(reply)).await.map_err(|_| Error::Unavailable {
+            component: "file writer",
+        })?;
+        answer.await.map_err(|_| Error::Unavailable {
+            component: "file writer",
+        })
     }
 }
 
@@ -509,10 +537,14 @@ impl Writer {
                 return Err(Error::io(
                     "resuming",
                     &path,
-                    std::io::Error::other(format!("partial file has {length} bytes but the checkpoint says {}", resume.offset)),
+                    std::io::Error::other(format!(
+                        "partial file has {length} bytes but the checkpoint says {}",
+                        resume.offset
+                    )),
                 ));
             }
-            file.set_len(resume.offset).map_err(|e| Error::io("truncating", &path, e))?;
+            file.set_len(resume.offset)
+                .map_err(|e| Error::io("truncating", &path, e))?;
             let mut buffer = vec![0u8; 1 << 16];
             let mut reader = (&file).take(resume.offset);
             loop {
@@ -522,7 +554,8 @@ impl Writer {
                 }
                 hasher.update(&buffer[..n]);
             }
-            file.seek(std::io::SeekFrom::End(0)).map_err(|e| Error::io("seeking", &path, e))?;
+            file.seek(std::io::SeekFrom::End(0))
+                .map_err(|e| Error::io("seeking", &path, e))?;
             checker.resume_from(resume.lines, resume.resources);
             file
         } else {
@@ -547,7 +580,12 @@ impl Writer {
     fn run(mut self, mut commands: mpsc::Receiver<Command>) -> Result<()> {
         while let Some(command) = commands.blocking_recv() {
             match command {
-                Command::Begin { restart, gzip, validator, reply } => {
+                Command::Begin {
+                    restart,
+                    gzip,
+                    validator,
+                    reply,
+                } => {
                     let _ = reply.send(self.begin(restart, gzip, validator));
                 }
                 Command::Data(chunk) => self.data(&chunk)?,
@@ -572,7 +610,8 @@ impl Writer {
             self.out.flush().map_err(|e| self.io_error("writing", e))?;
             let file = self.out.get_mut();
             file.set_len(0).map_err(|e| Error::io("truncating", &self.path, e))?;
-            file.seek(std::io::SeekFrom::Start(0)).map_err(|e| Error::io("seeking", &self.path, e))?;
+            file.seek(std::io::SeekFrom::Start(0))
+                .map_err(|e| Error::io("seeking", &self.path, e))?;
             self.hasher = Sha256::new();
             self.written = 0;
             self.last_checkpoint = 0;
@@ -597,7 +636,13 @@ impl Writer {
 
     /// Checks decoded bytes and writes the whole lines.
     fn take_decoded(&mut self, decoded: &[u8]) -> Result<()> {
-        let Writer { out, hasher, written, checker, .. } = self;
+        let Writer {
+            out,
+            hasher,
+            written,
+            checker,
+            ..
+        } = self;
         let mut sink = |bytes: &[u8]| {
             hasher.update(bytes);
             *written += bytes.len() as u64;
@@ -647,7 +692,10 @@ impl Writer {
 
     fn sync_checkpoint(&mut self) -> Result<()> {
         self.out.flush().map_err(|e| self.io_error("writing", e))?;
-        self.out.get_ref().sync_data().map_err(|e| self.io_error("syncing", e))?;
+        self.out
+            .get_ref()
+            .sync_data()
+            .map_err(|e| self.io_error("syncing", e))?;
         self.last_checkpoint = self.written;
         if let Some(checkpoints) = &self.checkpoints {
             checkpoints.send_replace(self.position());
@@ -665,7 +713,13 @@ impl Writer {
                 })?;
                 self.take_decoded(&decoded)?;
             }
-            let Writer { out, hasher, written, checker, .. } = self;
+            let Writer {
+                out,
+                hasher,
+                written,
+                checker,
+                ..
+            } = self;
             let mut sink = |bytes: &[u8]| {
                 hasher.update(bytes);
                 *written += bytes.len() as u64;

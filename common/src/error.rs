@@ -92,11 +92,7 @@ pub enum Error {
     },
 
     #[error("file {url} line {line}: {reason}")]
-    Content {
-        url: SafeUrl,
-        line: u64,
-        reason: String,
-    },
+    Content { url: SafeUrl, line: u64, reason: String },
 
     #[error(
         "refusing to send the access token to {url}: its origin is neither the FHIR server's nor in the allow-list"
@@ -148,9 +144,7 @@ impl Error {
                 }
             }
             Error::OAuth { .. } | Error::Discovery { .. } | Error::Key { .. } => Category::Auth,
-            Error::Protocol { .. } | Error::Manifest { .. } | Error::ForeignOrigin { .. } => {
-                Category::Protocol
-            }
+            Error::Protocol { .. } | Error::Manifest { .. } | Error::ForeignOrigin { .. } => Category::Protocol,
             Error::Content { .. } => Category::Content,
             Error::Deadline { .. } | Error::Stalled { .. } => Category::Timeout,
             Error::Io { .. } => Category::Storage,
@@ -163,9 +157,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Network { .. } | Error::Throttled { .. } => true,
-            Error::Http {
-                status, message, ..
-            } => *status >= 500 || message.transient,
+            Error::Http { status, message, .. } => *status >= 500 || message.transient,
             // A token endpoint that is down (5xx) can come back; a refusal cannot.
             Error::OAuth { status, .. } => *status >= 500,
             _ => false,

@@ -175,8 +175,19 @@ pub async fn run_export(
     tokio::fs::create_dir_all(out_dir)
         .await
         .map_err(|e| Error::io("creating output directory", out_dir, e))?;
-    let mut kickoff_backoff = Backoff::new(settings.poll.min_interval, settings.poll.max_interval, client.entropy().clone());
-    let accepted = kick_off(client, request, profile, settings.kickoff_attempts.max(1), &mut kickoff_backoff).await?;
+    let mut kickoff_backoff = Backoff::new(
+        settings.poll.min_interval,
+        settings.poll.max_interval,
+        client.entropy().clone(),
+    );
+    let accepted = kick_off(
+        client,
+        request,
+        profile,
+        settings.kickoff_attempts.max(1),
+        &mut kickoff_backoff,
+    )
+    .await?;
     on_event(ExportEvent::Accepted {
         status_url: accepted.status_url.clone(),
     });
@@ -270,10 +281,11 @@ pub async fn run_export(
     tokio::fs::write(&manifest_path, pages)
         .await
         .map_err(|e| Error::io("writing", &manifest_path, e))?;
-    if settings.delete_when_done && report.failed.is_empty() {
-        if let Err(error) = delete_export(client, &accepted.status_url).await {
-            tracing::warn!(%error, "could not DELETE the finished export; the EHR will expire it");
-        }
+    if settings.delete_when_done
+        && report.failed.is_empty()
+        && let Err(error) = delete_export(client, &accepted.status_url).await
+    {
+        tracing::warn!(%error, "could not DELETE the finished export; the EHR will expire it");
     }
     Ok(report)
 }

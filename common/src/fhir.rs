@@ -80,10 +80,7 @@ impl EhrMessage {
         } else {
             format!("non-FHIR body ({kind}): {excerpt}")
         };
-        EhrMessage {
-            text,
-            transient: false,
-        }
+        EhrMessage { text, transient: false }
     }
 
     /// The issues of an OperationOutcome, or `None` when the body is not one.

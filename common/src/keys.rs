@@ -79,9 +79,7 @@ impl fmt::Debug for SigningKey {
 const MIN_RSA_BITS: usize = 2048;
 
 fn key_error(reason: impl Into<String>) -> Error {
-    Error::Key {
-        reason: reason.into(),
-    }
+    Error::Key { reason: reason.into() }
 }
 
 fn parse_pem(pem: &str) -> Result<KeyMaterial> {
@@ -105,19 +103,15 @@ fn parse_pem(pem: &str) -> Result<KeyMaterial> {
         "RSA PRIVATE KEY" => rsa::RsaPrivateKey::from_pkcs1_pem(pem)
             .map(|key| KeyMaterial::Rsa(Box::new(key)))
             .map_err(|e| key_error(format!("cannot read PKCS#1 RSA key: {e}"))),
-        "EC PRIVATE KEY" => p384::SecretKey::from_sec1_pem(pem)
-            .map(KeyMaterial::Ec)
-            .map_err(|e| {
-                key_error(format!(
-                    "cannot read SEC1 EC key as P-384 (ES384 needs the P-384 curve): {e}"
-                ))
-            }),
+        "EC PRIVATE KEY" => p384::SecretKey::from_sec1_pem(pem).map(KeyMaterial::Ec).map_err(|e| {
+            key_error(format!(
+                "cannot read SEC1 EC key as P-384 (ES384 needs the P-384 curve): {e}"
+            ))
+        }),
         "ENCRYPTED PRIVATE KEY" => Err(key_error(
             "the key is encrypted; decrypt it first (openssl pkcs8 -in key.pem -out plain.pem)",
         )),
-        "PUBLIC KEY" | "CERTIFICATE" => Err(key_error(format!(
-            "this is a {label}, not a private key"
-        ))),
+        "PUBLIC KEY" | "CERTIFICATE" => Err(key_error(format!("this is a {label}, not a private key"))),
         other => Err(key_error(format!("unsupported PEM block `{other}`"))),
     }
 }
@@ -168,11 +162,7 @@ impl SigningKey {
     /// Loads a PEM private key. `algorithm`, when given, must fit the key; otherwise it is
     /// taken from the key (RSA → RS384, P-384 → ES384). `kid` defaults to the RFC 7638
     /// thumbprint, which is what `fhirhaul keys generate` puts in the JWKS.
-    pub fn from_pem(
-        pem: &str,
-        algorithm: Option<SigningAlgorithm>,
-        kid: Option<String>,
-    ) -> Result<Self> {
+    pub fn from_pem(pem: &str, algorithm: Option<SigningAlgorithm>, kid: Option<String>) -> Result<Self> {
         let material = parse_pem(pem)?;
         let key_algorithm = material.algorithm();
         if let Some(wanted) = algorithm
@@ -311,7 +301,11 @@ mod tests {
     fn algorithm_mismatch_and_garbage_are_named() {
         let (_, pem) = SigningKey::generate(SigningAlgorithm::ES384, None).unwrap();
         let error = SigningKey::from_pem(&pem, Some(SigningAlgorithm::RS384), None).unwrap_err();
-        assert!(error.to_string().contains("RS384 was configured but the key is for ES384"));
+        assert!(
+            error
+                .to_string()
+                .contains("RS384 was configured but the key is for ES384")
+        );
         let error = SigningKey::from_pem("hello", None, None).unwrap_err();
         assert!(error.to_string().contains("not a PEM file"));
         let error = SigningKey::from_pem(

@@ -83,9 +83,7 @@ pub struct ExportRequest {
 }
 
 fn invalid(reason: impl Into<String>) -> Error {
-    Error::InvalidRequest {
-        reason: reason.into(),
-    }
+    Error::InvalidRequest { reason: reason.into() }
 }
 
 fn is_type_name(text: &str) -> bool {
@@ -97,7 +95,9 @@ impl ExportRequest {
     /// Checks everything that can be checked before talking to the EHR.
     pub fn validate(&self, profile: &ServerProfile) -> Result<()> {
         if let ExportLevel::Group(id) = &self.level
-            && (id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+            && (id.is_empty()
+                || id.len() > 64
+                || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
         {
             return Err(invalid(format!(
                 "group id `{id}` is not a FHIR id (1-64 of A-Z a-z 0-9 - .)"
@@ -105,14 +105,20 @@ impl ExportRequest {
         }
         if !self.patients.is_empty() {
             if self.level == ExportLevel::System {
-                return Err(invalid("`patient` is not allowed at system level; use Patient or Group"));
+                return Err(invalid(
+                    "`patient` is not allowed at system level; use Patient or Group",
+                ));
             }
             if profile.method == KickoffMethod::Get {
-                return Err(invalid("`patient` can only be sent with POST, but the server profile says GET"));
+                return Err(invalid(
+                    "`patient` can only be sent with POST, but the server profile says GET",
+                ));
             }
             for patient in &self.patients {
                 if !patient.starts_with("Patient/") || patient.len() <= "Patient/".len() {
-                    return Err(invalid(format!("patient `{patient}` is not a reference like `Patient/123`")));
+                    return Err(invalid(format!(
+                        "patient `{patient}` is not a reference like `Patient/123`"
+                    )));
                 }
             }
         }
@@ -131,12 +137,18 @@ impl ExportRequest {
         for filter in &self.type_filters {
             match filter.split_once('?') {
                 Some((kind, query)) if is_type_name(kind) && !query.is_empty() => {}
-                _ => return Err(invalid(format!("type filter `{filter}` is not of the form `Type?search`"))),
+                _ => {
+                    return Err(invalid(format!(
+                        "type filter `{filter}` is not of the form `Type?search`"
+                    )));
+                }
             }
         }
         for element in &self.elements {
             if element.is_empty() || element.contains(',') {
-                return Err(invalid(format!("element `{element}` is not `Type.element` or `element`")));
+                return Err(invalid(format!(
+                    "element `{element}` is not `Type.element` or `element`"
+                )));
             }
         }
         Ok(())
@@ -146,7 +158,9 @@ impl ExportRequest {
         match value {
             None => Ok(None),
             Some(text) => parse_instant(text).map(Some).ok_or_else(|| {
-                invalid(format!("`{name}` `{text}` is not a FHIR instant with a timezone (e.g. 2024-01-31T00:00:00Z)"))
+                invalid(format!(
+                    "`{name}` `{text}` is not a FHIR instant with a timezone (e.g. 2024-01-31T00:00:00Z)"
+                ))
             }),
         }
     }
@@ -195,7 +209,12 @@ impl ExportRequest {
         push_list("_type", &self.types, "valueString", true);
         push_list("_elements", &self.elements, "valueString", true);
         push_list("_typeFilter", &self.type_filters, "valueString", false);
-        push_list("includeAssociatedData", &self.include_associated_data, "valueCode", true);
+        push_list(
+            "includeAssociatedData",
+            &self.include_associated_data,
+            "valueCode",
+            true,
+        );
         if let Some(organize) = &self.organize_output_by {
             push_list("organizeOutputBy", std::slice::from_ref(organize), "valueString", false);
         }
@@ -336,17 +355,30 @@ mod tests {
     }
 
     fn query(request: &HttpRequest) -> Vec<(String, String)> {
-        request.url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+        request
+            .url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
     }
 
     #[test]
     fn urls_for_each_level_keep_the_base_path() {
-        let mut request = ExportRequest { level: ExportLevel::System, ..Default::default() };
+        let mut request = ExportRequest {
+            level: ExportLevel::System,
+            ..Default::default()
+        };
         assert_eq!(request.url(&base()).as_str(), "https://ehr.example/r4/t1/$export");
         request.level = ExportLevel::Patient;
-        assert_eq!(request.url(&base()).as_str(), "https://ehr.example/r4/t1/Patient/$export");
+        assert_eq!(
+            request.url(&base()).as_str(),
+            "https://ehr.example/r4/t1/Patient/$export"
+        );
         request.level = ExportLevel::Group("g-1.a".into());
-        assert_eq!(request.url(&base()).as_str(), "https://ehr.example/r4/t1/Group/g-1.a/$export");
+        assert_eq!(
+            request.url(&base()).as_str(),
+            "https://ehr.example/r4/t1/Group/g-1.a/$export"
+        );
     }
 
     #[test]
@@ -373,7 +405,12 @@ mod tests {
             "_typeFilter".into(),
             "Observation?status=final&code=http://loinc.org|1234-5".into()
         )));
-        assert!(built.url.as_str().contains("_typeFilter=Observation%3Fstatus%3Dfinal%26code%3Dhttp%3A%2F%2Floinc.org%7C1234-5"));
+        assert!(
+            built
+                .url
+                .as_str()
+                .contains("_typeFilter=Observation%3Fstatus%3Dfinal%26code%3Dhttp%3A%2F%2Floinc.org%7C1234-5")
+        );
     }
 
     #[test]
@@ -382,7 +419,11 @@ mod tests {
             types: vec!["Patient".into(), "Condition".into()],
             ..Default::default()
         };
-        let profile = ServerProfile { value_join: ValueJoin::Repeat, lenient: true, ..Default::default() };
+        let profile = ServerProfile {
+            value_join: ValueJoin::Repeat,
+            lenient: true,
+            ..Default::default()
+        };
         let built = request.build(&base(), &profile).unwrap();
         let types: Vec<_> = query(&built).into_iter().filter(|(k, _)| k == "_type").collect();
         assert_eq!(types.len(), 2);
@@ -407,7 +448,11 @@ mod tests {
         let patients: Vec<_> = parameters.iter().filter(|p| p["name"] == "patient").collect();
         assert_eq!(patients.len(), 2);
         assert_eq!(patients[0]["valueReference"]["reference"], "Patient/1");
-        assert!(parameters.iter().any(|p| p["name"] == "allowPartialManifests" && p["valueBoolean"] == true));
+        assert!(
+            parameters
+                .iter()
+                .any(|p| p["name"] == "allowPartialManifests" && p["valueBoolean"] == true)
+        );
         assert!(built.url.query().is_none());
     }
 
@@ -420,14 +465,41 @@ mod tests {
         };
         let error = system_patient.build(&base(), &ServerProfile::default()).unwrap_err();
         assert!(error.to_string().contains("`patient` is not allowed at system level"));
-        let get_patient = ExportRequest { patients: vec!["Patient/1".into()], ..Default::default() };
-        let profile = ServerProfile { method: KickoffMethod::Get, ..Default::default() };
-        assert!(get_patient.build(&base(), &profile).unwrap_err().to_string().contains("only be sent with POST"));
-        let no_zone = ExportRequest { since: Some("2024-01-01T00:00:00".into()), ..Default::default() };
-        assert!(no_zone.validate(&ServerProfile::default()).unwrap_err().to_string().contains("`since`"));
-        let bad_type = ExportRequest { types: vec!["../etc".into()], ..Default::default() };
+        let get_patient = ExportRequest {
+            patients: vec!["Patient/1".into()],
+            ..Default::default()
+        };
+        let profile = ServerProfile {
+            method: KickoffMethod::Get,
+            ..Default::default()
+        };
+        assert!(
+            get_patient
+                .build(&base(), &profile)
+                .unwrap_err()
+                .to_string()
+                .contains("only be sent with POST")
+        );
+        let no_zone = ExportRequest {
+            since: Some("2024-01-01T00:00:00".into()),
+            ..Default::default()
+        };
+        assert!(
+            no_zone
+                .validate(&ServerProfile::default())
+                .unwrap_err()
+                .to_string()
+                .contains("`since`")
+        );
+        let bad_type = ExportRequest {
+            types: vec!["../etc".into()],
+            ..Default::default()
+        };
         assert!(bad_type.validate(&ServerProfile::default()).is_err());
-        let bad_group = ExportRequest { level: ExportLevel::Group("a/b".into()), ..Default::default() };
+        let bad_group = ExportRequest {
+            level: ExportLevel::Group("a/b".into()),
+            ..Default::default()
+        };
         assert!(bad_group.validate(&ServerProfile::default()).is_err());
     }
 }

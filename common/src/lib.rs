@@ -41,7 +41,9 @@ pub mod serde_duration {
 
     pub fn parse(text: &str) -> Option<Duration> {
         let text = text.trim();
-        let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
         let number: f64 = number.parse().ok()?;
         let seconds = match unit.trim() {
@@ -57,7 +59,7 @@ pub mod serde_duration {
 
     pub fn format(duration: &Duration) -> String {
         let millis = duration.as_millis();
-        if millis % 1000 != 0 {
+        if !millis.is_multiple_of(1000) {
             format!("{millis}ms")
         } else {
             format!("{}s", duration.as_secs())

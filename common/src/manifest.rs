@@ -81,7 +81,12 @@ impl Manifest {
             .ok_or_else(|| bad("(document)", "is not a JSON object".into()))?;
         let transaction_time = match object.get("transactionTime") {
             Some(Value::String(text)) if parse_instant(text).is_some() => text.clone(),
-            Some(other) => return Err(bad("transactionTime", format!("{other} is not a FHIR instant with a timezone"))),
+            Some(other) => {
+                return Err(bad(
+                    "transactionTime",
+                    format!("{other} is not a FHIR instant with a timezone"),
+                ));
+            }
             None => return Err(bad("transactionTime", "is missing".into())),
         };
         let request = match object.get("request") {
@@ -107,7 +112,12 @@ impl Manifest {
             let entries = match object.get(field) {
                 None | Some(Value::Null) => continue,
                 Some(Value::Array(entries)) => entries,
-                Some(other) => return Err(bad(field, format!("is {} where an array was expected", json_kind(other)))),
+                Some(other) => {
+                    return Err(bad(
+                        field,
+                        format!("is {} where an array was expected", json_kind(other)),
+                    ));
+                }
             };
             for (index, entry) in entries.iter().enumerate() {
                 files.push(parse_file(entry, kind, &format!("{field}[{index}]"), source)?);
@@ -124,11 +134,19 @@ impl Manifest {
                             .get("url")
                             .and_then(Value::as_str)
                             .ok_or_else(|| bad(&field, "is missing".into()))?;
-                        next = Some(absolute_url(text).ok_or_else(|| bad(&field, format!("`{text}` is not an absolute http(s) URL")))?);
+                        next = Some(
+                            absolute_url(text)
+                                .ok_or_else(|| bad(&field, format!("`{text}` is not an absolute http(s) URL")))?,
+                        );
                     }
                 }
             }
-            Some(other) => return Err(bad("link", format!("is {} where an array was expected", json_kind(other)))),
+            Some(other) => {
+                return Err(bad(
+                    "link",
+                    format!("is {} where an array was expected", json_kind(other)),
+                ));
+            }
         }
         Ok(Manifest {
             transaction_time,
@@ -172,7 +190,12 @@ fn parse_file(entry: &Value, kind: FileKind, field: &str, source: &Url) -> Resul
         Some(other) => return Err(bad(".url", format!("{other} is not a string"))),
         None => return Err(bad(".url", "is missing".into())),
     };
-    let url = absolute_url(url_text).ok_or_else(|| bad(".url", format!("`{}` is not an absolute http(s) URL", SafeUrl::from(url_text.as_str()))))?;
+    let url = absolute_url(url_text).ok_or_else(|| {
+        bad(
+            ".url",
+            format!("`{}` is not an absolute http(s) URL", SafeUrl::from(url_text.as_str())),
+        )
+    })?;
     let resource_type = match entry.get("type") {
         None | Some(Value::Null) => None,
         Some(Value::String(text)) if is_type_name(text) => Some(text.clone()),
@@ -180,7 +203,11 @@ fn parse_file(entry: &Value, kind: FileKind, field: &str, source: &Url) -> Resul
     };
     let count = match entry.get("count") {
         None | Some(Value::Null) => None,
-        Some(value) => Some(value.as_u64().ok_or_else(|| bad(".count", format!("{value} is not a non-negative integer")))?),
+        Some(value) => Some(
+            value
+                .as_u64()
+                .ok_or_else(|| bad(".count", format!("{value} is not a non-negative integer")))?,
+        ),
     };
     Ok(ManifestFile {
         kind,
@@ -222,7 +249,11 @@ mod tests {
         assert_eq!(manifest.next.unwrap().as_str(), "https://ehr.example/status/1?page=2");
         assert_eq!(manifest.raw["somethingNew"], 42);
         let object_extension = br#"{"transactionTime":"2024-05-01T10:00:00Z","requiresAccessToken":false,"output":[],"extension":{"a":1}}"#;
-        assert!(!Manifest::parse(object_extension, &source()).unwrap().requires_access_token);
+        assert!(
+            !Manifest::parse(object_extension, &source())
+                .unwrap()
+                .requires_access_token
+        );
     }
 
     #[test]
@@ -240,7 +271,10 @@ mod tests {
         ];
         for (body, field) in cases {
             let error = Manifest::parse(body, &source()).unwrap_err();
-            assert!(error.to_string().contains(&format!("`{field}`")), "{error} should name {field}");
+            assert!(
+                error.to_string().contains(&format!("`{field}`")),
+                "{error} should name {field}"
+            );
         }
     }
 }

@@ -173,14 +173,21 @@ impl LineChecker {
     fn check(&mut self, raw: &[u8]) -> Result<(), FeedError> {
         self.lines += 1;
         let line_number = self.lines;
-        let fail = |reason: String| FeedError::Line(LineError { line: line_number, reason });
+        let fail = |reason: String| {
+            FeedError::Line(LineError {
+                line: line_number,
+                reason,
+            })
+        };
         let mut line = raw.strip_suffix(b"\n").unwrap_or(raw);
         line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
         if line.starts_with(b"\xEF\xBB\xBF") {
-            return Err(fail("starts with a UTF-8 byte order mark, which NDJSON does not allow".into()));
+            return Err(fail(
+                "starts with a UTF-8 byte order mark, which NDJSON does not allow".into(),
+            ));
         }
         if let Err(e) = std::str::from_utf8(line) {
             return Err(fail(format!("is not valid UTF-8 (at byte {})", e.valid_up_to())));
@@ -202,7 +209,9 @@ impl LineChecker {
                     "is a {resource_type} resource in a file the manifest says holds {expected}"
                 )));
             }
-            Expect::DeletedBundle if resource_type != "Bundle" || head.bundle_type.as_deref() != Some("transaction") => {
+            Expect::DeletedBundle
+                if resource_type != "Bundle" || head.bundle_type.as_deref() != Some("transaction") =>
+            {
                 return Err(fail(format!(
                     "is a {resource_type} (type {:?}) in a `deleted` file, which must hold transaction Bundles",
                     head.bundle_type.as_deref().unwrap_or("none")
@@ -333,7 +342,8 @@ mod tests {
 
     #[test]
     fn crlf_blank_lines_and_missing_final_newline_pass_through_unchanged() {
-        let data: &[u8] = b"{\"resourceType\":\"Patient\",\"id\":\"1\"}\r\n\n{\"resourceType\":\"Patient\",\"id\":\"2\"}";
+        let data: &[u8] =
+            b"{\"resourceType\":\"Patient\",\"id\":\"1\"}\r\n\n{\"resourceType\":\"Patient\",\"id\":\"2\"}";
         // Split at every position to prove chunk boundaries never matter.
         for split in 0..data.len() {
             let (result, out, checker) = run(Expect::Type("Patient".into()), &[&data[..split], &data[split..]]);
@@ -358,7 +368,10 @@ mod tests {
         let (result, out, _) = run(Expect::Type("Observation".into()), &[data]);
         let error = line_error(result);
         assert_eq!(error.line, 3);
-        assert_eq!(error.reason, "is a Patient resource in a file the manifest says holds Observation");
+        assert_eq!(
+            error.reason,
+            "is a Patient resource in a file the manifest says holds Observation"
+        );
         assert!(out.is_empty() || out == b"{\"resourceType\":\"Observation\"}\n\n");
     }
 
@@ -372,12 +385,19 @@ mod tests {
             (b"{\"resourceType\":\"Patient\",\"x\":\"\xff\"}\n", "not valid UTF-8"),
             (b"<html><body>Gateway Timeout</body></html>\n", "looks like HTML"),
             (b"{\"resourceType\":\"Patient\"} {}\n", "is not a JSON object"),
-            (b"{\"resourceType\":\"Patient\",\"resourceType\":\"Patient\"}\n", "appears twice"),
+            (
+                b"{\"resourceType\":\"Patient\",\"resourceType\":\"Patient\"}\n",
+                "appears twice",
+            ),
         ];
         for (data, expected) in cases {
             let error = line_error(run(Expect::Type("Patient".into()), &[data]).0);
             assert_eq!(error.line, 1);
-            assert!(error.reason.contains(expected), "{} should contain {expected}", error.reason);
+            assert!(
+                error.reason.contains(expected),
+                "{} should contain {expected}",
+                error.reason
+            );
         }
     }
 
@@ -393,11 +413,18 @@ mod tests {
         let bundle: &[u8] = b"{\"resourceType\":\"Bundle\",\"type\":\"transaction\",\"entry\":[{\"request\":{\"method\":\"DELETE\",\"url\":\"Patient/1\"}}]}\n";
         run(Expect::DeletedBundle, &[bundle]).0.unwrap();
         let not_transaction: &[u8] = b"{\"resourceType\":\"Bundle\",\"type\":\"searchset\"}\n";
-        assert!(line_error(run(Expect::DeletedBundle, &[not_transaction]).0).reason.contains("transaction"));
+        assert!(
+            line_error(run(Expect::DeletedBundle, &[not_transaction]).0)
+                .reason
+                .contains("transaction")
+        );
         let outcome: &[u8] = b"{\"resourceType\":\"OperationOutcome\",\"issue\":[{\"severity\":\"error\",\"code\":\"processing\",\"diagnostics\":\"Patient/9 could not be read\"}]}\n";
         let (result, _, checker) = run(Expect::OperationOutcome, &[outcome]);
         result.unwrap();
-        assert_eq!(checker.outcome_issues(), ["error processing: Patient/9 could not be read"]);
+        assert_eq!(
+            checker.outcome_issues(),
+            ["error processing: Patient/9 could not be read"]
+        );
         // A CodeableConcept `type` on an ordinary resource is skipped, not misread.
         let encounter: &[u8] = b"{\"resourceType\":\"Encounter\",\"type\":[{\"text\":\"x\"}]}\n";
         run(Expect::Type("Encounter".into()), &[encounter]).0.unwrap();
@@ -411,7 +438,9 @@ mod tests {
             out.extend_from_slice(bytes);
             Ok(())
         };
-        checker.feed(b"{\"resourceType\":\"A\"}\n{\"resourceType\":\"B", &mut sink).unwrap();
+        checker
+            .feed(b"{\"resourceType\":\"A\"}\n{\"resourceType\":\"B", &mut sink)
+            .unwrap();
         assert_eq!(checker.pending_bytes(), 18);
         checker.discard_partial();
         checker.feed(b"{\"resourceType\":\"B\"}\n", &mut sink).unwrap();

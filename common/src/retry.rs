@@ -112,7 +112,10 @@ mod tests {
         assert!(last_upper > Duration::from_secs(150), "reaches the cap region");
         assert_eq!(backoff.next_delay(Some(Duration::from_secs(1))), min);
         assert_eq!(backoff.next_delay(Some(Duration::from_secs(9999))), max);
-        assert_eq!(backoff.next_delay(Some(Duration::from_secs(42))), Duration::from_secs(42));
+        assert_eq!(
+            backoff.next_delay(Some(Duration::from_secs(42))),
+            Duration::from_secs(42)
+        );
         backoff.reset();
         assert!(backoff.next_delay(None) <= min);
     }

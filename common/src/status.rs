@@ -84,9 +84,7 @@ pub async fn poll_once(client: &FhirClient, status_url: &Url) -> Result<PollStep
         202 => {
             let progress = response.header_str("x-progress").map(str::to_owned);
             let retry_after = client.retry_after(&response);
-            let is_json = response
-                .content_type()
-                .is_some_and(|t| t.contains("json"));
+            let is_json = response.content_type().is_some_and(|t| t.contains("json"));
             let url = response.url.clone();
             let body = response.read_limited(MANIFEST_LIMIT).await?;
             // A 202 body is usually empty or an OperationOutcome; with allowPartialManifests
@@ -248,10 +246,7 @@ impl Poller {
                 }
                 Err(error) => return Err(error),
             };
-            on_event(PollEvent::Waiting {
-                delay,
-                reason,
-            });
+            on_event(PollEvent::Waiting { delay, reason });
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(Error::Cancelled),

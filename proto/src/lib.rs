@@ -1,1 +1,15 @@
+//! gRPC contracts of a fhirhaul cluster (package `fhirhaul.v1`), generated from `proto/`:
+//!
+//! - `WorkerService`: workers register, heartbeat, lease files (long-poll), renew with
+//!   progress, complete or fail them (fenced by a generation number), and get the tenant's
+//!   access token without ever seeing a private key.
+//! - `AdminService`: operators and the CLI submit, cancel, list and watch exports, and read
+//!   worker and cluster status.
+//!
+//! Coordinators and workers meet only through these types.
 
+#![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+
+pub mod v1 {
+    tonic::include_proto!("fhirhaul.v1");
+}

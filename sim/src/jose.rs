@@ -51,8 +51,10 @@ fn verify_signature(alg: &str, jwk: &Value, signed: &[u8], signature: &[u8]) -> 
             let e = rsa::BigUint::from_bytes_be(&b64_member(jwk, "e")?);
             let public = rsa::RsaPublicKey::new(n, e).map_err(|e| format!("registered RSA key unusable: {e}"))?;
             let key = rsa::pkcs1v15::VerifyingKey::<sha2::Sha384>::new(public);
-            let signature = rsa::pkcs1v15::Signature::try_from(signature).map_err(|_| "malformed RS384 signature".to_string())?;
-            rsa::signature::Verifier::verify(&key, signed, &signature).map_err(|_| "signature verification failed".to_string())
+            let signature =
+                rsa::pkcs1v15::Signature::try_from(signature).map_err(|_| "malformed RS384 signature".to_string())?;
+            rsa::signature::Verifier::verify(&key, signed, &signature)
+                .map_err(|_| "signature verification failed".to_string())
         }
         "ES384" => {
             if jwk.get("crv").and_then(Value::as_str) != Some("P-384") {
@@ -67,11 +69,15 @@ fn verify_signature(alg: &str, jwk: &Value, signed: &[u8], signature: &[u8]) -> 
             uncompressed.push(4u8);
             uncompressed.extend_from_slice(&x);
             uncompressed.extend_from_slice(&y);
-            let point = p384::EncodedPoint::from_bytes(&uncompressed).map_err(|_| "registered EC key is not a valid point".to_string())?;
-            let key = p384::ecdsa::VerifyingKey::from_encoded_point(&point).map_err(|_| "registered EC key is not a valid point".to_string())?;
+            let point = p384::EncodedPoint::from_bytes(&uncompressed)
+                .map_err(|_| "registered EC key is not a valid point".to_string())?;
+            let key = p384::ecdsa::VerifyingKey::from_encoded_point(&point)
+                .map_err(|_| "registered EC key is not a valid point".to_string())?;
             // JWS ES384 signatures are the raw 96-byte r||s, not DER.
-            let signature = p384::ecdsa::Signature::from_slice(signature).map_err(|_| "malformed ES384 signature (must be 96 raw bytes)".to_string())?;
-            key.verify(signed, &signature).map_err(|_| "signature verification failed".to_string())
+            let signature = p384::ecdsa::Signature::from_slice(signature)
+                .map_err(|_| "malformed ES384 signature (must be 96 raw bytes)".to_string())?;
+            key.verify(signed, &signature)
+                .map_err(|_| "signature verification failed".to_string())
         }
         other => Err(format!("alg `{other}` is not accepted (RS384 or ES384)")),
     }
@@ -95,11 +101,17 @@ pub fn verify_assertion(
     let signature = URL_SAFE_NO_PAD
         .decode(parts[2])
         .map_err(|_| "JWT signature is not unpadded base64url".to_string())?;
-    let alg = header.get("alg").and_then(Value::as_str).ok_or("JWT header has no `alg`")?;
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or("JWT header has no `alg`")?;
     if header.get("typ").and_then(Value::as_str) != Some("JWT") {
         return Err("JWT header `typ` must be `JWT`".into());
     }
-    let kid = header.get("kid").and_then(Value::as_str).ok_or("JWT header has no `kid`")?;
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .ok_or("JWT header has no `kid`")?;
     let iss = claims.get("iss").and_then(Value::as_str).ok_or("JWT has no `iss`")?;
     let sub = claims.get("sub").and_then(Value::as_str).ok_or("JWT has no `sub`")?;
     if iss != sub {
@@ -118,10 +130,18 @@ pub fn verify_assertion(
         "ES384" => "EC",
         other => return Err(format!("alg `{other}` is not accepted (RS384 or ES384)")),
     };
-    let keys = client.jwks.get("keys").and_then(Value::as_array).cloned().unwrap_or_default();
+    let keys = client
+        .jwks
+        .get("keys")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let candidates: Vec<&Value> = keys
         .iter()
-        .filter(|k| k.get("kid").and_then(Value::as_str) == Some(kid) && k.get("kty").and_then(Value::as_str) == Some(wanted_kty))
+        .filter(|k| {
+            k.get("kid").and_then(Value::as_str) == Some(kid)
+                && k.get("kty").and_then(Value::as_str) == Some(wanted_kty)
+        })
         .collect();
     let jwk = match candidates.as_slice() {
         [one] => *one,
@@ -138,14 +158,21 @@ pub fn verify_assertion(
     if !audience_ok {
         return Err(format!("`aud` must be exactly the token endpoint {token_url}"));
     }
-    let exp = claims.get("exp").and_then(Value::as_i64).ok_or("JWT `exp` must be an integer")?;
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .ok_or("JWT `exp` must be an integer")?;
     if exp <= now {
         return Err("JWT has expired".into());
     }
     if exp > now + max_lifetime {
         return Err(format!("JWT `exp` is more than {max_lifetime} seconds in the future"));
     }
-    let jti = claims.get("jti").and_then(Value::as_str).filter(|j| !j.is_empty()).ok_or("JWT has no `jti`")?;
+    let jti = claims
+        .get("jti")
+        .and_then(Value::as_str)
+        .filter(|j| !j.is_empty())
+        .ok_or("JWT has no `jti`")?;
     Ok(VerifiedAssertion {
         client_id: iss.to_string(),
         jti: jti.to_string(),

@@ -360,7 +360,10 @@ impl SimEhr {
         };
         let (client_id, kid) = {
             let mut state = self.shared.lock();
-            (format!("client-{}", random_hex(&mut state.rng, 6)), format!("kid-{}", random_hex(&mut state.rng, 6)))
+            (
+                format!("client-{}", random_hex(&mut state.rng, 6)),
+                format!("kid-{}", random_hex(&mut state.rng, 6)),
+            )
         };
         let mut jwk = jwk;
         jwk["kid"] = Value::String(kid.clone());

@@ -49,8 +49,12 @@ pub struct Population {
 
 const EPOCH_2020: i64 = 1_577_836_800;
 const FIVE_YEARS: u64 = 5 * 365 * 86_400;
-const GIVEN: &[&str] = &["Ana", "Ben", "Chidi", "Dana", "Eero", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kemal", "Lena"];
-const FAMILY: &[&str] = &["Okafor", "Smith", "Nguyen", "Garcia", "Kowalski", "Haddad", "Tanaka", "Olsen", "Silva", "Novak"];
+const GIVEN: &[&str] = &[
+    "Ana", "Ben", "Chidi", "Dana", "Eero", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kemal", "Lena",
+];
+const FAMILY: &[&str] = &[
+    "Okafor", "Smith", "Nguyen", "Garcia", "Kowalski", "Haddad", "Tanaka", "Olsen", "Silva", "Novak",
+];
 const LOINC: &[(&str, &str, &str)] = &[
     ("8867-4", "Heart rate", "/min"),
     ("8310-5", "Body temperature", "Cel"),
@@ -116,7 +120,12 @@ impl Population {
                     last_updated: self.when(patient, 3),
                     status: None,
                     elements: vec![
-                        ("identifier", format!("[{{\"system\":\"urn:oid:2.16.840.1.113883.19.5\",\"value\":\"MRN{patient:08}\"}}]")),
+                        (
+                            "identifier",
+                            format!(
+                                "[{{\"system\":\"urn:oid:2.16.840.1.113883.19.5\",\"value\":\"MRN{patient:08}\"}}]"
+                            ),
+                        ),
                         ("active", "true".into()),
                         ("name", format!("[{{\"family\":\"{family}\",\"given\":[\"{given}\"]}}]")),
                         ("gender", format!("\"{gender}\"")),
@@ -135,7 +144,11 @@ impl Population {
                         status: Some(status),
                         elements: vec![
                             ("status", format!("\"{status}\"")),
-                            ("class", "{\"system\":\"http://terminology.hl7.org/CodeSystem/v3-ActCode\",\"code\":\"AMB\"}".into()),
+                            (
+                                "class",
+                                "{\"system\":\"http://terminology.hl7.org/CodeSystem/v3-ActCode\",\"code\":\"AMB\"}"
+                                    .into(),
+                            ),
                             ("type", "[{\"text\":\"Outpatient visit\"}]".into()),
                             ("subject", subject.clone()),
                             ("period", format!("{{\"start\":\"{}\"}}", instant(start))),
@@ -220,14 +233,15 @@ impl Population {
     /// Resources removed since `since` (for `deleted` files): a deterministic few patients
     /// lost a Condition.
     pub fn deleted_since(&self, patient: u32) -> Option<String> {
-        (self.draw(patient, 99) % 4 == 0).then(|| format!("Condition/c{patient}-deleted"))
+        self.draw(patient, 99).is_multiple_of(4).then(|| format!("Condition/c{patient}-deleted"))
     }
 }
 
 /// RFC 3339 UTC, seconds precision.
 pub fn instant(unix: i64) -> String {
     let at = time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Serializes a resource, keeping only `keep` elements when `_elements` applies (and then

@@ -1,6 +1,10 @@
 //! Routing and handlers. Every refusal is an OperationOutcome (or, at the token endpoint, an
 //! RFC 6749 error) saying exactly what was wrong, like a well-behaved EHR; the fault knobs
 //! make it behave like a badly-behaved one.
+//!
+//! Validation helpers return the refusal itself as their `Err` (a ready `Response`), so a
+//! handler can `?` its way out; the response is built once per request and never stored.
+#![allow(clippy::result_large_err)]
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::jose::verify_assertion;
 use crate::population::{Population, RESOURCE_TYPES, status_values};
 use crate::spool::{self, ExportParams, FileKind, Job, JobState, Level};
-use crate::{FileRequestSeen, KickoffSeen, JoinPolicy, RetryAfterStyle, Shared, TokenInfo, random_hex};
+use crate::{FileRequestSeen, JoinPolicy, KickoffSeen, RetryAfterStyle, Shared, TokenInfo, random_hex};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -94,7 +98,9 @@ fn outcome(status: StatusCode, code: &str, diagnostics: &str) -> Response<Body> 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Body> {
     let body = json!({"error": error, "error_description": description});
     let mut response = respond(status, "application/json", body.to_string());
-    response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     response
 }
 
@@ -111,7 +117,11 @@ fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
 async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
     match Limited::new(request.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(_) => Err(outcome(StatusCode::PAYLOAD_TOO_LARGE, "too-long", "request body too large or broken")),
+        Err(_) => Err(outcome(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-long",
+            "request body too large or broken",
+        )),
     }
 }
 
@@ -128,7 +138,11 @@ async fn route(shared: &Arc<Shared>, storage: bool, request: Request<Incoming>) 
         return if method == Method::POST {
             token(shared, request).await
         } else {
-            oauth_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request", "the token endpoint takes POST")
+            oauth_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request",
+                "the token endpoint takes POST",
+            )
         };
     }
     let Some(fhir_path) = path.strip_prefix("/fhir/") else {
@@ -146,7 +160,11 @@ async fn route(shared: &Arc<Shared>, storage: bool, request: Request<Incoming>) 
         (Method::GET, ["bulkstatus", job]) => status(shared, job, request).await,
         (Method::DELETE, ["bulkstatus", job]) => delete(shared, job, request),
         (Method::GET, ["bulkfiles", job, file]) => fhir_file(shared, job, file, request).await,
-        _ => outcome(StatusCode::NOT_FOUND, "not-supported", &format!("{method} {path} is not supported here")),
+        _ => outcome(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            &format!("{method} {path} is not supported here"),
+        ),
     }
 }
 
@@ -176,19 +194,31 @@ fn discovery(shared: &Shared) -> Response<Body> {
 
 /// Whether a scope string like `system/Observation.rs` allows reading `kind`.
 fn scope_allows_read(scope: &str, kind: &str) -> bool {
-    let Some(rest) = scope.strip_prefix("system/") else { return false };
-    let Some((resource, permissions)) = rest.split_once('.') else { return false };
+    let Some(rest) = scope.strip_prefix("system/") else {
+        return false;
+    };
+    let Some((resource, permissions)) = rest.split_once('.') else {
+        return false;
+    };
     let permissions = permissions.split('?').next().unwrap_or_default();
-    let reads = permissions.eq_ignore_ascii_case("read") || permissions == "*" || (permissions.contains('r') && permissions.chars().all(|c| "cruds".contains(c)));
+    let reads = permissions.eq_ignore_ascii_case("read")
+        || permissions == "*"
+        || (permissions.contains('r') && permissions.chars().all(|c| "cruds".contains(c)));
     reads && (resource == "*" || resource == kind)
 }
 
 fn valid_scope_syntax(scope: &str) -> bool {
-    let Some(rest) = scope.strip_prefix("system/") else { return false };
-    let Some((resource, permissions)) = rest.split_once('.') else { return false };
+    let Some(rest) = scope.strip_prefix("system/") else {
+        return false;
+    };
+    let Some((resource, permissions)) = rest.split_once('.') else {
+        return false;
+    };
     let resource_ok = resource == "*" || RESOURCE_TYPES.contains(&resource) || resource == "Group";
     let permissions = permissions.split('?').next().unwrap_or_default();
-    let v1 = ["read", "write", "*"].iter().any(|p| permissions.eq_ignore_ascii_case(p));
+    let v1 = ["read", "write", "*"]
+        .iter()
+        .any(|p| permissions.eq_ignore_ascii_case(p));
     let v2 = !permissions.is_empty() && {
         let order = "cruds";
         let mut last = None;
@@ -206,11 +236,19 @@ async fn token(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bod
     let content_type = header(request.headers(), "content-type").unwrap_or_default();
     shared.lock().observed.token_requests += 1;
     let reject = |status: StatusCode, error: &str, description: String| {
-        shared.lock().observed.token_rejections.push(format!("{error}: {description}"));
+        shared
+            .lock()
+            .observed
+            .token_rejections
+            .push(format!("{error}: {description}"));
         oauth_error(status, error, &description)
     };
     if !content_type.starts_with("application/x-www-form-urlencoded") {
-        return reject(StatusCode::BAD_REQUEST, "invalid_request", format!("Content-Type must be application/x-www-form-urlencoded, not `{content_type}`"));
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("Content-Type must be application/x-www-form-urlencoded, not `{content_type}`"),
+        );
     }
     let body = match read_body(request, 64 * 1024).await {
         Ok(body) => body,
@@ -219,18 +257,42 @@ async fn token(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bod
     let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
     let get = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     if form.iter().filter(|(k, _)| k == "client_assertion").count() > 1 {
-        return reject(StatusCode::BAD_REQUEST, "invalid_request", "client_assertion given twice".into());
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "client_assertion given twice".into(),
+        );
     }
     match get("grant_type").as_deref() {
         Some("client_credentials") => {}
-        Some(other) => return reject(StatusCode::BAD_REQUEST, "unsupported_grant_type", format!("grant_type `{other}` is not supported")),
-        None => return reject(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is missing".into()),
+        Some(other) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                format!("grant_type `{other}` is not supported"),
+            );
+        }
+        None => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "grant_type is missing".into(),
+            );
+        }
     }
     if get("client_assertion_type").as_deref() != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer") {
-        return reject(StatusCode::BAD_REQUEST, "invalid_request", "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into());
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+        );
     }
     let Some(assertion) = get("client_assertion") else {
-        return reject(StatusCode::BAD_REQUEST, "invalid_request", "client_assertion is missing".into());
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "client_assertion is missing".into(),
+        );
     };
     let Some(scope) = get("scope").filter(|s| !s.trim().is_empty()) else {
         return reject(StatusCode::BAD_REQUEST, "invalid_scope", "scope is required".into());
@@ -238,7 +300,9 @@ async fn token(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bod
     let now = shared.now_unix();
     let verified = {
         let state = shared.lock();
-        verify_assertion(&assertion, &shared.token_url, now, MAX_LIFETIME_SECS, |id| state.clients.get(id).cloned())
+        verify_assertion(&assertion, &shared.token_url, now, MAX_LIFETIME_SECS, |id| {
+            state.clients.get(id).cloned()
+        })
     };
     let verified = match verified {
         Ok(verified) => verified,
@@ -246,12 +310,23 @@ async fn token(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bod
     };
     let requested: Vec<String> = scope.split_whitespace().map(str::to_owned).collect();
     if let Some(bad) = requested.iter().find(|s| !valid_scope_syntax(s)) {
-        return reject(StatusCode::BAD_REQUEST, "invalid_scope", format!("scope `{bad}` is not a system scope this server grants"));
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            format!("scope `{bad}` is not a system scope this server grants"),
+        );
     }
     let mut state = shared.lock();
-    if !state.seen_jti.insert((verified.client_id.clone(), verified.jti.clone())) {
+    if !state
+        .seen_jti
+        .insert((verified.client_id.clone(), verified.jti.clone()))
+    {
         drop(state);
-        return reject(StatusCode::UNAUTHORIZED, "invalid_client", format!("jti `{}` was already used", verified.jti));
+        return reject(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            format!("jti `{}` was already used", verified.jti),
+        );
     }
     let granted = shared.config.grant_scope.clone().unwrap_or_else(|| scope.clone());
     let access_token = random_hex(&mut state.rng, 24);
@@ -274,7 +349,9 @@ async fn token(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bod
         "scope": granted,
     });
     let mut response = respond(StatusCode::OK, "application/json", body.to_string());
-    response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     response
 }
 
@@ -346,28 +423,67 @@ async fn kickoff_params(method: &Method, request: Request<Incoming>) -> Result<V
         return Ok(query);
     }
     if !query.is_empty() {
-        return Err(outcome(StatusCode::BAD_REQUEST, "invalid", "a POST kick-off takes its parameters in the body, not the query"));
+        return Err(outcome(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "a POST kick-off takes its parameters in the body, not the query",
+        ));
     }
     let content_type = header(request.headers(), "content-type").unwrap_or_default();
     if !content_type.starts_with("application/fhir+json") {
-        return Err(outcome(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid", &format!("POST kick-off needs Content-Type application/fhir+json, got `{content_type}`")));
+        return Err(outcome(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid",
+            &format!("POST kick-off needs Content-Type application/fhir+json, got `{content_type}`"),
+        ));
     }
     let body = read_body(request, 1 << 20).await?;
-    let parameters: Value = serde_json::from_slice(&body).map_err(|e| outcome(StatusCode::BAD_REQUEST, "structure", &format!("body is not JSON: {e}")))?;
+    let parameters: Value = serde_json::from_slice(&body)
+        .map_err(|e| outcome(StatusCode::BAD_REQUEST, "structure", &format!("body is not JSON: {e}")))?;
     if parameters.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
-        return Err(outcome(StatusCode::BAD_REQUEST, "structure", "body must be a Parameters resource"));
+        return Err(outcome(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "body must be a Parameters resource",
+        ));
     }
     let mut out = Vec::new();
-    for entry in parameters.get("parameter").and_then(Value::as_array).cloned().unwrap_or_default() {
-        let name = entry.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+    for entry in parameters
+        .get("parameter")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+    {
+        let name = entry
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let value = ["valueString", "valueInstant", "valueCode", "valueUri"]
             .iter()
             .find_map(|k| entry.get(*k).and_then(Value::as_str).map(str::to_owned))
-            .or_else(|| entry.get("valueBoolean").and_then(Value::as_bool).map(|b| b.to_string()))
-            .or_else(|| entry.get("valueReference").and_then(|r| r.get("reference")).and_then(Value::as_str).map(str::to_owned));
+            .or_else(|| {
+                entry
+                    .get("valueBoolean")
+                    .and_then(Value::as_bool)
+                    .map(|b| b.to_string())
+            })
+            .or_else(|| {
+                entry
+                    .get("valueReference")
+                    .and_then(|r| r.get("reference"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
         match value {
             Some(value) => out.push((name, value)),
-            None => return Err(outcome(StatusCode::BAD_REQUEST, "structure", &format!("parameter `{name}` has no value of a supported type"))),
+            None => {
+                return Err(outcome(
+                    StatusCode::BAD_REQUEST,
+                    "structure",
+                    &format!("parameter `{name}` has no value of a supported type"),
+                ));
+            }
         }
     }
     Ok(out)
@@ -403,7 +519,11 @@ async fn kickoff(shared: &Arc<Shared>, level: Level, request: Request<Incoming>)
         }
     }
     if header(&headers, "accept").as_deref() != Some("application/fhir+json") {
-        return outcome(StatusCode::BAD_REQUEST, "invalid", "Accept: application/fhir+json is required");
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "Accept: application/fhir+json is required",
+        );
     }
     let prefer = header(&headers, "prefer").unwrap_or_default();
     let preferences: Vec<String> = prefer.split(',').map(|p| p.trim().to_ascii_lowercase()).collect();
@@ -416,23 +536,48 @@ async fn kickoff(shared: &Arc<Shared>, level: Level, request: Request<Incoming>)
         Err(response) => return response,
     };
     if let Level::Group(_) = level
-        && !scopes.iter().any(|s| scope_allows_read(s, "Group") || scope_allows_read(s, "Patient"))
+        && !scopes
+            .iter()
+            .any(|s| scope_allows_read(s, "Group") || scope_allows_read(s, "Patient"))
     {
-        return outcome(StatusCode::FORBIDDEN, "forbidden", "the token's scopes do not allow reading the Group");
+        return outcome(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the token's scopes do not allow reading the Group",
+        );
     }
-    if let Some(kind) = validated.types.iter().find(|t| !scopes.iter().any(|s| scope_allows_read(s, t))) {
-        return outcome(StatusCode::FORBIDDEN, "forbidden", &format!("the token's scopes do not allow reading {kind}"));
+    if let Some(kind) = validated
+        .types
+        .iter()
+        .find(|t| !scopes.iter().any(|s| scope_allows_read(s, t)))
+    {
+        return outcome(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            &format!("the token's scopes do not allow reading {kind}"),
+        );
     }
     start_job(shared, client_id, validated)
 }
 
-fn validate_kickoff(shared: &Shared, level: &Level, method: &Method, params: &[(String, String)], lenient: bool, request_url: String) -> Result<ExportParams, Response<Body>> {
+fn validate_kickoff(
+    shared: &Shared,
+    level: &Level,
+    method: &Method,
+    params: &[(String, String)],
+    lenient: bool,
+    request_url: String,
+) -> Result<ExportParams, Response<Body>> {
     let bad = |diagnostics: String| outcome(StatusCode::BAD_REQUEST, "invalid", &diagnostics);
     let unsupported = |diagnostics: String| outcome(StatusCode::BAD_REQUEST, "not-supported", &diagnostics);
     if let Level::Group(id) = level
         && !spool::group_exists(id)
     {
-        return Err(outcome(StatusCode::NOT_FOUND, "not-found", &format!("Group/{id} does not exist")));
+        return Err(outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("Group/{id} does not exist"),
+        ));
     }
     let mut ignored = Vec::new();
     let mut values: Vec<(String, Vec<String>)> = Vec::new();
@@ -447,10 +592,14 @@ fn validate_kickoff(shared: &Shared, level: &Level, method: &Method, params: &[(
         let repeated = values.iter().any(|(n, _)| n == name);
         if LIST_PARAMS.contains(&name.as_str()) {
             if repeated && shared.config.join_policy == JoinPolicy::CommaOnly {
-                return Err(bad(format!("`{name}` may not be repeated here; send one comma-separated value")));
+                return Err(bad(format!(
+                    "`{name}` may not be repeated here; send one comma-separated value"
+                )));
             }
             if value.contains(',') && shared.config.join_policy == JoinPolicy::RepeatOnly {
-                return Err(bad(format!("`{name}` may not be comma-joined here; repeat the parameter")));
+                return Err(bad(format!(
+                    "`{name}` may not be comma-joined here; repeat the parameter"
+                )));
             }
         } else if repeated && !matches!(name.as_str(), "_typeFilter" | "patient") {
             return Err(bad(format!("`{name}` may appear only once")));
@@ -465,7 +614,13 @@ fn validate_kickoff(shared: &Shared, level: &Level, method: &Method, params: &[(
             None => values.push((name.clone(), split)),
         }
     }
-    let get = |name: &str| values.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default();
+    let get = |name: &str| {
+        values
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     if let Some(format) = get("_outputFormat").first()
         && !SUPPORTED_FORMATS.contains(&format.as_str())
     {
@@ -474,7 +629,9 @@ fn validate_kickoff(shared: &Shared, level: &Level, method: &Method, params: &[(
     let instant = |name: &str| -> Result<Option<i64>, Response<Body>> {
         match get(name).first() {
             None => Ok(None),
-            Some(text) => parse_instant(text).map(Some).ok_or_else(|| bad(format!("`{name}` `{text}` is not a FHIR instant with a timezone"))),
+            Some(text) => parse_instant(text)
+                .map(Some)
+                .ok_or_else(|| bad(format!("`{name}` `{text}` is not a FHIR instant with a timezone"))),
         }
     };
     let since = instant("_since")?;
@@ -506,16 +663,21 @@ fn validate_kickoff(shared: &Shared, level: &Level, method: &Method, params: &[(
         let parsed = filter.split_once('?').and_then(|(kind, query)| {
             let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
             match pairs.as_slice() {
-                [(param, value)] if param == "status" && !status_values(kind).is_empty() => {
-                    Some((kind.to_string(), value.split(',').map(str::to_owned).collect::<Vec<_>>()))
-                }
+                [(param, value)] if param == "status" && !status_values(kind).is_empty() => Some((
+                    kind.to_string(),
+                    value.split(',').map(str::to_owned).collect::<Vec<_>>(),
+                )),
                 _ => None,
             }
         });
         match parsed {
             Some(found) => type_filters.push(found),
             None if lenient => ignored.push(format!("_typeFilter {filter} is not supported and was ignored")),
-            None => return Err(unsupported(format!("_typeFilter `{filter}` is not supported (only Type?status=… on Observation, Encounter, MedicationRequest)"))),
+            None => {
+                return Err(unsupported(format!(
+                    "_typeFilter `{filter}` is not supported (only Type?status=… on Observation, Encounter, MedicationRequest)"
+                )));
+            }
         }
     }
     let patient_refs = get("patient");
@@ -536,7 +698,13 @@ fn validate_kickoff(shared: &Shared, level: &Level, method: &Method, params: &[(
                 .filter(|i| *i < shared.config.patients);
             match index {
                 Some(index) => list.push(index),
-                None => return Err(outcome(StatusCode::BAD_REQUEST, "not-found", &format!("patient `{reference}` is not known to this server"))),
+                None => {
+                    return Err(outcome(
+                        StatusCode::BAD_REQUEST,
+                        "not-found",
+                        &format!("patient `{reference}` is not known to this server"),
+                    ));
+                }
             }
         }
         Some(list)
@@ -551,7 +719,11 @@ fn validate_kickoff(shared: &Shared, level: &Level, method: &Method, params: &[(
     let organize_by_patient = match get("organizeOutputBy").first().map(String::as_str) {
         None => false,
         Some("Patient") => true,
-        Some(other) => return Err(unsupported(format!("organizeOutputBy `{other}` is not supported (only Patient)"))),
+        Some(other) => {
+            return Err(unsupported(format!(
+                "organizeOutputBy `{other}` is not supported (only Patient)"
+            )));
+        }
     };
     let allow_partial = match get("allowPartialManifests").first().map(String::as_str) {
         None | Some("false") => false,
@@ -576,7 +748,11 @@ fn validate_kickoff(shared: &Shared, level: &Level, method: &Method, params: &[(
 fn start_job(shared: &Arc<Shared>, client_id: String, params: ExportParams) -> Response<Body> {
     let faults = shared.lock().faults.clone();
     if faults.kickoff_200 {
-        return respond(StatusCode::OK, "application/fhir+json", "{\"resourceType\":\"Bundle\",\"type\":\"searchset\"}");
+        return respond(
+            StatusCode::OK,
+            "application/fhir+json",
+            "{\"resourceType\":\"Bundle\",\"type\":\"searchset\"}",
+        );
     }
     let members = spool::members(&params.level, shared.config.patients, &params.patients);
     let id = {
@@ -603,7 +779,15 @@ fn start_job(shared: &Arc<Shared>, client_id: String, params: ExportParams) -> R
     tokio::task::spawn_blocking(move || {
         let population = Population::new(build_shared.config.seed, build_shared.config.patients);
         let dir = build_shared.spool_dir.join(format!("job-{id}"));
-        let result = spool::build(population, &params, &members, &dir, build_shared.config.max_resources_per_file, &faults, build_shared.now_wall());
+        let result = spool::build(
+            population,
+            &params,
+            &members,
+            &dir,
+            build_shared.config.max_resources_per_file,
+            &faults,
+            build_shared.now_wall(),
+        );
         let mut state = build_shared.lock();
         if let Some(job) = state.jobs.get_mut(&id) {
             job.state = match result {
@@ -615,7 +799,11 @@ fn start_job(shared: &Arc<Shared>, client_id: String, params: ExportParams) -> R
     let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = StatusCode::ACCEPTED;
     if !kickoff_no_location {
-        set_header(&mut response, "content-location", &format!("{}/bulkstatus/{id}", shared.fhir_base));
+        set_header(
+            &mut response,
+            "content-location",
+            &format!("{}/bulkstatus/{id}", shared.fhir_base),
+        );
     }
     response
 }
@@ -639,7 +827,11 @@ fn storage_signature(shared: &Shared, job: u64, index: usize) -> String {
 }
 
 fn storage_url(shared: &Shared, job: u64, index: usize, _version: u32) -> String {
-    format!("{}/storage/{job}/{index}?sig={}", shared.storage_origin, storage_signature(shared, job, index))
+    format!(
+        "{}/storage/{job}/{index}?sig={}",
+        shared.storage_origin,
+        storage_signature(shared, job, index)
+    )
 }
 
 fn manifest_entries(shared: &Shared, job: &Job, files: &[&spool::SpooledFile]) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
@@ -675,12 +867,22 @@ async fn status(shared: &Arc<Shared>, job: &str, request: Request<Incoming>) -> 
     let page: usize = request
         .uri()
         .query()
-        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "page").and_then(|(_, v)| v.parse().ok()))
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "page")
+                .and_then(|(_, v)| v.parse().ok())
+        })
         .unwrap_or(1);
     let mut state = shared.lock();
     if let Some(code) = state.faults.status_html {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
-        return respond(status, "text/html", format!("<html><head><title>{code} Error</title></head><body><h1>{code}</h1><p>upstream proxy error</p></body></html>"));
+        return respond(
+            status,
+            "text/html",
+            format!(
+                "<html><head><title>{code} Error</title></head><body><h1>{code}</h1><p>upstream proxy error</p></body></html>"
+            ),
+        );
     }
     if state.faults.status_429 > 0 {
         state.faults.status_429 -= 1;
@@ -694,7 +896,11 @@ async fn status(shared: &Arc<Shared>, job: &str, request: Request<Incoming>) -> 
     }
     if state.faults.status_500 > 0 {
         state.faults.status_500 -= 1;
-        return outcome(StatusCode::INTERNAL_SERVER_ERROR, "transient", "database failover in progress");
+        return outcome(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "transient",
+            "database failover in progress",
+        );
     }
     let never_complete = state.faults.never_complete;
     let Some(job) = parse_job(job).and_then(|id| state.jobs.get(&id)) else {
@@ -704,14 +910,21 @@ async fn status(shared: &Arc<Shared>, job: &str, request: Request<Incoming>) -> 
         return outcome(StatusCode::NOT_FOUND, "not-found", "no such export");
     }
     if job.deleted {
-        return outcome(StatusCode::NOT_FOUND, "not-found", "this export was cancelled or deleted");
+        return outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "this export was cancelled or deleted",
+        );
     }
     let elapsed = job.created.elapsed();
     let duration = shared.config.job_duration;
     let in_progress = |progress: String, partial: Option<Value>| {
         let mut response = match partial {
             Some(manifest) => respond(StatusCode::ACCEPTED, "application/json", manifest.to_string()),
-            None => Response::builder().status(StatusCode::ACCEPTED).body(full(Bytes::new())).unwrap_or_default(),
+            None => Response::builder()
+                .status(StatusCode::ACCEPTED)
+                .body(full(Bytes::new()))
+                .unwrap_or_default(),
         };
         set_header(&mut response, "x-progress", &progress);
         if let Some(value) = retry_after_value(shared) {
@@ -720,7 +933,10 @@ async fn status(shared: &Arc<Shared>, job: &str, request: Request<Incoming>) -> 
         response
     };
     if never_complete {
-        return in_progress("Build in progress - Status set to CANCELLED at 2024-01-01T00:00:00Z".into(), None);
+        return in_progress(
+            "Build in progress - Status set to CANCELLED at 2024-01-01T00:00:00Z".into(),
+            None,
+        );
     }
     let files = match &job.state {
         JobState::Failed(reason) => return outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", reason),
@@ -747,7 +963,11 @@ async fn status(shared: &Arc<Shared>, job: &str, request: Request<Incoming>) -> 
     let page_size = shared.config.manifest_page_size.unwrap_or(usize::MAX).max(1);
     let pages = output.len().div_ceil(page_size).max(1);
     let page = page.clamp(1, pages);
-    let page_output: Vec<Value> = output.into_iter().skip((page - 1) * page_size).take(page_size).collect();
+    let page_output: Vec<Value> = output
+        .into_iter()
+        .skip((page - 1) * page_size)
+        .take(page_size)
+        .collect();
     let mut manifest = json!({
         "transactionTime": transaction_time,
         "request": job.params.request_url,
@@ -763,7 +983,11 @@ async fn status(shared: &Arc<Shared>, job: &str, request: Request<Incoming>) -> 
         manifest["link"] = json!([{"relation": "next", "url": format!("{}/bulkstatus/{}?page={}", shared.fhir_base, job.id, page + 1)}]);
     }
     let mut response = respond(StatusCode::OK, "application/json", manifest.to_string());
-    set_header(&mut response, "expires", &httpdate::fmt_http_date(shared.now_wall() + Duration::from_secs(3600)));
+    set_header(
+        &mut response,
+        "expires",
+        &httpdate::fmt_http_date(shared.now_wall() + Duration::from_secs(3600)),
+    );
     response
 }
 
@@ -819,23 +1043,35 @@ async fn fhir_file(shared: &Arc<Shared>, job: &str, file: &str, request: Request
 async fn storage_file(shared: &Arc<Shared>, rest: &str, request: Request<Incoming>) -> Response<Body> {
     let headers = request.headers().clone();
     let parts: Vec<&str> = rest.split('/').collect();
-    let (Some(job), Some(index)) = (parts.first().and_then(|j| parse_job(j)), parts.get(1).and_then(|i| i.parse::<usize>().ok())) else {
+    let (Some(job), Some(index)) = (
+        parts.first().and_then(|j| parse_job(j)),
+        parts.get(1).and_then(|i| i.parse::<usize>().ok()),
+    ) else {
         return outcome(StatusCode::NOT_FOUND, "not-found", "no such object");
     };
-    let signature = request
-        .uri()
-        .query()
-        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "sig").map(|(_, v)| v.into_owned()));
+    let signature = request.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "sig")
+            .map(|(_, v)| v.into_owned())
+    });
     if signature.as_deref() != Some(storage_signature(shared, job, index).as_str()) {
         record_file(shared, job, index, true, &headers, 403);
-        return respond(StatusCode::FORBIDDEN, "application/xml", "<Error><Code>SignatureDoesNotMatch</Code></Error>");
+        return respond(
+            StatusCode::FORBIDDEN,
+            "application/xml",
+            "<Error><Code>SignatureDoesNotMatch</Code></Error>",
+        );
     }
     if headers.contains_key("authorization") {
         // Like a cloud bucket given both a signed URL and a bearer token: refuse, and count
         // the leak — a client must never send its EHR token here.
         shared.lock().observed.token_leaks += 1;
         record_file(shared, job, index, true, &headers, 400);
-        return respond(StatusCode::BAD_REQUEST, "application/xml", "<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed</Message></Error>");
+        return respond(
+            StatusCode::BAD_REQUEST,
+            "application/xml",
+            "<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed</Message></Error>",
+        );
     }
     serve_file(shared, job, index, true, &headers).await
 }
@@ -845,7 +1081,13 @@ enum RangeRequest {
     From(u64),
 }
 
-async fn serve_file(shared: &Arc<Shared>, job_id: u64, index: usize, storage: bool, headers: &HeaderMap) -> Response<Body> {
+async fn serve_file(
+    shared: &Arc<Shared>,
+    job_id: u64,
+    index: usize,
+    storage: bool,
+    headers: &HeaderMap,
+) -> Response<Body> {
     let (file, faults_cut, file_500, file_html, change_after) = {
         let mut state = shared.lock();
         let file = match state.jobs.get(&job_id) {
@@ -877,21 +1119,36 @@ async fn serve_file(shared: &Arc<Shared>, job_id: u64, index: usize, storage: bo
     };
     if file_500 {
         record_file(shared, job_id, index, storage, headers, 500);
-        return outcome(StatusCode::INTERNAL_SERVER_ERROR, "transient", "storage node unavailable");
+        return outcome(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "transient",
+            "storage node unavailable",
+        );
     }
     if file_html {
         record_file(shared, job_id, index, storage, headers, 200);
-        return respond(StatusCode::OK, "text/html", "<html><body><h1>Session expired</h1><p>Please sign in.</p></body></html>");
+        return respond(
+            StatusCode::OK,
+            "text/html",
+            "<html><body><h1>Session expired</h1><p>Please sign in.</p></body></html>",
+        );
     }
     let etag = file.etag();
     let last_modified = httpdate::fmt_http_date(file.last_modified);
     let range = match header(headers, "range") {
         None => RangeRequest::Whole,
         Some(value) => {
-            let start = value.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).and_then(|s| s.parse::<u64>().ok());
+            let start = value
+                .strip_prefix("bytes=")
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|s| s.parse::<u64>().ok());
             let Some(start) = start else {
                 record_file(shared, job_id, index, storage, headers, 400);
-                return outcome(StatusCode::BAD_REQUEST, "invalid", &format!("only `bytes=N-` ranges are supported, got `{value}`"));
+                return outcome(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    &format!("only `bytes=N-` ranges are supported, got `{value}`"),
+                );
             };
             // If-Range: the range applies only if the validator still matches (strong
             // comparison for ETags, exact match for dates); otherwise send everything.
@@ -899,7 +1156,11 @@ async fn serve_file(shared: &Arc<Shared>, job_id: u64, index: usize, storage: bo
                 None => true,
                 Some(validator) => validator == etag || validator == last_modified,
             };
-            if still_valid { RangeRequest::From(start) } else { RangeRequest::Whole }
+            if still_valid {
+                RangeRequest::From(start)
+            } else {
+                RangeRequest::Whole
+            }
         }
     };
     let start = match range {
@@ -913,12 +1174,23 @@ async fn serve_file(shared: &Arc<Shared>, job_id: u64, index: usize, storage: bo
         return response;
     }
     let gzip = matches!(range, RangeRequest::Whole)
-        && header(headers, "accept-encoding").is_some_and(|v| v.split(',').any(|e| e.trim().split(';').next() == Some("gzip")));
-    let status = if start > 0 { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+        && header(headers, "accept-encoding")
+            .is_some_and(|v| v.split(',').any(|e| e.trim().split(';').next() == Some("gzip")));
+    let status = if start > 0 {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
     record_file(shared, job_id, index, storage, headers, status.as_u16());
     let mut handle = match tokio::fs::File::open(&file.path).await {
         Ok(handle) => handle,
-        Err(e) => return outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", &format!("cannot open export file: {e}")),
+        Err(e) => {
+            return outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                &format!("cannot open export file: {e}"),
+            );
+        }
     };
     if start > 0 && handle.seek(std::io::SeekFrom::Start(start)).await.is_err() {
         return outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", "seek failed");
@@ -927,7 +1199,11 @@ async fn serve_file(shared: &Arc<Shared>, job_id: u64, index: usize, storage: bo
         remaining: file.bytes - start,
         sent: 0,
         cut_after: faults_cut,
-        change_after: if file.kind == FileKind::Output { change_after } else { None },
+        change_after: if file.kind == FileKind::Output {
+            change_after
+        } else {
+            None
+        },
         gzip: gzip.then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())),
         shared: Arc::clone(shared),
         job: job_id,
@@ -953,7 +1229,11 @@ async fn serve_file(shared: &Arc<Shared>, job_id: u64, index: usize, storage: bo
         set_header(&mut response, "etag", &etag);
         set_header(&mut response, "content-length", &(file.bytes - start).to_string());
         if start > 0 {
-            set_header(&mut response, "content-range", &format!("bytes {start}-{}/{}", file.bytes - 1, file.bytes));
+            set_header(
+                &mut response,
+                "content-range",
+                &format!("bytes {start}-{}/{}", file.bytes - 1, file.bytes),
+            );
         }
     }
     response
@@ -1047,7 +1327,9 @@ impl StreamPlan {
             };
             let population = Population::new(shared.config.seed, shared.config.patients);
             let dir = shared.spool_dir.join(format!("job-{job}"));
-            let Ok(next) = spool::respool(population, &params, &members, &dir, &file, shared.now_wall()) else { return };
+            let Ok(next) = spool::respool(population, &params, &members, &dir, &file, shared.now_wall()) else {
+                return;
+            };
             let mut state = shared.lock();
             if let Some(job) = state.jobs.get_mut(&job)
                 && let JobState::Ready(files) = &mut job.state

@@ -120,7 +120,7 @@ impl Job {
 /// The patients a job covers, in order.
 pub(crate) fn members(level: &Level, patients: u32, explicit: &Option<Vec<u32>>) -> Vec<u32> {
     let in_scope = |p: u32| match level {
-        Level::Group(id) if id == "even" => p % 2 == 0,
+        Level::Group(id) if id == "even" => p.is_multiple_of(2),
         _ => true,
     };
     match explicit {
@@ -156,16 +156,33 @@ fn keep_for(elements: &[String], kind: &str) -> Option<Vec<String>> {
 }
 
 fn passes(params: &ExportParams, kind: &str, last_updated: i64, status: Option<&str>) -> bool {
-    if params.since.is_some_and(|since| last_updated <= since) || params.until.is_some_and(|until| last_updated >= until) {
+    if params.since.is_some_and(|since| last_updated <= since)
+        || params.until.is_some_and(|until| last_updated >= until)
+    {
         return false;
     }
-    let filters: Vec<&Vec<String>> = params.type_filters.iter().filter(|(t, _)| t == kind).map(|(_, v)| v).collect();
-    filters.is_empty() || filters.iter().any(|allowed| status.is_some_and(|s| allowed.iter().any(|a| a == s)))
+    let filters: Vec<&Vec<String>> = params
+        .type_filters
+        .iter()
+        .filter(|(t, _)| t == kind)
+        .map(|(_, v)| v)
+        .collect();
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|allowed| status.is_some_and(|s| allowed.iter().any(|a| a == s)))
 }
 
 /// Writes the lines of one file (output of `kind`, or organized-by-patient when `kind` is
 /// `None`) for `members`, calling `line` for each.
-fn render(population: &Population, params: &ExportParams, kind: Option<&str>, members: &[u32], version: u32, out: &mut dyn FnMut(&[u8])) {
+fn render(
+    population: &Population,
+    params: &ExportParams,
+    kind: Option<&str>,
+    members: &[u32],
+    version: u32,
+    out: &mut dyn FnMut(&[u8]),
+) {
     let mut buffer = Vec::with_capacity(2048);
     for &patient in members {
         match kind {
@@ -269,13 +286,31 @@ pub(crate) fn build(
             let mut resources = 0u64;
             while end < members.len() && (resources < max_per_file || end == start) {
                 let mut n = 0u64;
-                render(&population, params, kind.as_deref(), &members[end..end + 1], 1, &mut |_| n += 1);
+                render(
+                    &population,
+                    params,
+                    kind.as_deref(),
+                    &members[end..end + 1],
+                    1,
+                    &mut |_| n += 1,
+                );
                 resources += n;
                 end += 1;
             }
             if resources > 0 {
                 let index = files.len();
-                let file = spool_one(&population, params, &kind, members, start..end, index, dir, 1, &mut planted, now)?;
+                let file = spool_one(
+                    &population,
+                    params,
+                    &kind,
+                    members,
+                    start..end,
+                    index,
+                    dir,
+                    1,
+                    &mut planted,
+                    now,
+                )?;
                 files.push(file);
                 if let Some(kind) = &kind {
                     planted.first_done.push(kind.clone());
@@ -295,10 +330,23 @@ pub(crate) fn build(
                         .iter()
                         .map(|r| format!("{{\"request\":{{\"method\":\"DELETE\",\"url\":\"{r}\"}}}}"))
                         .collect();
-                    out(format!("{{\"resourceType\":\"Bundle\",\"type\":\"transaction\",\"entry\":[{}]}}\n", entries.join(",")).as_bytes());
+                    out(format!(
+                        "{{\"resourceType\":\"Bundle\",\"type\":\"transaction\",\"entry\":[{}]}}\n",
+                        entries.join(",")
+                    )
+                    .as_bytes());
                 }
             })?;
-            files.push(finish(index, FileKind::Deleted, Some("Bundle".into()), 0..0, path, written, 1, now));
+            files.push(finish(
+                index,
+                FileKind::Deleted,
+                Some("Bundle".into()),
+                0..0,
+                path,
+                written,
+                1,
+                now,
+            ));
         }
     }
     if !params.ignored.is_empty() {
@@ -310,7 +358,16 @@ pub(crate) fn build(
                 out(format!("{{\"resourceType\":\"OperationOutcome\",\"issue\":[{{\"severity\":\"warning\",\"code\":\"not-supported\",\"diagnostics\":\"{text}\"}}]}}\n").as_bytes());
             }
         })?;
-        files.push(finish(index, FileKind::Error, Some("OperationOutcome".into()), 0..0, path, written, 1, now));
+        files.push(finish(
+            index,
+            FileKind::Error,
+            Some("OperationOutcome".into()),
+            0..0,
+            path,
+            written,
+            1,
+            now,
+        ));
     }
     let n = files.len() as f64;
     for (i, file) in files.iter_mut().enumerate() {
@@ -320,7 +377,16 @@ pub(crate) fn build(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn finish(index: usize, kind: FileKind, resource_type: Option<String>, members: std::ops::Range<usize>, path: PathBuf, written: Written, version: u32, now: SystemTime) -> SpooledFile {
+fn finish(
+    index: usize,
+    kind: FileKind,
+    resource_type: Option<String>,
+    members: std::ops::Range<usize>,
+    path: PathBuf,
+    written: Written,
+    version: u32,
+    now: SystemTime,
+) -> SpooledFile {
     SpooledFile {
         index,
         kind,
@@ -362,29 +428,63 @@ fn spool_one(
     let kind_name = kind.clone().unwrap_or_default();
     let written = write_file(&path, |out| {
         let mut line_number = 0u64;
-        render(population, params, kind.as_deref(), &members[range.clone()], version, &mut |line| {
-            line_number += 1;
-            if malformed_at == Some(line_number) {
-                out(format!("{{\"resourceType\":\"{kind_name}\",\"id\":\"broken\",\"status\":\n").as_bytes());
-            } else if wrong_type_at == Some(line_number) {
-                out(b"{\"resourceType\":\"Patient\",\"id\":\"intruder\"}\n");
-            } else {
-                out(line);
-            }
-        });
+        render(
+            population,
+            params,
+            kind.as_deref(),
+            &members[range.clone()],
+            version,
+            &mut |line| {
+                line_number += 1;
+                if malformed_at == Some(line_number) {
+                    out(format!("{{\"resourceType\":\"{kind_name}\",\"id\":\"broken\",\"status\":\n").as_bytes());
+                } else if wrong_type_at == Some(line_number) {
+                    out(b"{\"resourceType\":\"Patient\",\"id\":\"intruder\"}\n");
+                } else {
+                    out(line);
+                }
+            },
+        );
     })?;
     let resource_type = kind.clone();
-    Ok(finish(index, FileKind::Output, resource_type, range, path, written, version, now))
+    Ok(finish(
+        index,
+        FileKind::Output,
+        resource_type,
+        range,
+        path,
+        written,
+        version,
+        now,
+    ))
 }
 
 /// Makes a new version of an output file (new `meta.versionId`, so new bytes and ETag).
-pub(crate) fn respool(population: Population, params: &ExportParams, members: &[u32], dir: &Path, file: &SpooledFile, now: SystemTime) -> std::io::Result<SpooledFile> {
+pub(crate) fn respool(
+    population: Population,
+    params: &ExportParams,
+    members: &[u32],
+    dir: &Path,
+    file: &SpooledFile,
+    now: SystemTime,
+) -> std::io::Result<SpooledFile> {
     let no_faults = Faults::default();
     let mut planted = Planted {
         faults: &no_faults,
         first_done: Vec::new(),
     };
-    let mut next = spool_one(&population, params, &file.resource_type, members, file.members.clone(), file.index, dir, file.version + 1, &mut planted, now)?;
+    let mut next = spool_one(
+        &population,
+        params,
+        &file.resource_type,
+        members,
+        file.members.clone(),
+        file.index,
+        dir,
+        file.version + 1,
+        &mut planted,
+        now,
+    )?;
     next.ready_fraction = file.ready_fraction;
     Ok(next)
 }

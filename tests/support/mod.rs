@@ -9,12 +9,12 @@ use std::time::Duration;
 use fhirhaul_common::client::FhirClient;
 use fhirhaul_common::clock::{Entropy, SystemClock};
 use fhirhaul_common::config::TenantConfig;
+use fhirhaul_common::download::DownloadSettings;
 use fhirhaul_common::export::{ExportEvent, ExportReport, ExportSettings, run_export};
 use fhirhaul_common::http::{ReqwestTransport, TransportSettings};
 use fhirhaul_common::keys::SigningAlgorithm;
 use fhirhaul_common::kickoff::{ExportRequest, ServerProfile};
 use fhirhaul_common::status::PollSettings;
-use fhirhaul_common::download::DownloadSettings;
 use fhirhaul_sim::{ClientCredentials, SimConfig, SimEhr};
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
@@ -80,10 +80,16 @@ pub fn tenant_for(sim: &SimEhr, credentials: &ClientCredentials, dir: &Path) -> 
 
 pub fn connect(tenant: &TenantConfig, cancel: &CancellationToken) -> FhirClient {
     let transport = Arc::new(ReqwestTransport::new(&TransportSettings::default()).unwrap());
-    tenant.connect(transport, Arc::new(SystemClock), Entropy::from_seed(7), cancel.clone()).unwrap()
+    tenant
+        .connect(transport, Arc::new(SystemClock), Entropy::from_seed(7), cancel.clone())
+        .unwrap()
 }
 
-pub async fn harness_with(config: SimConfig, algorithm: &'static str, adjust: impl FnOnce(&mut TenantConfig)) -> Harness {
+pub async fn harness_with(
+    config: SimConfig,
+    algorithm: &'static str,
+    adjust: impl FnOnce(&mut TenantConfig),
+) -> Harness {
     let sim = SimEhr::start(config).await.unwrap();
     let credentials = sim.new_client(algorithm);
     let dir = tempfile::tempdir().unwrap();
@@ -91,7 +97,13 @@ pub async fn harness_with(config: SimConfig, algorithm: &'static str, adjust: im
     adjust(&mut tenant);
     let cancel = CancellationToken::new();
     let client = connect(&tenant, &cancel);
-    Harness { sim, tenant, client, dir, cancel }
+    Harness {
+        sim,
+        tenant,
+        client,
+        dir,
+        cancel,
+    }
 }
 
 pub async fn harness(config: SimConfig) -> Harness {
@@ -107,11 +119,22 @@ impl Harness {
         self.export_collecting(request).await.0
     }
 
-    pub async fn export_collecting(&self, request: &ExportRequest) -> (fhirhaul_common::Result<ExportReport>, Vec<String>) {
+    pub async fn export_collecting(
+        &self,
+        request: &ExportRequest,
+    ) -> (fhirhaul_common::Result<ExportReport>, Vec<String>) {
         let mut events = Vec::new();
-        let result = run_export(&self.client, request, &self.tenant.profile, &self.tenant.export, &self.out(), self.cancel.clone(), |event| {
-            events.push(describe(&event));
-        })
+        let result = run_export(
+            &self.client,
+            request,
+            &self.tenant.profile,
+            &self.tenant.export,
+            &self.out(),
+            self.cancel.clone(),
+            |event| {
+                events.push(describe(&event));
+            },
+        )
         .await;
         (result, events)
     }
@@ -128,9 +151,13 @@ impl Harness {
             let sha = hex(&sha2::Sha256::digest(&bytes));
             assert_eq!(sha, saved.outcome.sha256, "reported hash matches the file on disk");
             let matching = served.iter().find(|s| s.sha256 == sha);
-            let served_file = matching.unwrap_or_else(|| panic!("{} matches no served file", saved.outcome.path.display()));
+            let served_file =
+                matching.unwrap_or_else(|| panic!("{} matches no served file", saved.outcome.path.display()));
             assert_eq!(served_file.bytes, bytes.len() as u64);
-            assert_eq!(served_file.count, saved.outcome.resources, "resource count equals the served count");
+            assert_eq!(
+                served_file.count, saved.outcome.resources,
+                "resource count equals the served count"
+            );
             assert_eq!(saved.outcome.count_mismatch, None);
         }
     }

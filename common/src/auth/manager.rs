@@ -63,10 +63,7 @@ impl TokenManager {
             component: "token manager",
         };
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(make(reply))
-            .await
-            .map_err(|_| unavailable())?;
+        self.commands.send(make(reply)).await.map_err(|_| unavailable())?;
         answer.await.map_err(|_| unavailable())?
     }
 }
@@ -154,7 +151,11 @@ impl Actor {
         let result = result.map(|mut token| {
             self.issued += 1;
             token.generation = self.issued;
-            tracing::debug!(generation = token.generation, lifetime_s = token.lifetime.as_secs(), "access token refreshed");
+            tracing::debug!(
+                generation = token.generation,
+                lifetime_s = token.lifetime.as_secs(),
+                "access token refreshed"
+            );
             self.current = Some(token.clone());
             token
         });

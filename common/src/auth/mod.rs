@@ -131,14 +131,16 @@ pub async fn discover(transport: &dyn HttpTransport, fhir_base: &Url) -> Result<
         grant_types_supported: raw.grant_types_supported,
         capabilities: raw.capabilities,
         token_endpoint_auth_methods_supported: raw.token_endpoint_auth_methods_supported,
-        token_endpoint_auth_signing_alg_values_supported: raw
-            .token_endpoint_auth_signing_alg_values_supported,
+        token_endpoint_auth_signing_alg_values_supported: raw.token_endpoint_auth_signing_alg_values_supported,
     };
     if !config.grant_types_supported.iter().any(|g| g == "client_credentials") {
         tracing::warn!(url = %SafeUrl::from(&url), "smart-configuration does not list the client_credentials grant; trying anyway");
     }
     if !config.token_endpoint_auth_methods_supported.is_empty()
-        && !config.token_endpoint_auth_methods_supported.iter().any(|m| m == "private_key_jwt")
+        && !config
+            .token_endpoint_auth_methods_supported
+            .iter()
+            .any(|m| m == "private_key_jwt")
     {
         tracing::warn!(url = %SafeUrl::from(&url), "smart-configuration does not list private_key_jwt; trying anyway");
     }
@@ -362,8 +364,8 @@ fn parse_token_response(body: &[u8], url: &SafeUrl, now: SystemTime) -> Result<A
         url: url.clone(),
         reason,
     };
-    let raw: RawToken = serde_json::from_slice(body)
-        .map_err(|e| protocol(format!("token response is not JSON: {e}")))?;
+    let raw: RawToken =
+        serde_json::from_slice(body).map_err(|e| protocol(format!("token response is not JSON: {e}")))?;
     let value = raw
         .access_token
         .filter(|t| !t.is_empty())
@@ -372,9 +374,7 @@ fn parse_token_response(body: &[u8], url: &SafeUrl, now: SystemTime) -> Result<A
         Some(kind) if kind.eq_ignore_ascii_case("bearer") => {}
         None => tracing::warn!(url = %url, "token response has no token_type; assuming bearer"),
         Some(other) => {
-            return Err(protocol(format!(
-                "token_type `{other}` is not supported (only bearer)"
-            )));
+            return Err(protocol(format!("token_type `{other}` is not supported (only bearer)")));
         }
     }
     let lifetime = match raw.expires_in {
