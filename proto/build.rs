@@ -2,7 +2,11 @@
 //! system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/fhirhaul/v1/common.proto", "proto/fhirhaul/v1/worker.proto", "proto/fhirhaul/v1/admin.proto"];
+    let files = [
+        "proto/fhirhaul/v1/common.proto",
+        "proto/fhirhaul/v1/worker.proto",
+        "proto/fhirhaul/v1/admin.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

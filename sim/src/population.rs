@@ -233,7 +233,9 @@ impl Population {
     /// Resources removed since `since` (for `deleted` files): a deterministic few patients
     /// lost a Condition.
     pub fn deleted_since(&self, patient: u32) -> Option<String> {
-        self.draw(patient, 99).is_multiple_of(4).then(|| format!("Condition/c{patient}-deleted"))
+        self.draw(patient, 99)
+            .is_multiple_of(4)
+            .then(|| format!("Condition/c{patient}-deleted"))
     }
 }
 

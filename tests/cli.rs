@@ -1,0 +1,94 @@
+//! The `fhirhaul` binary as a user runs it.
+
+use std::process::Command;
+
+fn fhirhaul() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fhirhaul"))
+}
+
+#[test]
+fn run_with_no_config_exports_from_the_built_in_simulated_ehr() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let output = fhirhaul()
+        .args(["run", "--patients", "30", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("done in"), "{stdout}");
+    assert!(stdout.contains("summary with SHA-256"), "{stdout}");
+    let export_dir = std::fs::read_dir(out.join("sim"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(export_dir.join("summary.json")).unwrap()).unwrap();
+    let files = summary["files"].as_array().unwrap();
+    assert!(files.len() >= 5);
+    assert!(
+        files
+            .iter()
+            .all(|f| std::path::Path::new(f["path"].as_str().unwrap()).exists())
+    );
+    assert!(summary["failed"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn keys_generate_writes_a_key_and_a_rotatable_jwks() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = fhirhaul()
+        .args(["keys", "generate", "--alg", "ES384", "--kid", "k1", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let jwks_path = dir.path().join("jwks.json");
+    let second = fhirhaul()
+        .args(["keys", "generate", "--alg", "RS384", "--kid", "k2", "--out"])
+        .arg(dir.path())
+        .arg("--add-to")
+        .arg(&jwks_path)
+        .output()
+        .unwrap();
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    let jwks: serde_json::Value = serde_json::from_slice(&std::fs::read(&jwks_path).unwrap()).unwrap();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "both keys kept for rotation");
+    assert_eq!(keys[0]["kid"], "k1");
+    assert_eq!(keys[1]["kty"], "RSA");
+    assert!(
+        keys.iter().all(|k| k.get("d").is_none()),
+        "no private members in the JWKS"
+    );
+    let pem = std::fs::read_to_string(dir.path().join("k1.pem")).unwrap();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+    let again = fhirhaul()
+        .args(["keys", "generate", "--kid", "k1", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "an existing private key is never overwritten");
+}
+
+#[test]
+fn a_bad_config_names_the_key_and_the_example_config_parses() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fhirhaul.example.toml");
+    let config = fhirhaul_common::config::Config::load(&example).unwrap();
+    assert_eq!(config.tenant[0].name, "epic-prod");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[[tenant]]\nname = \"x\"\nbase_url = \"https://e.example/fhir\"\nclient_id = \"c\"\nprivate_key = \"k.pem\"\n[tenant.export]\nconcurrency = 0\n").unwrap();
+    let output = fhirhaul().args(["run", "--config"]).arg(&path).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("tenant.x.export.concurrency"), "{stderr}");
+}
