@@ -81,6 +81,8 @@ pub struct SimConfig {
     pub grant_scope: Option<String>,
     /// Where export files are written; a temporary directory when `None`.
     pub spool_dir: Option<PathBuf>,
+    /// gzip file responses when the client offers it.
+    pub compress: bool,
 }
 
 impl Default for SimConfig {
@@ -100,6 +102,7 @@ impl Default for SimConfig {
             permission_v2: true,
             grant_scope: None,
             spool_dir: None,
+            compress: true,
         }
     }
 }

@@ -1173,7 +1173,8 @@ async fn serve_file(
         set_header(&mut response, "content-range", &format!("bytes */{}", file.bytes));
         return response;
     }
-    let gzip = matches!(range, RangeRequest::Whole)
+    let gzip = shared.config.compress
+        && matches!(range, RangeRequest::Whole)
         && header(headers, "accept-encoding")
             .is_some_and(|v| v.split(',').any(|e| e.trim().split(';').next() == Some("gzip")));
     let status = if start > 0 {
