@@ -75,22 +75,53 @@ async fn fixture(megabytes: u64, spool: &std::path::Path) -> Fixture {
         request: ExportRequest::default(),
     };
     let transport = Arc::new(ReqwestTransport::new(&TransportSettings::default()).unwrap());
-    let client = tenant.connect(transport, Arc::new(SystemClock), Entropy::from_os(), CancellationToken::new()).unwrap();
-    let request = ExportRequest { types: vec!["Observation".into()], ..Default::default() };
-    let mut backoff = fhirhaul_common::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(1), Entropy::from_os());
-    let accepted = fhirhaul_common::kickoff::kick_off(&client, &request, &ServerProfile::default(), 3, &mut backoff).await.unwrap();
-    let poll = PollSettings { min_interval: Duration::from_millis(200), max_interval: Duration::from_secs(1), ..PollSettings::default() };
+    let client = tenant
+        .connect(
+            transport,
+            Arc::new(SystemClock),
+            Entropy::from_os(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+    let request = ExportRequest {
+        types: vec!["Observation".into()],
+        ..Default::default()
+    };
+    let mut backoff =
+        fhirhaul_common::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(1), Entropy::from_os());
+    let accepted = fhirhaul_common::kickoff::kick_off(&client, &request, &ServerProfile::default(), 3, &mut backoff)
+        .await
+        .unwrap();
+    let poll = PollSettings {
+        min_interval: Duration::from_millis(200),
+        max_interval: Duration::from_secs(1),
+        ..PollSettings::default()
+    };
     let started = Instant::now();
-    let export = Poller::new(poll, &client).run(&client, &accepted.status_url, &CancellationToken::new(), |_| {}).await.unwrap();
-    eprintln!("spooled {} patients in {:.1}s", patients, started.elapsed().as_secs_f64());
+    let export = Poller::new(poll, &client)
+        .run(&client, &accepted.status_url, &CancellationToken::new(), |_| {})
+        .await
+        .unwrap();
+    eprintln!(
+        "spooled {} patients in {:.1}s",
+        patients,
+        started.elapsed().as_secs_f64()
+    );
     let file = export.files.into_iter().next().expect("one file");
     let bytes = sim.served_files(1)[0].bytes;
-    Fixture { _sim: sim, client, file, bytes, _keys: keys }
+    Fixture {
+        _sim: sim,
+        client,
+        file,
+        bytes,
+        _keys: keys,
+    }
 }
 
 /// The ceiling: same request path, same token, bytes straight to disk.
 async fn plain(fixture: &Fixture, dest: &std::path::Path) -> u64 {
-    let request = HttpRequest::new(http::Method::GET, fixture.file.url.clone()).header(http::header::ACCEPT_ENCODING, "identity");
+    let request =
+        HttpRequest::new(http::Method::GET, fixture.file.url.clone()).header(http::header::ACCEPT_ENCODING, "identity");
     let response = fixture.client.send(request, Auth::Bearer).await.unwrap();
     assert_eq!(response.status.as_u16(), 200);
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dest).unwrap());
@@ -108,7 +139,16 @@ async fn plain(fixture: &Fixture, dest: &std::path::Path) -> u64 {
 
 async fn validated(fixture: &Fixture, dest: &std::path::Path) -> u64 {
     let _ = std::fs::remove_file(dest);
-    let outcome = download_file(&fixture.client, &fixture.file, true, dest, &DownloadSettings::default(), DownloadOptions::default()).await.unwrap();
+    let outcome = download_file(
+        &fixture.client,
+        &fixture.file,
+        true,
+        dest,
+        &DownloadSettings::default(),
+        DownloadOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(outcome.resources, fixture.file.count.unwrap());
     outcome.bytes
 }
@@ -129,7 +169,10 @@ fn peak_rss_mb() -> f64 {
 
 fn main() {
     let megabytes: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1100);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async move {
         let work = tempfile::tempdir().unwrap();
         let small = fixture(megabytes / 8, &work.path().join("spool-small")).await;
@@ -156,11 +199,40 @@ fn main() {
         reset_peak_rss();
         validated(&small, &dest).await;
         let peak_small = peak_rss_mb();
-        println!("file: {:.0} MB Observation NDJSON ({} resources), loopback, uncompressed", large.bytes as f64 / 1e6, large.file.count.unwrap_or(0));
+        // The CPU cost of the checks alone, in memory on one core: a ceiling for the checks.
+        let sample = std::fs::read(&large._sim.served_files(1)[0].path).unwrap();
+        let sample = &sample[..sample.len().min(200_000_000)];
+        let started = Instant::now();
+        let mut checker = fhirhaul_common::ndjson::LineChecker::new(
+            fhirhaul_common::ndjson::Expect::Type("Observation".into()),
+            1 << 26,
+        );
+        let mut sink = |_: &[u8]| Ok(());
+        for chunk in sample.chunks(64 * 1024) {
+            checker.feed(chunk, &mut sink).unwrap();
+        }
+        let check_rate = sample.len() as f64 / started.elapsed().as_secs_f64() / 1e6;
+        let started = Instant::now();
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(sample);
+        let hash_rate = sample.len() as f64 / started.elapsed().as_secs_f64() / 1e6;
+        std::hint::black_box(digest);
+        println!(
+            "file: {:.0} MB Observation NDJSON ({} resources), loopback, uncompressed",
+            large.bytes as f64 / 1e6,
+            large.file.count.unwrap_or(0)
+        );
         println!("plain download (no validation):    {best_plain:.0} MB/s");
         println!("fhirhaul download (full checks):   {best_validated:.0} MB/s");
         println!("ratio:                             {:.2}", best_validated / best_plain);
-        println!("peak RSS, {:.0} MB file:             {peak_small:.0} MB", small.bytes as f64 / 1e6);
-        println!("peak RSS, {:.0} MB file:            {peak_large:.0} MB", large.bytes as f64 / 1e6);
+        println!("line checks alone, one core:       {check_rate:.0} MB/s");
+        println!("SHA-256 alone, one core:           {hash_rate:.0} MB/s");
+        println!(
+            "peak RSS, {:.0} MB file:             {peak_small:.0} MB",
+            small.bytes as f64 / 1e6
+        );
+        println!(
+            "peak RSS, {:.0} MB file:            {peak_large:.0} MB",
+            large.bytes as f64 / 1e6
+        );
     });
 }

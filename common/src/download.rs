@@ -48,7 +48,8 @@ pub struct DownloadSettings {
     pub backoff_max: Duration,
     /// Longest NDJSON line accepted.
     pub max_line_bytes: usize,
-    /// Sync the partial file and publish a checkpoint every this many bytes.
+    /// Sync the partial file and publish a checkpoint every this many bytes (only when
+    /// someone receives checkpoints).
     pub checkpoint_every_bytes: u64,
 }
 
@@ -59,7 +60,7 @@ impl Default for DownloadSettings {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             max_line_bytes: 64 * 1024 * 1024,
-            checkpoint_every_bytes: 8 * 1024 * 1024,
+            checkpoint_every_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -498,11 +499,68 @@ struct Stats {
 /// Bytes a gzip decoder has produced but the checker has not taken yet.
 type Decoded = Vec<u8>;
 
+/// SHA-256 on its own thread, so hashing overlaps with checking and writing (either alone
+/// is a large share of the per-byte cost; see docs/benchmarks.md).
+struct HashPipe {
+    sender: Option<std::sync::mpsc::SyncSender<HashMessage>>,
+    thread: Option<std::thread::JoinHandle<Sha256>>,
+}
+
+enum HashMessage {
+    Data(Bytes),
+    Reset,
+}
+
+impl HashPipe {
+    fn start(mut hasher: Sha256) -> HashPipe {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<HashMessage>(64);
+        let thread = std::thread::Builder::new()
+            .name("fhirhaul-sha256".into())
+            .spawn(move || {
+                for message in receiver {
+                    match message {
+                        HashMessage::Data(bytes) => hasher.update(&bytes),
+                        HashMessage::Reset => hasher = Sha256::new(),
+                    }
+                }
+                hasher
+            })
+            .ok();
+        HashPipe {
+            sender: Some(sender),
+            thread,
+        }
+    }
+
+    fn send(&self, message: HashMessage) -> std::io::Result<()> {
+        match &self.sender {
+            Some(sender) => sender
+                .send(message)
+                .map_err(|_| std::io::Error::other("the hashing thread stopped")),
+            None => Err(std::io::Error::other("the hashing thread stopped")),
+        }
+    }
+
+    fn update(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.send(HashMessage::Data(Bytes::copy_from_slice(bytes)))
+    }
+
+    fn finish(mut self) -> std::io::Result<String> {
+        drop(self.sender.take());
+        let hasher = self
+            .thread
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .ok_or_else(|| std::io::Error::other("the hashing thread could not start or panicked"))?;
+        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
+
 /// The blocking side: owns the `.part` file, the hasher and the line checker.
 struct Writer {
     path: PathBuf,
     out: BufWriter<File>,
-    hasher: Sha256,
+    hasher: HashPipe,
     written: u64,
     checker: LineChecker,
     gzip: Option<flate2::write::GzDecoder<Decoded>>,
@@ -564,7 +622,7 @@ impl Writer {
         Ok(Writer {
             path,
             out: BufWriter::with_capacity(1 << 20, file),
-            hasher,
+            hasher: HashPipe::start(hasher),
             written: resume.offset,
             checker,
             gzip: None,
@@ -612,7 +670,9 @@ impl Writer {
             file.set_len(0).map_err(|e| Error::io("truncating", &self.path, e))?;
             file.seek(std::io::SeekFrom::Start(0))
                 .map_err(|e| Error::io("seeking", &self.path, e))?;
-            self.hasher = Sha256::new();
+            self.hasher
+                .send(HashMessage::Reset)
+                .map_err(|e| self.io_error("hashing", e))?;
             self.written = 0;
             self.last_checkpoint = 0;
             self.checker.resume_from(0, 0);
@@ -634,8 +694,11 @@ impl Writer {
         }
     }
 
-    /// Checks decoded bytes and writes the whole lines.
-    fn take_decoded(&mut self, decoded: &[u8]) -> Result<()> {
+    /// Runs the line checker with a sink that hashes, counts and writes what it passes on.
+    fn check_and_write(
+        &mut self,
+        step: impl FnOnce(&mut LineChecker, &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> Result<(), FeedError>,
+    ) -> Result<()> {
         let Writer {
             out,
             hasher,
@@ -644,12 +707,17 @@ impl Writer {
             ..
         } = self;
         let mut sink = |bytes: &[u8]| {
-            hasher.update(bytes);
+            hasher.update(bytes)?;
             *written += bytes.len() as u64;
             out.write_all(bytes)
         };
-        let result = checker.feed(decoded, &mut sink);
+        let result = step(checker, &mut sink);
         result.map_err(|e| self.content_error(e))
+    }
+
+    /// Checks decoded bytes and writes the whole lines.
+    fn take_decoded(&mut self, decoded: &[u8]) -> Result<()> {
+        self.check_and_write(|checker, sink| checker.feed(decoded, sink))
     }
 
     fn data(&mut self, chunk: &[u8]) -> Result<()> {
@@ -675,7 +743,9 @@ impl Writer {
             progress.bytes.store(self.written, Ordering::Relaxed);
             progress.resources.store(self.checker.resources(), Ordering::Relaxed);
         }
-        if self.written - self.last_checkpoint >= self.checkpoint_every {
+        // Mid-file durability points matter only to someone who records them (a worker's
+        // checkpoint store); without one, syncing here would only slow the download.
+        if self.checkpoints.is_some() && self.written - self.last_checkpoint >= self.checkpoint_every {
             self.sync_checkpoint()?;
         }
         Ok(())
@@ -713,20 +783,7 @@ impl Writer {
                 })?;
                 self.take_decoded(&decoded)?;
             }
-            let Writer {
-                out,
-                hasher,
-                written,
-                checker,
-                ..
-            } = self;
-            let mut sink = |bytes: &[u8]| {
-                hasher.update(bytes);
-                *written += bytes.len() as u64;
-                out.write_all(bytes)
-            };
-            let result = checker.finish(&mut sink);
-            result.map_err(|e| self.content_error(e))?;
+            self.check_and_write(|checker, sink| checker.finish(sink))?;
         } else {
             self.gzip = None;
             self.checker.discard_partial();
@@ -737,7 +794,7 @@ impl Writer {
 
     fn finish(mut self) -> Result<Stats> {
         self.sync_checkpoint()?;
-        let sha256 = self.hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = self.hasher.finish().map_err(|e| Error::io("hashing", &self.path, e))?;
         Ok(Stats {
             bytes: self.written,
             resources: self.checker.resources(),

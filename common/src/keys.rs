@@ -298,6 +298,21 @@ mod tests {
     }
 
     #[test]
+    fn pkcs1_rsa_key_is_accepted_and_small_rsa_keys_are_not() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        let (_, pkcs8) = SigningKey::generate(SigningAlgorithm::RS384, None).unwrap();
+        let key = rsa::RsaPrivateKey::from_pkcs8_pem(&pkcs8).unwrap();
+        let pkcs1 = key.to_pkcs1_pem(LineEnding::LF).unwrap();
+        assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+        let loaded = SigningKey::from_pem(&pkcs1, None, None).unwrap();
+        assert_eq!(loaded.algorithm(), SigningAlgorithm::RS384);
+        assert_eq!(loaded.public_jwk()["kty"], "RSA");
+        let small = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
+        let error = SigningKey::from_pem(&small.to_pkcs1_pem(LineEnding::LF).unwrap(), None, None).unwrap_err();
+        assert!(error.to_string().contains("1024 bits"), "{error}");
+    }
+
+    #[test]
     fn algorithm_mismatch_and_garbage_are_named() {
         let (_, pem) = SigningKey::generate(SigningAlgorithm::ES384, None).unwrap();
         let error = SigningKey::from_pem(&pem, Some(SigningAlgorithm::RS384), None).unwrap_err();

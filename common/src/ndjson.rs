@@ -117,7 +117,7 @@ impl LineChecker {
     }
 
     /// Checks `data`, passing every whole, valid line to `sink` in order.
-    pub fn feed(&mut self, data: &[u8], sink: &mut impl FnMut(&[u8]) -> std::io::Result<()>) -> Result<(), FeedError> {
+    pub fn feed(&mut self, data: &[u8], sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> Result<(), FeedError> {
         let mut rest = data;
         if !self.partial.is_empty() {
             match memchr::memchr(b'\n', rest) {
@@ -149,7 +149,7 @@ impl LineChecker {
     }
 
     /// The body ended: a last line without a final newline is checked and passed on.
-    pub fn finish(&mut self, sink: &mut impl FnMut(&[u8]) -> std::io::Result<()>) -> Result<(), FeedError> {
+    pub fn finish(&mut self, sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> Result<(), FeedError> {
         if self.partial.is_empty() {
             return Ok(());
         }
