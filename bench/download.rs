@@ -153,6 +153,15 @@ async fn validated(fixture: &Fixture, dest: &std::path::Path) -> u64 {
     outcome.bytes
 }
 
+/// CPU seconds this process has used (user + system), from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
@@ -183,16 +192,22 @@ fn main() {
         let mut peak_large = 0f64;
         for round in 1..=2 {
             let started = Instant::now();
+            let cpu = cpu_seconds();
             let bytes = plain(&large, &dest).await;
             let plain_rate = bytes as f64 / started.elapsed().as_secs_f64() / 1e6;
+            let plain_cores = (cpu_seconds() - cpu) / started.elapsed().as_secs_f64();
             std::fs::remove_file(&dest).unwrap();
             reset_peak_rss();
             let started = Instant::now();
+            let cpu = cpu_seconds();
             let bytes = validated(&large, &dest).await;
             let validated_rate = bytes as f64 / started.elapsed().as_secs_f64() / 1e6;
+            let validated_cores = (cpu_seconds() - cpu) / started.elapsed().as_secs_f64();
             peak_large = peak_large.max(peak_rss_mb());
             std::fs::remove_file(&dest).unwrap();
-            eprintln!("round {round}: plain {plain_rate:.0} MB/s, fhirhaul {validated_rate:.0} MB/s");
+            eprintln!(
+                "round {round}: plain {plain_rate:.0} MB/s using {plain_cores:.2} cores, fhirhaul {validated_rate:.0} MB/s using {validated_cores:.2} cores"
+            );
             best_plain = best_plain.max(plain_rate);
             best_validated = best_validated.max(validated_rate);
         }
