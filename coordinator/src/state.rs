@@ -15,9 +15,16 @@ use serde::{Deserialize, Serialize};
 pub enum Command {
     /// A worker joined (or re-joined after a restart: its old leases go back to pending,
     /// marked as preferring it so it can resume its own partial files).
-    RegisterWorker { worker_id: String, concurrency: u32, at_ms: u64 },
+    RegisterWorker {
+        worker_id: String,
+        concurrency: u32,
+        at_ms: u64,
+    },
     /// A worker is alive.
-    Heartbeat { worker_id: String, at_ms: u64 },
+    Heartbeat {
+        worker_id: String,
+        at_ms: u64,
+    },
     /// A new export job; nothing has been sent to the EHR yet.
     SubmitJob {
         tenant: String,
@@ -26,7 +33,10 @@ pub enum Command {
         at_ms: u64,
     },
     /// The EHR accepted the kick-off: from now on the job is polled, never kicked off again.
-    KickedOff { job_id: String, status_url: String },
+    KickedOff {
+        job_id: String,
+        status_url: String,
+    },
     /// Files from a (partial or final) manifest page. Already-known URLs are ignored.
     AddFiles {
         job_id: String,
@@ -34,10 +44,18 @@ pub enum Command {
         requires_access_token: bool,
     },
     /// The final manifest (every page) has been added.
-    ManifestComplete { job_id: String, transaction_time: String },
+    ManifestComplete {
+        job_id: String,
+        transaction_time: String,
+    },
     /// Kick-off or polling failed for good.
-    JobFailed { job_id: String, reason: String },
-    CancelJob { job_id: String },
+    JobFailed {
+        job_id: String,
+        reason: String,
+    },
+    CancelJob {
+        job_id: String,
+    },
     /// Give a pending file to a worker.
     GrantLease {
         job_id: String,
@@ -70,9 +88,14 @@ pub enum Command {
         released: bool,
     },
     /// The lease ran out without renewal: the file goes back to pending.
-    ExpireLease { lease_id: u64, generation: u64 },
+    ExpireLease {
+        lease_id: u64,
+        generation: u64,
+    },
     /// The EHR's status URL was DELETEd after completion.
-    StatusDeleted { job_id: String },
+    StatusDeleted {
+        job_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,7 +195,11 @@ impl Job {
         if self.phase.is_final() || !self.manifest_complete {
             return;
         }
-        if self.files.iter().all(|f| matches!(f.phase, FilePhase::Done | FilePhase::Failed)) {
+        if self
+            .files
+            .iter()
+            .all(|f| matches!(f.phase, FilePhase::Done | FilePhase::Failed))
+        {
             self.phase = JobPhase::Completed;
         }
     }
@@ -199,11 +226,15 @@ pub struct LeaseGrant {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Applied {
     Done,
-    JobSubmitted { job_id: String },
+    JobSubmitted {
+        job_id: String,
+    },
     LeaseGranted(LeaseGrant),
     /// The command was valid when proposed but not when applied (a stale lease, a job
     /// already finished); state is unchanged.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// Where a lease lives.
@@ -243,8 +274,9 @@ impl State {
                     .leases
                     .iter()
                     .filter(|(_, at)| {
-                        self.file(at)
-                            .is_some_and(|f| matches!(&f.phase, FilePhase::Leased { worker_id: w, .. } if *w == worker_id))
+                        self.file(at).is_some_and(
+                            |f| matches!(&f.phase, FilePhase::Leased { worker_id: w, .. } if *w == worker_id),
+                        )
                     })
                     .map(|(id, _)| *id)
                     .collect();
@@ -420,7 +452,13 @@ impl State {
                     worker_id,
                     expires_at_ms,
                 };
-                self.leases.insert(lease_id, LeaseIndex { job_id: job_id.clone(), file });
+                self.leases.insert(
+                    lease_id,
+                    LeaseIndex {
+                        job_id: job_id.clone(),
+                        file,
+                    },
+                );
                 Applied::LeaseGranted(LeaseGrant {
                     lease_id,
                     generation: record.generation,
@@ -439,7 +477,10 @@ impl State {
                     Ok(record) => record,
                     Err(refusal) => return refusal,
                 };
-                if let FilePhase::Leased { expires_at_ms: expiry, .. } = &mut record.phase {
+                if let FilePhase::Leased {
+                    expires_at_ms: expiry, ..
+                } = &mut record.phase
+                {
                     *expiry = expires_at_ms;
                 }
                 record.progress = progress;
@@ -489,7 +530,12 @@ impl State {
                     _ => None,
                 };
                 let attempts = record.attempts;
-                let job_max = self.leases.get(&lease_id).and_then(|at| self.jobs.get(&at.job_id)).map(|j| j.max_file_attempts).unwrap_or(1);
+                let job_max = self
+                    .leases
+                    .get(&lease_id)
+                    .and_then(|at| self.jobs.get(&at.job_id))
+                    .map(|j| j.max_file_attempts)
+                    .unwrap_or(1);
                 if released || (retryable && attempts < job_max) {
                     self.release(lease_id, if released { worker } else { None });
                 } else {
@@ -530,10 +576,14 @@ impl State {
     /// The file a live lease is on, if `generation` is its current one (fencing).
     fn current_lease(&mut self, lease_id: u64, generation: u64) -> Result<&mut FileRecord, Applied> {
         let Some(record) = self.lease_file_mut(lease_id) else {
-            return Err(refused(format!("lease {lease_id} is not live (expired, finished or unknown)")));
+            return Err(refused(format!(
+                "lease {lease_id} is not live (expired, finished or unknown)"
+            )));
         };
         match &record.phase {
-            FilePhase::Leased { lease_id: current, .. } if *current == lease_id && record.generation == generation => Ok(record),
+            FilePhase::Leased { lease_id: current, .. } if *current == lease_id && record.generation == generation => {
+                Ok(record)
+            }
             _ => Err(refused(format!(
                 "lease {lease_id} generation {generation} is stale (the file is at generation {})",
                 record.generation
@@ -617,7 +667,12 @@ impl State {
     /// Lets files that prefer a worker which has not been seen since `stale_before_ms` go
     /// to anyone.
     pub fn forget_preferences_of_absent_workers(&mut self, stale_before_ms: u64) {
-        let absent: Vec<String> = self.workers.values().filter(|w| w.last_seen_ms < stale_before_ms).map(|w| w.id.clone()).collect();
+        let absent: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| w.last_seen_ms < stale_before_ms)
+            .map(|w| w.id.clone())
+            .collect();
         for job in self.jobs.values_mut() {
             for file in &mut job.files {
                 if file.preferred_worker.as_ref().is_some_and(|w| absent.contains(w)) {
@@ -704,17 +759,33 @@ mod tests {
         });
         let job = &state.jobs[&job_id];
         let names: Vec<&str> = job.files.iter().map(|f| f.relative_path.as_str()).collect();
-        assert_eq!(names, ["job-1/Patient.1.ndjson", "job-1/Patient.2.ndjson", "job-1/Patient.3.ndjson"]);
+        assert_eq!(
+            names,
+            [
+                "job-1/Patient.1.ndjson",
+                "job-1/Patient.2.ndjson",
+                "job-1/Patient.3.ndjson"
+            ]
+        );
     }
 
     #[test]
     fn a_stale_generation_cannot_complete_or_renew() {
         let (mut state, job_id) = state_with_job(1);
         let first = grant(&mut state, &job_id, 0, "w1");
-        assert_eq!(state.apply(Command::ExpireLease { lease_id: first.lease_id, generation: first.generation }), Applied::Done);
+        assert_eq!(
+            state.apply(Command::ExpireLease {
+                lease_id: first.lease_id,
+                generation: first.generation
+            }),
+            Applied::Done
+        );
         let second = grant(&mut state, &job_id, 0, "w2");
         assert_eq!(second.generation, first.generation + 1);
-        assert!(matches!(state.apply(complete(&first)), Applied::Refused { .. }), "the presumed-dead worker is fenced off");
+        assert!(
+            matches!(state.apply(complete(&first)), Applied::Refused { .. }),
+            "the presumed-dead worker is fenced off"
+        );
         let renew = Command::RenewLease {
             lease_id: first.lease_id,
             generation: first.generation,
@@ -740,7 +811,11 @@ mod tests {
             retryable: false,
             released: false,
         });
-        assert_eq!(state.jobs[&job_id].phase, JobPhase::Polling, "the manifest is not complete yet");
+        assert_eq!(
+            state.jobs[&job_id].phase,
+            JobPhase::Polling,
+            "the manifest is not complete yet"
+        );
         state.apply(Command::ManifestComplete {
             job_id: job_id.clone(),
             transaction_time: "2024-01-01T00:00:00Z".into(),
@@ -785,7 +860,11 @@ mod tests {
         });
         assert_eq!(state.jobs[&job_id].files[2].phase, FilePhase::Pending);
         assert_eq!(state.next_file_for("w1", 10), Some((job_id.clone(), 2)));
-        assert_eq!(state.next_file_for("w2", 10), Some((job_id.clone(), 0)), "others take other files");
+        assert_eq!(
+            state.next_file_for("w2", 10),
+            Some((job_id.clone(), 0)),
+            "others take other files"
+        );
         state.forget_preferences_of_absent_workers(100);
         assert_eq!(state.jobs[&job_id].files[2].preferred_worker, None);
     }

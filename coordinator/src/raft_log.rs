@@ -1,0 +1,418 @@
+//! The raft node actor. One task owns the raft-rs `RawNode` and the state machine, and
+//! follows raft-rs's documented Ready order: apply committed entries, persist new entries
+//! and the hard state to sled (off the async threads), advance, apply what the light ready
+//! committed. A proposal's reply waits until its entry is committed and applied, so a
+//! caller never sees a change that is not in the log.
+//!
+//! The log lives in sled (tree `raft`: `hs`, `cs`, `e/<index>`); a restarted node reloads
+//! it and replays every committed entry into a fresh state machine. Single voter for now:
+//! the multi-coordinator group adds peers, snapshots and compaction.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState};
+use raft::storage::MemStorage;
+use raft::{Config, RawNode, StateRole};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{Applied, Command, State};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RaftError {
+    #[error("this coordinator is not the leader")]
+    NotLeader { leader: Option<u64> },
+    #[error("raft storage failed: {0}")]
+    Storage(String),
+    #[error("the raft node has stopped")]
+    Stopped,
+}
+
+type Reply = oneshot::Sender<Result<Applied, RaftError>>;
+type ReadFn = Box<dyn FnOnce(&State) + Send>;
+
+enum Message {
+    Propose { command: Command, reply: Reply },
+    Read(ReadFn),
+}
+
+/// Handle to the raft node actor.
+#[derive(Clone)]
+pub struct RaftHandle {
+    messages: mpsc::Sender<Message>,
+    applied: watch::Receiver<u64>,
+    role: watch::Receiver<bool>,
+}
+
+impl RaftHandle {
+    /// Proposes a command and waits until it is committed and applied.
+    pub async fn propose(&self, command: Command) -> Result<Applied, RaftError> {
+        let (reply, answer) = oneshot::channel();
+        self.messages
+            .send(Message::Propose { command, reply })
+            .await
+            .map_err(|_| RaftError::Stopped)?;
+        answer.await.map_err(|_| RaftError::Stopped)?
+    }
+
+    /// Runs `read` against the applied state, inside the actor (no copy of the state).
+    pub async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&State) -> T + Send + 'static,
+    ) -> Result<T, RaftError> {
+        let (reply, answer) = oneshot::channel();
+        let wrapped: ReadFn = Box::new(move |state| {
+            let _ = reply.send(read(state));
+        });
+        self.messages
+            .send(Message::Read(wrapped))
+            .await
+            .map_err(|_| RaftError::Stopped)?;
+        answer.await.map_err(|_| RaftError::Stopped)
+    }
+
+    /// Changes whenever an entry is applied (for watchers).
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// `true` while this node is the leader.
+    pub fn leadership(&self) -> watch::Receiver<bool> {
+        self.role.clone()
+    }
+}
+
+/// The raft log in sled.
+#[derive(Clone)]
+struct SledLog {
+    tree: sled::Tree,
+}
+
+fn entry_key(index: u64) -> Vec<u8> {
+    let mut key = b"e/".to_vec();
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn storage_error(error: impl std::fmt::Display) -> RaftError {
+    RaftError::Storage(error.to_string())
+}
+
+impl SledLog {
+    fn open(dir: &Path) -> Result<SledLog, RaftError> {
+        let db = sled::open(dir.join("raft")).map_err(storage_error)?;
+        Ok(SledLog {
+            tree: db.open_tree("raft").map_err(storage_error)?,
+        })
+    }
+
+    /// Loads everything into a MemStorage (the in-memory view raft-rs reads).
+    fn load(&self, node_id: u64) -> Result<MemStorage, RaftError> {
+        let storage = MemStorage::new();
+        let conf_state = match self.tree.get("cs").map_err(storage_error)? {
+            Some(bytes) => ConfState::parse_from_bytes(&bytes).map_err(storage_error)?,
+            None => {
+                let mut conf_state = ConfState::default();
+                conf_state.voters = vec![node_id];
+                self.tree
+                    .insert("cs", conf_state.write_to_bytes().map_err(storage_error)?)
+                    .map_err(storage_error)?;
+                conf_state
+            }
+        };
+        let mut entries = Vec::new();
+        for item in self.tree.scan_prefix(b"e/") {
+            let (_, bytes) = item.map_err(storage_error)?;
+            entries.push(Entry::parse_from_bytes(&bytes).map_err(storage_error)?);
+        }
+        let mut core = storage.wl();
+        core.set_conf_state(conf_state);
+        core.append(&entries).map_err(storage_error)?;
+        if let Some(bytes) = self.tree.get("hs").map_err(storage_error)? {
+            core.set_hardstate(HardState::parse_from_bytes(&bytes).map_err(storage_error)?);
+        }
+        drop(core);
+        Ok(storage)
+    }
+
+    /// Persists new entries (replacing any conflicting tail) and the hard state, durably.
+    fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), RaftError> {
+        let mut batch = sled::Batch::default();
+        if let Some(first) = entries.first() {
+            for stale in self.tree.range(entry_key(first.index)..entry_key(u64::MAX)) {
+                let (key, _) = stale.map_err(storage_error)?;
+                batch.remove(key);
+            }
+        }
+        for entry in entries {
+            batch.insert(entry_key(entry.index), entry.write_to_bytes().map_err(storage_error)?);
+        }
+        if let Some(hard_state) = hard_state {
+            batch.insert("hs", hard_state.write_to_bytes().map_err(storage_error)?);
+        }
+        self.tree.apply_batch(batch).map_err(storage_error)?;
+        self.tree.flush().map_err(storage_error)?;
+        Ok(())
+    }
+}
+
+/// Settings of the raft node.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub node_id: u64,
+    pub tick: Duration,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            node_id: 1,
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Starts the raft node actor over the log in `dir`.
+pub fn start(dir: &Path, settings: RaftSettings, cancel: CancellationToken) -> Result<RaftHandle, RaftError> {
+    let log = SledLog::open(dir)?;
+    let storage = log.load(settings.node_id)?;
+    let config = Config {
+        id: settings.node_id,
+        election_tick: 10,
+        heartbeat_tick: 3,
+        applied: 0,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    config.validate().map_err(storage_error)?;
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let mut node = RawNode::new(&config, storage, &logger).map_err(storage_error)?;
+    // A single voter elects itself at once.
+    node.campaign().map_err(storage_error)?;
+    let (messages, receiver) = mpsc::channel(256);
+    let (applied_tx, applied) = watch::channel(0);
+    let (role_tx, role) = watch::channel(false);
+    let actor = Actor {
+        node,
+        log: Arc::new(log),
+        state: State::default(),
+        waiting: BTreeMap::new(),
+        next_request: 0,
+        applied: applied_tx,
+        role: role_tx,
+    };
+    tokio::spawn(actor.run(receiver, settings.tick, cancel));
+    Ok(RaftHandle {
+        messages,
+        applied,
+        role,
+    })
+}
+
+struct Actor {
+    node: RawNode<MemStorage>,
+    log: Arc<SledLog>,
+    state: State,
+    waiting: BTreeMap<u64, Reply>,
+    next_request: u64,
+    applied: watch::Sender<u64>,
+    role: watch::Sender<bool>,
+}
+
+impl Actor {
+    async fn run(mut self, mut messages: mpsc::Receiver<Message>, tick: Duration, cancel: CancellationToken) {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                message = messages.recv() => match message {
+                    Some(Message::Propose { command, reply }) => self.propose(command, reply),
+                    Some(Message::Read(read)) => read(&self.state),
+                    None => break,
+                },
+                _ = ticker.tick() => {
+                    self.node.tick();
+                }
+            }
+            if let Err(error) = self.on_ready().await {
+                tracing::error!(%error, "raft storage failed; stopping the node");
+                break;
+            }
+        }
+        for (_, reply) in std::mem::take(&mut self.waiting) {
+            let _ = reply.send(Err(RaftError::Stopped));
+        }
+    }
+
+    fn propose(&mut self, command: Command, reply: Reply) {
+        if self.node.raft.state != StateRole::Leader {
+            let leader = Some(self.node.raft.leader_id).filter(|id| *id != 0);
+            let _ = reply.send(Err(RaftError::NotLeader { leader }));
+            return;
+        }
+        let data = match serde_json::to_vec(&command) {
+            Ok(data) => data,
+            Err(error) => {
+                let _ = reply.send(Err(storage_error(error)));
+                return;
+            }
+        };
+        self.next_request += 1;
+        let request = self.next_request;
+        match self.node.propose(request.to_be_bytes().to_vec(), data) {
+            Ok(()) => {
+                self.waiting.insert(request, reply);
+            }
+            Err(error) => {
+                let _ = reply.send(Err(RaftError::NotLeader { leader: None }).map_err(|e| {
+                    tracing::debug!(%error, "proposal dropped");
+                    e
+                }));
+            }
+        }
+    }
+
+    async fn on_ready(&mut self) -> Result<(), RaftError> {
+        let is_leader = self.node.raft.state == StateRole::Leader;
+        self.role
+            .send_if_modified(|leader| std::mem::replace(leader, is_leader) != is_leader);
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        // Step 1: messages to peers (none with one voter).
+        debug_assert!(ready.messages().is_empty(), "a single voter sends no messages");
+        // Steps 2-3: snapshot (none yet) and committed entries.
+        self.apply_entries(ready.take_committed_entries());
+        // Steps 4-5: persist entries and hard state before going on.
+        let entries = ready.entries().clone();
+        let hard_state = ready.hs().cloned();
+        if !entries.is_empty() || hard_state.is_some() {
+            let log = Arc::clone(&self.log);
+            let to_persist = entries.clone();
+            let persisted_hs = hard_state.clone();
+            tokio::task::spawn_blocking(move || log.persist(&to_persist, persisted_hs.as_ref()))
+                .await
+                .map_err(storage_error)??;
+            let mut core = self.node.mut_store().wl();
+            core.append(&entries).map_err(storage_error)?;
+            if let Some(hard_state) = hard_state {
+                core.set_hardstate(hard_state);
+            }
+        }
+        // Steps 6-7: advance, then what the light ready committed.
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut hard_state = self.node.store().rl().hard_state().clone();
+            hard_state.commit = commit;
+            let log = Arc::clone(&self.log);
+            let persisted = hard_state.clone();
+            tokio::task::spawn_blocking(move || log.persist(&[], Some(&persisted)))
+                .await
+                .map_err(storage_error)??;
+            self.node.mut_store().wl().set_hardstate(hard_state);
+        }
+        self.apply_entries(light.take_committed_entries());
+        self.node.advance_apply();
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
+                // The empty entry a new leader appends; conf changes come with membership.
+                continue;
+            }
+            let result = match serde_json::from_slice::<Command>(&entry.data) {
+                Ok(command) => Ok(self.state.apply(command)),
+                Err(error) => Err(storage_error(format!(
+                    "entry {} is not a command: {error}",
+                    entry.index
+                ))),
+            };
+            if entry.context.len() == 8 {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&entry.context);
+                if let Some(reply) = self.waiting.remove(&u64::from_be_bytes(id)) {
+                    let _ = reply.send(result);
+                }
+            }
+            self.applied.send_replace(entry.index);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Applied, Command};
+    use fhirhaul_common::kickoff::ExportRequest;
+
+    async fn leader(dir: &Path, cancel: &CancellationToken) -> RaftHandle {
+        let handle = start(
+            dir,
+            RaftSettings {
+                node_id: 1,
+                tick: Duration::from_millis(10),
+            },
+            cancel.clone(),
+        )
+        .unwrap();
+        let mut role = handle.leadership();
+        tokio::time::timeout(Duration::from_secs(5), role.wait_for(|leader| *leader))
+            .await
+            .unwrap()
+            .unwrap();
+        handle
+    }
+
+    fn submit() -> Command {
+        Command::SubmitJob {
+            tenant: "t".into(),
+            request: ExportRequest::default(),
+            max_file_attempts: 3,
+            at_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn committed_commands_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let raft = leader(dir.path(), &cancel).await;
+        assert_eq!(
+            raft.propose(submit()).await.unwrap(),
+            Applied::JobSubmitted { job_id: "job-1".into() }
+        );
+        raft.propose(Command::KickedOff {
+            job_id: "job-1".into(),
+            status_url: "https://e/s/1".into(),
+        })
+        .await
+        .unwrap();
+        cancel.cancel();
+        drop(raft);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let cancel = CancellationToken::new();
+        let raft = leader(dir.path(), &cancel).await;
+        let status_url = raft.read(|state| state.jobs["job-1"].status_url.clone()).await.unwrap();
+        assert_eq!(
+            status_url.as_deref(),
+            Some("https://e/s/1"),
+            "the committed status URL is back after a restart"
+        );
+        assert_eq!(
+            raft.propose(submit()).await.unwrap(),
+            Applied::JobSubmitted { job_id: "job-2".into() }
+        );
+        cancel.cancel();
+    }
+}
