@@ -5,5 +5,7 @@
 //! - [`state`]: the replicated state machine (pure, unit-tested).
 //! - [`raft_log`]: the raft-rs node actor with its log and hard state in sled.
 
+pub mod grpc;
+pub mod node;
 pub mod raft_log;
 pub mod state;

@@ -96,6 +96,10 @@ pub enum Command {
     StatusDeleted {
         job_id: String,
     },
+    /// Files waiting for a worker not seen since this time may go to anyone.
+    ForgetAbsentWorkers {
+        stale_before_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -554,6 +558,10 @@ impl State {
                 self.release(lease_id, None);
                 Applied::Done
             }
+            Command::ForgetAbsentWorkers { stale_before_ms } => {
+                self.forget_preferences_of_absent_workers(stale_before_ms);
+                Applied::Done
+            }
             Command::StatusDeleted { job_id } => match self.jobs.get_mut(&job_id) {
                 Some(job) => {
                     job.status_deleted = true;
@@ -633,7 +641,7 @@ impl State {
     /// The next file to give `worker_id`: its own interrupted files first (it can resume
     /// them), then files nobody prefers, oldest job first; never more than
     /// `per_tenant_limit` leases at once for one tenant.
-    pub fn next_file_for(&self, worker_id: &str, per_tenant_limit: usize) -> Option<(String, u32)> {
+    pub fn next_file_for(&self, worker_id: &str, per_tenant_limit: impl Fn(&str) -> usize) -> Option<(String, u32)> {
         let mut leased_per_tenant: BTreeMap<&str, usize> = BTreeMap::new();
         for at in self.leases.values() {
             if let Some(job) = self.jobs.get(&at.job_id) {
@@ -642,7 +650,7 @@ impl State {
         }
         let candidates = self.jobs.values().filter(|job| {
             matches!(job.phase, JobPhase::Polling | JobPhase::Downloading)
-                && leased_per_tenant.get(job.tenant.as_str()).copied().unwrap_or(0) < per_tenant_limit
+                && leased_per_tenant.get(job.tenant.as_str()).copied().unwrap_or(0) < per_tenant_limit(&job.tenant)
         });
         let mut fallback = None;
         for job in candidates {
@@ -666,7 +674,7 @@ impl State {
 
     /// Lets files that prefer a worker which has not been seen since `stale_before_ms` go
     /// to anyone.
-    pub fn forget_preferences_of_absent_workers(&mut self, stale_before_ms: u64) {
+    fn forget_preferences_of_absent_workers(&mut self, stale_before_ms: u64) {
         let absent: Vec<String> = self
             .workers
             .values()
@@ -873,7 +881,7 @@ mod tests {
     fn per_tenant_limit_and_expiry() {
         let (mut state, job_id) = state_with_job(3);
         grant(&mut state, &job_id, 0, "w1");
-        assert_eq!(state.next_file_for("w2", 1), None, "the tenant is at its limit");
+        assert_eq!(state.next_file_for("w2", |_| 1), None, "the tenant is at its limit");
         assert_eq!(state.expired_leases(999), vec![]);
         assert_eq!(state.expired_leases(1000).len(), 1);
     }

@@ -12,4 +12,7 @@
 
 pub mod v1 {
     tonic::include_proto!("fhirhaul.v1");
+
+    /// The encoded descriptors of every fhirhaul.v1 file, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fhirhaul_descriptor");
 }
