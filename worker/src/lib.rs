@@ -1,1 +1,489 @@
-//! placeholder
+//! The fhirhaul worker: registers with a coordinator, leases manifest files, downloads each
+//! with the client core into local staging, keeping a checkpoint per file in sled so a
+//! restarted worker resumes its own partial files with Range requests, then publishes the
+//! verified file under the output directory and reports where it is.
+//!
+//! - [`WorkerSettings`] and [`run`]: the worker's life.
+//! - `tokens`: the client core's `TokenProvider`, answered by the coordinator (a worker
+//!   never sees a private key).
+//! - `checkpoints`: the sled store of partial downloads.
+
+mod checkpoints;
+mod tokens;
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fhirhaul_common::Category;
+use fhirhaul_common::client::FhirClient;
+use fhirhaul_common::clock::{Clock, Entropy};
+use fhirhaul_common::download::{Checkpoint, DownloadOptions, DownloadSettings, download_file};
+use fhirhaul_common::http::HttpTransport;
+use fhirhaul_common::manifest::{FileKind, ManifestFile};
+use fhirhaul_common::secret::Secret;
+use fhirhaul_proto::v1 as pb;
+use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+use tracing::Instrument;
+
+use crate::checkpoints::CheckpointStore;
+use crate::tokens::CoordinatorTokens;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid coordinator address `{0}`")]
+    Address(String),
+    #[error("checkpoint store at {path}: {reason}")]
+    Checkpoints { path: PathBuf, reason: String },
+}
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// `http://host:port` of the coordinator.
+    pub coordinator: String,
+    /// Stable name: a restarted worker with the same name gets its partial files back.
+    pub name: String,
+    pub concurrency: u32,
+    /// Where verified files are published (`<output_dir>/<job>/<Type>.<n>.ndjson`).
+    pub output_dir: PathBuf,
+    /// Local staging and the checkpoint store.
+    pub state_dir: PathBuf,
+    pub download: DownloadSettings,
+    pub cluster_token: Option<Secret>,
+    /// How long one AcquireLease call waits for work.
+    pub acquire_wait: Duration,
+}
+
+/// A connection to the coordinator with the cluster token attached to every call.
+#[derive(Clone)]
+pub(crate) struct Coordinator {
+    client: WorkerServiceClient<Channel>,
+    cluster_token: Option<Secret>,
+    pub(crate) worker_id: String,
+}
+
+impl Coordinator {
+    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.cluster_token
+            && let Ok(value) = format!("Bearer {}", token.expose()).parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+
+    pub(crate) fn client(&self) -> WorkerServiceClient<Channel> {
+        self.client.clone()
+    }
+}
+
+fn category_to_pb(category: Category) -> i32 {
+    (match category {
+        Category::Network => pb::FailureCategory::Network,
+        Category::Throttled => pb::FailureCategory::Throttled,
+        Category::Server => pb::FailureCategory::Server,
+        Category::Rejected => pb::FailureCategory::Rejected,
+        Category::Auth => pb::FailureCategory::Auth,
+        Category::Protocol => pb::FailureCategory::Protocol,
+        Category::Content => pb::FailureCategory::Content,
+        Category::Timeout => pb::FailureCategory::Timeout,
+        Category::Storage => pb::FailureCategory::Storage,
+        Category::Config => pb::FailureCategory::Config,
+        Category::Cancelled => pb::FailureCategory::Cancelled,
+    }) as i32
+}
+
+/// A path inside the output tree, refusing anything that could leave it.
+fn safe_relative(path: &str) -> Option<PathBuf> {
+    let candidate = Path::new(path);
+    let fine = !path.is_empty() && candidate.components().all(|c| matches!(c, Component::Normal(_)));
+    fine.then(|| candidate.to_path_buf())
+}
+
+/// Runs the worker until `cancel`: then it stops taking leases, gives back the ones it
+/// holds (their checkpoints stay for a resume) and returns.
+pub async fn run(
+    settings: WorkerSettings,
+    transport: Arc<dyn HttpTransport>,
+    clock: Arc<dyn Clock>,
+    entropy: Entropy,
+    cancel: CancellationToken,
+) -> Result<(), WorkerError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(settings.coordinator.clone())
+        .map_err(|_| WorkerError::Address(settings.coordinator.clone()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect_lazy();
+    let coordinator = Coordinator {
+        client: WorkerServiceClient::new(channel),
+        cluster_token: settings.cluster_token.clone(),
+        worker_id: settings.name.clone(),
+    };
+    let store = CheckpointStore::open(&settings.state_dir.join("checkpoints"))?;
+    let heartbeat_every = register(&coordinator, &settings, &cancel).await;
+    let Some(heartbeat_every) = heartbeat_every else {
+        return Ok(());
+    };
+    let tracker = TaskTracker::new();
+    tracker.spawn(heartbeats(
+        coordinator.clone(),
+        settings.clone(),
+        heartbeat_every,
+        cancel.clone(),
+    ));
+    for slot in 0..settings.concurrency.max(1) {
+        let context = SlotContext {
+            coordinator: coordinator.clone(),
+            settings: settings.clone(),
+            transport: Arc::clone(&transport),
+            clock: Arc::clone(&clock),
+            entropy: entropy.clone(),
+            store: store.clone(),
+        };
+        let span = tracing::info_span!("slot", worker = %settings.name, slot);
+        tracker.spawn(context.run(cancel.clone()).instrument(span));
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// Registers, retrying until the coordinator answers. Returns the heartbeat interval.
+async fn register(
+    coordinator: &Coordinator,
+    settings: &WorkerSettings,
+    cancel: &CancellationToken,
+) -> Option<Duration> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let request = coordinator.request(pb::RegisterRequest {
+            name: settings.name.clone(),
+            concurrency: settings.concurrency,
+        });
+        match coordinator.client().register(request).await {
+            Ok(response) => {
+                let interval = Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(100));
+                tracing::info!(worker = %settings.name, "registered with the coordinator");
+                return Some(interval);
+            }
+            Err(status) => tracing::warn!(worker = %settings.name, %status, "cannot register yet; retrying"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn heartbeats(coordinator: Coordinator, settings: WorkerSettings, every: Duration, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let request = coordinator.request(pb::HeartbeatRequest {
+            worker_id: coordinator.worker_id.clone(),
+            lease_ids: vec![],
+        });
+        if let Err(status) = coordinator.client().heartbeat(request).await {
+            tracing::warn!(%status, "heartbeat failed");
+            if status.code() == tonic::Code::FailedPrecondition {
+                // The coordinator does not know us (its state was reset): join again.
+                let _ = register(&coordinator, &settings, &cancel).await;
+            }
+        }
+    }
+}
+
+struct SlotContext {
+    coordinator: Coordinator,
+    settings: WorkerSettings,
+    transport: Arc<dyn HttpTransport>,
+    clock: Arc<dyn Clock>,
+    entropy: Entropy,
+    store: CheckpointStore,
+}
+
+impl SlotContext {
+    async fn run(self, cancel: CancellationToken) {
+        loop {
+            let request = self.coordinator.request(pb::AcquireLeaseRequest {
+                worker_id: self.coordinator.worker_id.clone(),
+                wait_ms: self.settings.acquire_wait.as_millis() as u64,
+            });
+            let mut client = self.coordinator.client();
+            let acquired = tokio::select! {
+                _ = cancel.cancelled() => return,
+                acquired = client.acquire_lease(request) => acquired,
+            };
+            match acquired {
+                Ok(response) => {
+                    if let Some(lease) = response.into_inner().lease {
+                        let span = tracing::info_span!("lease", lease = %lease.lease_id, job = %lease.job_id, file = %lease.relative_path);
+                        self.handle(lease, &cancel).instrument(span).await;
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(%status, "acquiring a lease failed");
+                    if status.code() == tonic::Code::FailedPrecondition {
+                        let _ = register(&self.coordinator, &self.settings, &cancel).await;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fail(&self, lease: &pb::Lease, category: i32, reason: String, released: bool) {
+        let request = self.coordinator.request(pb::FailLeaseRequest {
+            worker_id: self.coordinator.worker_id.clone(),
+            lease_id: lease.lease_id.clone(),
+            generation: lease.generation,
+            category,
+            reason,
+            released,
+        });
+        if let Err(status) = self.coordinator.client().fail_lease(request).await {
+            tracing::warn!(%status, "reporting the failure was refused");
+        }
+    }
+
+    async fn handle(&self, lease: pb::Lease, shutdown: &CancellationToken) {
+        let bad_lease = |reason: String| (category_to_pb(Category::Protocol), reason);
+        let prepared = (|| {
+            let relative = safe_relative(&lease.relative_path).ok_or_else(|| {
+                bad_lease(format!(
+                    "relative path `{}` leaves the output directory",
+                    lease.relative_path
+                ))
+            })?;
+            let url = lease
+                .file_url
+                .parse()
+                .map_err(|e| bad_lease(format!("file URL is not a URL: {e}")))?;
+            let base = lease
+                .fhir_base_url
+                .parse()
+                .map_err(|e| bad_lease(format!("FHIR base is not a URL: {e}")))?;
+            let allow: Vec<url::Url> = lease.token_allow_list.iter().filter_map(|u| u.parse().ok()).collect();
+            Ok::<_, (i32, String)>((relative, url, base, allow))
+        })();
+        let (relative, url, base, allow) = match prepared {
+            Ok(prepared) => prepared,
+            Err((category, reason)) => return self.fail(&lease, category, reason, false).await,
+        };
+        let kind = match pb::FileKind::try_from(lease.kind).unwrap_or(pb::FileKind::Unspecified) {
+            pb::FileKind::Deleted => FileKind::Deleted,
+            pb::FileKind::Error => FileKind::Error,
+            _ => FileKind::Output,
+        };
+        let file = ManifestFile {
+            kind,
+            resource_type: lease.resource_type.clone(),
+            url,
+            count: lease.expected_count,
+        };
+        let tokens = CoordinatorTokens::new(self.coordinator.clone(), lease.tenant.clone());
+        let client = FhirClient::new(
+            Arc::clone(&self.transport),
+            base,
+            Arc::new(tokens),
+            &allow,
+            Arc::clone(&self.clock),
+            self.entropy.clone(),
+        );
+        let staging = self.settings.state_dir.join("staging").join(&relative);
+        let key = lease.relative_path.clone();
+        // Our own partial file from before a restart, if it is for this URL and still there.
+        let resume = self
+            .store
+            .get(&key, &lease.file_url)
+            .filter(|c| c.offset > 0 && fhirhaul_common::download::part_path(&staging).exists());
+        if let Some(checkpoint) = &resume {
+            tracing::info!(
+                offset = checkpoint.offset,
+                "resuming a partial download from its checkpoint"
+            );
+        }
+        let (checkpoint_tx, checkpoint_rx) = watch::channel(resume.clone().unwrap_or_default());
+        let download_cancel = shutdown.child_token();
+        let fenced = CancellationToken::new();
+        let keeper = tokio::spawn(keep_lease(
+            self.coordinator.clone(),
+            lease.clone(),
+            self.store.clone(),
+            key.clone(),
+            checkpoint_rx,
+            download_cancel.clone(),
+            fenced.clone(),
+        ));
+        let options = DownloadOptions {
+            resume,
+            checkpoints: Some(checkpoint_tx),
+            progress: None,
+            cancel: download_cancel.clone(),
+        };
+        let result = download_file(
+            &client,
+            &file,
+            lease.requires_access_token,
+            &staging,
+            &self.settings.download,
+            options,
+        )
+        .await;
+        download_cancel.cancel();
+        let _ = keeper.await;
+        if fenced.is_cancelled() {
+            tracing::warn!("lease was taken over by another worker; dropping this attempt");
+            return;
+        }
+        match result {
+            Ok(outcome) => {
+                let published = self.settings.output_dir.join(&relative);
+                if let Err(error) = publish(&staging, &published).await {
+                    return self
+                        .fail(
+                            &lease,
+                            category_to_pb(Category::Storage),
+                            format!("publishing {}: {error}", published.display()),
+                            false,
+                        )
+                        .await;
+                }
+                let request = self.coordinator.request(pb::CompleteLeaseRequest {
+                    worker_id: self.coordinator.worker_id.clone(),
+                    lease_id: lease.lease_id.clone(),
+                    generation: lease.generation,
+                    bytes: outcome.bytes,
+                    resources: outcome.resources,
+                    sha256: outcome.sha256.clone(),
+                    location: published.display().to_string(),
+                    issues: outcome.issues.clone(),
+                });
+                match self.coordinator.client().complete_lease(request).await {
+                    Ok(_) => tracing::info!(
+                        bytes = outcome.bytes,
+                        resources = outcome.resources,
+                        resumes = outcome.resumes,
+                        "file done"
+                    ),
+                    Err(status) => tracing::warn!(%status, "completion refused"),
+                }
+                self.store.remove(&key);
+            }
+            Err(fhirhaul_common::Error::Cancelled) if shutdown.is_cancelled() => {
+                // Shutting down: give the lease back; the checkpoint stays for a resume.
+                self.fail(
+                    &lease,
+                    category_to_pb(Category::Cancelled),
+                    "worker shutting down".into(),
+                    true,
+                )
+                .await;
+            }
+            Err(error) => {
+                if !error.is_retryable() {
+                    self.store.remove(&key);
+                }
+                tracing::warn!(%error, "download failed");
+                self.fail(&lease, category_to_pb(error.category()), error.to_string(), false)
+                    .await;
+            }
+        }
+    }
+}
+
+/// While a download runs: record each checkpoint, renew the lease with progress, and stop
+/// the download if the coordinator says the lease is no longer ours.
+async fn keep_lease(
+    coordinator: Coordinator,
+    lease: pb::Lease,
+    store: CheckpointStore,
+    key: String,
+    mut checkpoints: watch::Receiver<Checkpoint>,
+    download: CancellationToken,
+    fenced: CancellationToken,
+) {
+    let renew_every = Duration::from_millis(lease.renew_every_ms.max(100));
+    let mut renew = tokio::time::interval(renew_every);
+    renew.tick().await;
+    loop {
+        tokio::select! {
+            _ = download.cancelled() => return,
+            changed = checkpoints.changed() => {
+                if changed.is_err() { return }
+                let checkpoint = checkpoints.borrow_and_update().clone();
+                store.put(&key, &lease.file_url, &checkpoint).await;
+            }
+            _ = renew.tick() => {
+                let checkpoint = checkpoints.borrow().clone();
+                let request = coordinator.request(pb::RenewLeaseRequest {
+                    worker_id: coordinator.worker_id.clone(),
+                    lease_id: lease.lease_id.clone(),
+                    generation: lease.generation,
+                    progress: Some(pb::Checkpoint {
+                        offset: checkpoint.offset,
+                        lines: checkpoint.lines,
+                        resources: checkpoint.resources,
+                        etag: None,
+                        last_modified: None,
+                    }),
+                });
+                match coordinator.client().renew_lease(request).await {
+                    Ok(_) => {}
+                    Err(status) if status.code() == tonic::Code::Aborted => {
+                        tracing::warn!(%status, "lease renewal refused; stopping");
+                        fenced.cancel();
+                        download.cancel();
+                        return;
+                    }
+                    Err(status) => tracing::warn!(%status, "lease renewal failed; will retry"),
+                }
+            }
+        }
+    }
+}
+
+/// Moves a verified file from staging to its published place (atomically when they share
+/// a filesystem).
+async fn publish(staging: &Path, published: &Path) -> std::io::Result<()> {
+    if let Some(parent) = published.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    match tokio::fs::rename(staging, published).await {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            // Another filesystem: copy beside the target, then rename into place.
+            let temporary = published.with_extension("publishing");
+            tokio::fs::copy(staging, &temporary).await?;
+            tokio::fs::rename(&temporary, published).await?;
+            tokio::fs::remove_file(staging).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_cannot_leave_the_output_directory() {
+        assert!(safe_relative("job-1/Patient.1.ndjson").is_some());
+        assert!(safe_relative("job-1/deleted/Bundle.1.ndjson").is_some());
+        assert!(safe_relative("../etc/passwd").is_none());
+        assert!(safe_relative("/etc/passwd").is_none());
+        assert!(safe_relative("job-1/../../x").is_none());
+        assert!(safe_relative("").is_none());
+    }
+}
