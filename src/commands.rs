@@ -1,6 +1,5 @@
 //! The subcommands. Each is glue: read arguments and config, call the crates, print.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,13 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use fhirhaul_common::clock::{Entropy, SystemClock};
 use fhirhaul_common::config::{Config, TenantConfig};
-use fhirhaul_common::export::{ExportEvent, ExportReport, ExportSettings, run_export};
+use fhirhaul_common::export::ExportSettings;
 use fhirhaul_common::http::{ReqwestTransport, TransportSettings};
 use fhirhaul_common::keys::{Jwks, SigningAlgorithm, SigningKey};
 use fhirhaul_common::kickoff::{ExportRequest, ServerProfile};
-use fhirhaul_common::status::{PollEvent, PollSettings};
+use fhirhaul_common::status::PollSettings;
+use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_sim::{SimConfig, SimEhr};
-use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -34,6 +33,9 @@ pub struct RunArgs {
     /// Simulated EHR only: population seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Local workers.
+    #[arg(long, default_value_t = 3)]
+    workers: u32,
 }
 
 #[derive(clap::Args)]
@@ -53,7 +55,7 @@ pub struct SimArgs {
     job_duration: Duration,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     fhirhaul_common::serde_duration::parse(text).ok_or_else(|| format!("`{text}` is not a duration like 5s, 2m, 250ms"))
 }
 
@@ -74,7 +76,7 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn transport() -> anyhow::Result<Arc<ReqwestTransport>> {
+pub fn transport() -> anyhow::Result<Arc<ReqwestTransport>> {
     Ok(Arc::new(ReqwestTransport::new(&TransportSettings::default())?))
 }
 
@@ -91,16 +93,11 @@ fn timestamp() -> String {
     )
 }
 
-/// `fhirhaul run`
+/// `fhirhaul run`: the embedded default — a one-node coordinator and local workers in this
+/// process, speaking gRPC over loopback, exporting from the configured EHR or from the
+/// built-in simulated one.
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let cancel = CancellationToken::new();
-    let ctrl_c = cancel.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: stopping (partial files are kept as .part)");
-            ctrl_c.cancel();
-        }
-    });
+    let cancel = crate::cluster::shutdown_on_signal();
     let (tenant, out_root, _sim) = match &args.config {
         Some(path) => {
             let config = Config::load(path)?;
@@ -130,27 +127,96 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             (tenant, out, Some(sim))
         }
     };
-    let export_dir = out_root.join(&tenant.name).join(timestamp());
-    let client = tenant.connect(transport()?, Arc::new(SystemClock), Entropy::from_os(), cancel.clone())?;
-    println!("exporting from {} into {}", tenant.base_url, export_dir.display());
-    let started = Instant::now();
-    let interactive = std::io::stdout().is_terminal();
-    let report = run_export(
-        &client,
-        &tenant.request,
-        &tenant.profile,
-        &tenant.export,
-        &export_dir,
-        cancel.clone(),
-        |event| print_event(&event, interactive),
+    let run_dir = out_root.join(&tenant.name).join(timestamp());
+    let state_dir = run_dir.join(".fhirhaul");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a loopback port for the coordinator")?;
+    let address = format!("http://{}", listener.local_addr()?);
+    let cluster = cancel.child_token();
+    let coordinator = crate::cluster::start_coordinator(
+        vec![tenant.clone()],
+        &state_dir.join("coordinator"),
+        Duration::from_secs(30),
+        listener,
+        cluster.clone(),
     )
     .await?;
-    print_report(&report, started.elapsed());
-    Ok(if report.failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
+    let workers = args.workers.max(1);
+    let per_worker = (tenant.export.concurrency as u32).div_ceil(workers).max(1);
+    let mut worker_tasks = Vec::new();
+    for index in 1..=workers {
+        let settings = crate::cluster::worker_settings(
+            address.clone(),
+            format!("local-{index}"),
+            per_worker,
+            run_dir.clone(),
+            state_dir.join(format!("worker-{index}")),
+        );
+        worker_tasks.push(tokio::spawn(fhirhaul_worker::run(
+            settings,
+            transport()?,
+            Arc::new(SystemClock),
+            Entropy::from_os(),
+            cluster.clone(),
+        )));
+    }
+    println!(
+        "exporting from {} with a local coordinator ({address}) and {workers} workers",
+        tenant.base_url
+    );
+    let started = Instant::now();
+    let job_id = coordinator.submit(&tenant.name, None).await?;
+    let mut admin = AdminServiceClient::connect(address.clone())
+        .await
+        .context("connecting to the local coordinator")?;
+    let job = crate::cluster::follow(&mut admin, &job_id).await?;
+    let export_dir = run_dir.join(&job_id);
+    let report = write_summary(&coordinator, &job_id, &export_dir).await?;
+    cluster.cancel();
+    for task in worker_tasks {
+        let _ = task.await;
+    }
+    print_report(&report, &export_dir, started.elapsed());
+    Ok(crate::cluster::exit_for(&job))
+}
+
+/// The summary a user checks: every file's path, SHA-256 and counts; every failure's reason.
+async fn write_summary(
+    coordinator: &fhirhaul_coordinator::node::Coordinator,
+    job_id: &str,
+    export_dir: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    let job = coordinator.job(job_id).await?;
+    let files: Vec<serde_json::Value> = job
+        .files
+        .iter()
+        .filter(|f| f.phase == fhirhaul_coordinator::state::FilePhase::Done)
+        .map(|f| {
+            serde_json::json!({
+                "path": f.location, "kind": f.kind, "resource_type": f.resource_type,
+                "sha256": f.sha256, "bytes": f.progress.offset, "resources": f.progress.resources, "issues": f.issues,
+            })
+        })
+        .collect();
+    let failed: Vec<serde_json::Value> = job
+        .files
+        .iter()
+        .filter(|f| f.phase == fhirhaul_coordinator::state::FilePhase::Failed)
+        .map(|f| {
+            let (category, error) = f.failure.clone().unwrap_or_default();
+            serde_json::json!({ "url": fhirhaul_common::url_util::SafeUrl::from(f.url.as_str()).to_string(), "category": category, "error": error })
+        })
+        .collect();
+    let report = serde_json::json!({
+        "job_id": job.id, "phase": job.phase, "error": job.error, "transaction_time": job.transaction_time,
+        "files": files, "failed": failed,
+    });
+    std::fs::create_dir_all(export_dir).with_context(|| format!("creating {}", export_dir.display()))?;
+    let path = export_dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(report)
 }
 
 /// Starts the built-in simulated EHR and a tenant registered with it.
@@ -204,58 +270,46 @@ async fn embedded_sim_tenant(args: &RunArgs, out: &Path) -> anyhow::Result<(Tena
     Ok((tenant, sim))
 }
 
-fn print_event(event: &ExportEvent, interactive: bool) {
-    let _ = interactive;
-    match event {
-        ExportEvent::Accepted { status_url } => println!(
-            "export accepted; polling {}",
-            fhirhaul_common::url_util::SafeUrl::from(status_url)
-        ),
-        ExportEvent::Poll(PollEvent::Progress(text)) => println!("  progress: {text}"),
-        ExportEvent::Poll(PollEvent::PartialFiles { files, .. }) => {
-            println!("  {} file(s) ready early; downloading", files.len())
-        }
-        ExportEvent::Poll(PollEvent::Waiting { .. }) => {}
-        ExportEvent::ManifestReady {
-            files,
-            transaction_time,
-        } => println!("manifest ready: {files} file(s), transactionTime {transaction_time}"),
-        ExportEvent::FileDone { outcome, .. } => println!(
-            "  saved {} ({} resources, {} bytes{})",
-            outcome.path.display(),
-            outcome.resources,
-            outcome.bytes,
-            if outcome.resumes > 0 {
-                format!(", resumed {}x", outcome.resumes)
-            } else {
-                String::new()
-            }
-        ),
-        ExportEvent::FileFailed { file, error } => println!(
-            "  FAILED {}: {error}",
-            fhirhaul_common::url_util::SafeUrl::from(&file.url)
-        ),
+fn print_report(report: &serde_json::Value, export_dir: &Path, elapsed: Duration) {
+    let files = report["files"].as_array().map(Vec::len).unwrap_or(0);
+    let resources: u64 = report["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["resources"].as_u64())
+        .sum();
+    let bytes: u64 = report["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["bytes"].as_u64())
+        .sum();
+    if let Some(error) = report["error"].as_str() {
+        println!("export failed: {error}");
     }
-}
-
-fn print_report(report: &ExportReport, elapsed: Duration) {
     println!(
-        "done in {:.1}s: {} file(s), {} resources, {:.1} MB in {}",
+        "done in {:.1}s: {files} file(s), {resources} resources, {:.1} MB in {}",
         elapsed.as_secs_f64(),
-        report.files.len(),
-        report.resources(),
-        report.bytes() as f64 / 1e6,
-        report.output_dir.display()
+        bytes as f64 / 1e6,
+        export_dir.display()
     );
     println!(
         "summary with SHA-256 of every file: {}",
-        report.output_dir.join("summary.json").display()
+        export_dir.join("summary.json").display()
     );
-    println!("next incremental export: _since={}", report.transaction_time);
-    if !report.failed.is_empty() {
-        println!("{} file(s) failed:", report.failed.len());
-        for failed in &report.failed {
-            println!("  [{}] {}: {}", failed.category, failed.url, failed.error);
+    if let Some(since) = report["transaction_time"].as_str() {
+        println!("next incremental export: _since={since}");
+    }
+    let failed = report["failed"].as_array().cloned().unwrap_or_default();
+    if !failed.is_empty() {
+        println!("{} file(s) failed:", failed.len());
+        for failure in failed {
+            println!(
+                "  [{}] {}: {}",
+                failure["category"].as_str().unwrap_or(""),
+                failure["url"].as_str().unwrap_or(""),
+                failure["error"].as_str().unwrap_or("")
+            );
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `fhirhaul`: one binary for every role. This file parses arguments, starts tracing and
 //! calls into the crates; the work lives in `common/` (client core) and `sim/` (simulated EHR).
 
+mod cluster;
 mod commands;
 
 use std::path::PathBuf;
@@ -22,6 +23,16 @@ enum Command {
     /// Run one export end to end in this process. With no --config it starts the built-in
     /// simulated EHR and exports from it.
     Run(commands::RunArgs),
+    /// Run a coordinator (raft-replicated job state, leases, tokens) serving gRPC.
+    Coordinator(cluster::CoordinatorArgs),
+    /// Run a worker that leases and downloads files for a coordinator.
+    Worker(cluster::WorkerArgs),
+    /// Submit an export to a coordinator and follow it.
+    Export(cluster::ExportArgs),
+    /// Show jobs and workers, or one job file by file.
+    Status(cluster::StatusArgs),
+    /// Cancel an export.
+    Cancel(cluster::CancelArgs),
     /// Serve the simulated EHR on 127.0.0.1 and print a ready client registration.
     SimEhr(commands::SimArgs),
     /// Key management for SMART Backend Services registration.
@@ -62,6 +73,11 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => commands::run(args).await,
         Command::SimEhr(args) => commands::sim_ehr(args).await,
+        Command::Coordinator(args) => cluster::coordinator(args).await,
+        Command::Worker(args) => cluster::worker(args).await,
+        Command::Export(args) => cluster::export(args).await,
+        Command::Status(args) => cluster::status(args).await,
+        Command::Cancel(args) => cluster::cancel(args).await,
         Command::Keys {
             command: KeysCommand::Generate { alg, out, kid, add_to },
         } => commands::keys_generate(&alg, &out, kid, add_to.as_deref()),

@@ -30,7 +30,8 @@ fn run_with_no_config_exports_from_the_built_in_simulated_ehr() {
         .unwrap()
         .path();
     let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(export_dir.join("summary.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(export_dir.join("job-1").join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["phase"], "Completed");
     let files = summary["files"].as_array().unwrap();
     assert!(files.len() >= 5);
     assert!(

@@ -36,7 +36,7 @@ type Reply = oneshot::Sender<Result<Applied, RaftError>>;
 type ReadFn = Box<dyn FnOnce(&State) + Send>;
 
 enum Message {
-    Propose { command: Command, reply: Reply },
+    Propose { command: Box<Command>, reply: Reply },
     Read(ReadFn),
 }
 
@@ -53,7 +53,10 @@ impl RaftHandle {
     pub async fn propose(&self, command: Command) -> Result<Applied, RaftError> {
         let (reply, answer) = oneshot::channel();
         self.messages
-            .send(Message::Propose { command, reply })
+            .send(Message::Propose {
+                command: Box::new(command),
+                reply,
+            })
             .await
             .map_err(|_| RaftError::Stopped)?;
         answer.await.map_err(|_| RaftError::Stopped)?
@@ -116,8 +119,10 @@ impl SledLog {
         let conf_state = match self.tree.get("cs").map_err(storage_error)? {
             Some(bytes) => ConfState::parse_from_bytes(&bytes).map_err(storage_error)?,
             None => {
-                let mut conf_state = ConfState::default();
-                conf_state.voters = vec![node_id];
+                let conf_state = ConfState {
+                    voters: vec![node_id],
+                    ..Default::default()
+                };
                 self.tree
                     .insert("cs", conf_state.write_to_bytes().map_err(storage_error)?)
                     .map_err(storage_error)?;
@@ -233,7 +238,7 @@ impl Actor {
                 biased;
                 _ = cancel.cancelled() => break,
                 message = messages.recv() => match message {
-                    Some(Message::Propose { command, reply }) => self.propose(command, reply),
+                    Some(Message::Propose { command, reply }) => self.propose(*command, reply),
                     Some(Message::Read(read)) => read(&self.state),
                     None => break,
                 },
@@ -271,10 +276,8 @@ impl Actor {
                 self.waiting.insert(request, reply);
             }
             Err(error) => {
-                let _ = reply.send(Err(RaftError::NotLeader { leader: None }).map_err(|e| {
-                    tracing::debug!(%error, "proposal dropped");
-                    e
-                }));
+                tracing::debug!(%error, "proposal dropped");
+                let _ = reply.send(Err(RaftError::NotLeader { leader: None }));
             }
         }
     }

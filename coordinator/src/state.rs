@@ -867,13 +867,13 @@ mod tests {
             at_ms: 50,
         });
         assert_eq!(state.jobs[&job_id].files[2].phase, FilePhase::Pending);
-        assert_eq!(state.next_file_for("w1", 10), Some((job_id.clone(), 2)));
+        assert_eq!(state.next_file_for("w1", |_| 10), Some((job_id.clone(), 2)));
         assert_eq!(
-            state.next_file_for("w2", 10),
+            state.next_file_for("w2", |_| 10),
             Some((job_id.clone(), 0)),
             "others take other files"
         );
-        state.forget_preferences_of_absent_workers(100);
+        state.apply(Command::ForgetAbsentWorkers { stale_before_ms: 100 });
         assert_eq!(state.jobs[&job_id].files[2].preferred_worker, None);
     }
 
