@@ -85,6 +85,9 @@ pub struct WorkerArgs {
     /// Staging and checkpoints.
     #[arg(long, default_value = "fhirhaul-data/worker")]
     state_dir: PathBuf,
+    /// Record a resumable checkpoint every this many bytes of a file.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    checkpoint_every: u64,
 }
 
 #[derive(clap::Args)]
@@ -213,7 +216,8 @@ pub fn worker_settings(
 /// `fhirhaul worker`
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let cancel = shutdown_on_signal();
-    let settings = worker_settings(args.coordinator, args.name, args.concurrency, args.out, args.state_dir);
+    let mut settings = worker_settings(args.coordinator, args.name, args.concurrency, args.out, args.state_dir);
+    settings.download.checkpoint_every_bytes = args.checkpoint_every.max(4096);
     fhirhaul_worker::run(
         settings,
         transport()?,

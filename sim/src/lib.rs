@@ -139,6 +139,8 @@ pub struct Faults {
     pub malformed_line: Option<(String, u64)>,
     /// Plant a Patient resource at (type, line) of the first file of that type.
     pub wrong_type_line: Option<(String, u64)>,
+    /// Serve each file response no faster than this (a slow link).
+    pub throttle_bytes_per_sec: Option<u64>,
 }
 
 /// A kick-off as the EHR saw it.

@@ -1088,7 +1088,7 @@ async fn serve_file(
     storage: bool,
     headers: &HeaderMap,
 ) -> Response<Body> {
-    let (file, faults_cut, file_500, file_html, change_after) = {
+    let (file, faults_cut, file_500, file_html, change_after, throttle) = {
         let mut state = shared.lock();
         let file = match state.jobs.get(&job_id) {
             Some(job) if !job.deleted => match &job.state {
@@ -1111,7 +1111,14 @@ async fn serve_file(
         } else {
             false
         };
-        (file, cut, file_500, faults.file_html, faults.change_file_after_bytes)
+        (
+            file,
+            cut,
+            file_500,
+            faults.file_html,
+            faults.change_file_after_bytes,
+            faults.throttle_bytes_per_sec,
+        )
     };
     let Some(file) = file else {
         record_file(shared, job_id, index, storage, headers, 404);
@@ -1206,6 +1213,7 @@ async fn serve_file(
             None
         },
         gzip: gzip.then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())),
+        throttle,
         shared: Arc::clone(shared),
         job: job_id,
         index,
@@ -1246,6 +1254,7 @@ struct StreamPlan {
     cut_after: Option<u64>,
     change_after: Option<u64>,
     gzip: Option<flate2::write::GzEncoder<Vec<u8>>>,
+    throttle: Option<u64>,
     shared: Arc<Shared>,
     job: u64,
     index: usize,
@@ -1293,6 +1302,9 @@ impl StreamPlan {
         }
         self.remaining -= want;
         self.sent += want;
+        if let Some(rate) = self.throttle.filter(|r| *r > 0) {
+            tokio::time::sleep(Duration::from_secs_f64(want as f64 / rate as f64)).await;
+        }
         match &mut self.gzip {
             None => Some(Ok(Bytes::from(buffer))),
             Some(encoder) => {

@@ -1,0 +1,496 @@
+//! The cluster as separate processes on 127.0.0.1: a coordinator, workers, and the
+//! simulated EHR (in this test process, so its observations can be asserted). Processes
+//! are killed with SIGKILL where the test says so, and always at the end.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fhirhaul_proto::v1 as pb;
+use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
+use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
+use fhirhaul_sim::{SimConfig, SimEhr};
+use sha2::Digest;
+
+/// A child process that is killed when dropped.
+struct Process(Child);
+
+impl Process {
+    fn kill_hard(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+fn fhirhaul() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fhirhaul"));
+    command.env("RUST_LOG", "error");
+    command
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cluster {
+    sim: SimEhr,
+    dir: tempfile::TempDir,
+    port: u16,
+    coordinator: Option<Process>,
+    workers: BTreeMap<String, Process>,
+    lease: &'static str,
+}
+
+impl Cluster {
+    async fn start(config: SimConfig, lease: &'static str) -> Cluster {
+        let sim = SimEhr::start(config).await.unwrap();
+        let credentials = sim.new_client("ES384");
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client.pem");
+        std::fs::write(&key, &credentials.private_key_pem).unwrap();
+        let config = format!(
+            r#"
+[[tenant]]
+name = "sim"
+base_url = "{base}"
+client_id = "{client}"
+kid = "{kid}"
+private_key = "{key}"
+[tenant.export]
+concurrency = 6
+[tenant.export.poll]
+min_interval = "100ms"
+max_interval = "500ms"
+[tenant.export.download]
+backoff_min = "50ms"
+backoff_max = "500ms"
+"#,
+            base = sim.base_url(),
+            client = credentials.client_id,
+            kid = credentials.kid,
+            key = key.display()
+        );
+        std::fs::write(dir.path().join("fhirhaul.toml"), config).unwrap();
+        let mut cluster = Cluster {
+            sim,
+            dir,
+            port: free_port(),
+            coordinator: None,
+            workers: BTreeMap::new(),
+            lease,
+        };
+        cluster.start_coordinator();
+        cluster
+    }
+
+    fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    fn start_coordinator(&mut self) {
+        let mut child = fhirhaul()
+            .arg("coordinator")
+            .arg("--config")
+            .arg(self.dir.path().join("fhirhaul.toml"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("coordinator"))
+            .args(["--lease-duration", self.lease])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert!(
+            line.contains("coordinator listening on"),
+            "coordinator did not start: {line:?}"
+        );
+        self.coordinator = Some(Process(child));
+    }
+
+    fn start_worker(&mut self, name: &str) {
+        let child = fhirhaul()
+            .arg("worker")
+            .args([
+                "--coordinator",
+                &self.address(),
+                "--name",
+                name,
+                "--concurrency",
+                "2",
+                "--checkpoint-every",
+                "16384",
+            ])
+            .arg("--out")
+            .arg(self.out())
+            .arg("--state-dir")
+            .arg(self.dir.path().join("workers").join(name))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.workers.insert(name.to_string(), Process(child));
+    }
+
+    async fn admin(&self) -> AdminServiceClient<tonic::transport::Channel> {
+        for _ in 0..50 {
+            if let Ok(client) = AdminServiceClient::connect(self.address()).await {
+                return client;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("coordinator unreachable");
+    }
+
+    async fn submit(&self, request_json: &str) -> String {
+        let response = self
+            .admin()
+            .await
+            .submit_export(pb::SubmitExportRequest {
+                tenant: "sim".into(),
+                request_json: request_json.into(),
+            })
+            .await
+            .unwrap();
+        response.into_inner().job_id
+    }
+
+    async fn job(&self, job_id: &str) -> Option<pb::GetJobResponse> {
+        let mut admin = AdminServiceClient::connect(self.address()).await.ok()?;
+        admin
+            .get_job(pb::GetJobRequest { job_id: job_id.into() })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Polls the job until `done` holds, or panics after `limit`.
+    async fn wait_for(
+        &self,
+        job_id: &str,
+        limit: Duration,
+        done: impl Fn(&pb::GetJobResponse) -> bool,
+    ) -> pb::GetJobResponse {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(job) = self.job(job_id).await
+                && done(&job)
+            {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting on {job_id}: {:?}",
+                self.job(job_id).await.map(|j| j.summary)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_completed(&self, job_id: &str, limit: Duration) -> pb::GetJobResponse {
+        let job = self
+            .wait_for(job_id, limit, |job| {
+                job.summary.as_ref().is_some_and(|s| {
+                    s.phase == pb::JobPhase::Completed as i32 || s.phase == pb::JobPhase::Failed as i32
+                })
+            })
+            .await;
+        let summary = job.summary.clone().unwrap();
+        assert_eq!(summary.phase, pb::JobPhase::Completed as i32, "{summary:?}");
+        assert_eq!(
+            summary.files_failed,
+            0,
+            "failed files: {:?}",
+            job.files.iter().filter_map(|f| f.failure.clone()).collect::<Vec<_>>()
+        );
+        job
+    }
+
+    /// Every file the EHR served is in the output exactly once, byte-identical, and
+    /// nothing else is there.
+    fn assert_output_identical(&self, job_id: &str) -> usize {
+        let served = self.sim.served_files(*self.sim.jobs().last().unwrap());
+        let mut saved = Vec::new();
+        collect_files(&self.out().join(job_id), &mut saved);
+        let parts: Vec<_> = saved
+            .iter()
+            .filter(|p| !p.extension().is_some_and(|e| e == "ndjson"))
+            .collect();
+        assert!(parts.is_empty(), "only finished files are published: {parts:?}");
+        let mut hashes: Vec<String> = saved
+            .iter()
+            .map(|p| hex(&sha2::Sha256::digest(std::fs::read(p).unwrap())))
+            .collect();
+        hashes.sort();
+        let mut expected: Vec<String> = served.iter().map(|f| f.sha256.clone()).collect();
+        expected.sort();
+        assert_eq!(hashes, expected, "the output is exactly the served files");
+        served.len()
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn leased_by(job: &pb::GetJobResponse) -> Vec<(usize, String, u64)> {
+    job.files
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.phase == pb::FilePhase::Leased as i32)
+        .filter_map(|(i, f)| f.worker_id.clone().map(|w| (i, w, f.bytes)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_files_over_three_worker_processes_arrive_byte_identical() {
+    let config = SimConfig {
+        patients: 100,
+        max_resources_per_file: 12,
+        job_duration: Duration::from_millis(300),
+        ..SimConfig::default()
+    };
+    let mut cluster = Cluster::start(config, "5s").await;
+    for name in ["w1", "w2", "w3"] {
+        cluster.start_worker(name);
+    }
+    let job_id = cluster.submit("").await;
+    cluster.wait_completed(&job_id, Duration::from_secs(120)).await;
+    let files = cluster.assert_output_identical(&job_id);
+    assert!(files >= 50, "only {files} files");
+    assert_eq!(cluster.sim.observed().kickoffs.len(), 1);
+    let mut admin = cluster.admin().await;
+    let workers = admin
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(workers.len(), 3);
+}
+
+/// Big files on a slow link, so a kill lands mid-download.
+fn slow_config() -> SimConfig {
+    SimConfig {
+        patients: 120,
+        max_resources_per_file: 100_000,
+        job_duration: Duration::from_millis(200),
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_leases_expire_and_others_finish_the_export() {
+    let mut cluster = Cluster::start(slow_config(), "2s").await;
+    cluster.sim.set_faults(|f| f.throttle_bytes_per_sec = Some(150_000));
+    for name in ["w1", "w2", "w3"] {
+        cluster.start_worker(name);
+    }
+    let job_id = cluster.submit("").await;
+    let job = cluster
+        .wait_for(&job_id, Duration::from_secs(60), |job| {
+            leased_by(job).iter().any(|(_, _, bytes)| *bytes > 0)
+        })
+        .await;
+    let (file, victim, _) = leased_by(&job).into_iter().find(|(_, _, bytes)| *bytes > 0).unwrap();
+    cluster.workers.get_mut(&victim).unwrap().kill_hard();
+    let job = cluster.wait_completed(&job_id, Duration::from_secs(120)).await;
+    cluster.assert_output_identical(&job_id);
+    assert!(
+        job.files[file].attempts >= 2,
+        "the killed worker's file was leased again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_resumes_its_partial_file_with_a_range_request() {
+    let mut cluster = Cluster::start(slow_config(), "5s").await;
+    cluster.sim.set_faults(|f| f.throttle_bytes_per_sec = Some(150_000));
+    cluster.start_worker("w1");
+    let job_id = cluster.submit(r#"{"types":["Observation"]}"#).await;
+    // Wait until the coordinator has seen progress (so a checkpoint exists on w1's disk).
+    cluster
+        .wait_for(&job_id, Duration::from_secs(60), |job| {
+            leased_by(job).iter().any(|(_, _, bytes)| *bytes > 50_000)
+        })
+        .await;
+    cluster.workers.get_mut("w1").unwrap().kill_hard();
+    cluster.sim.set_faults(|f| f.throttle_bytes_per_sec = None);
+    cluster.start_worker("w1");
+    cluster.wait_completed(&job_id, Duration::from_secs(60)).await;
+    cluster.assert_output_identical(&job_id);
+    let observed = cluster.sim.observed();
+    let served = std::fs::read(&cluster.sim.served_files(1)[0].path).unwrap();
+    let resumed: Vec<u64> = observed
+        .file_requests
+        .iter()
+        .filter_map(|r| r.range.as_deref())
+        .filter_map(|r| r.trim_start_matches("bytes=").trim_end_matches('-').parse().ok())
+        .collect();
+    assert_eq!(resumed.len(), 1, "one resume: {resumed:?}");
+    let offset = resumed[0] as usize;
+    assert!(
+        offset > 0 && served[offset - 1] == b'\n',
+        "the resume starts at the checkpointed line boundary {offset}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_resumes_polling_and_never_kicks_off_twice() {
+    let config = SimConfig {
+        patients: 40,
+        max_resources_per_file: 20,
+        job_duration: Duration::from_secs(3),
+        ..SimConfig::default()
+    };
+    let mut cluster = Cluster::start(config, "3s").await;
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    let job_id = cluster.submit("").await;
+    cluster
+        .wait_for(&job_id, Duration::from_secs(30), |job| {
+            job.summary
+                .as_ref()
+                .is_some_and(|s| s.phase == pb::JobPhase::Polling as i32)
+        })
+        .await;
+    cluster.coordinator.take().unwrap().kill_hard();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.start_coordinator();
+    cluster.wait_completed(&job_id, Duration::from_secs(60)).await;
+    cluster.assert_output_identical(&job_id);
+    let observed = cluster.sim.observed();
+    assert_eq!(observed.kickoffs.len(), 1, "exactly one kick-off reached the EHR");
+    assert!(observed.status_requests >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_token_expiring_during_the_export_fails_no_file() {
+    // Many ~100 KB files at 100 KB/s over four slots: the export outlives several tokens,
+    // and files keep starting after the first token has expired.
+    let config = SimConfig {
+        token_lifetime: Duration::from_secs(2),
+        max_resources_per_file: 200,
+        ..slow_config()
+    };
+    let mut cluster = Cluster::start(config, "5s").await;
+    cluster.sim.set_faults(|f| f.throttle_bytes_per_sec = Some(100_000));
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    let started = tokio::time::Instant::now();
+    let job_id = cluster.submit("").await;
+    cluster.wait_completed(&job_id, Duration::from_secs(120)).await;
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "the export outlived the first token"
+    );
+    cluster.assert_output_identical(&job_id);
+    let observed = cluster.sim.observed();
+    assert!(
+        observed.tokens_issued >= 2,
+        "tokens were refreshed during the export: {}",
+        observed.tokens_issued
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_lease_holders_renewal_and_completion_are_refused() {
+    let config = SimConfig {
+        patients: 10,
+        job_duration: Duration::from_millis(100),
+        ..SimConfig::default()
+    };
+    let cluster = Cluster::start(config, "1s").await;
+    let job_id = cluster.submit(r#"{"types":["Patient"]}"#).await;
+    let mut workers = WorkerServiceClient::connect(cluster.address()).await.unwrap();
+    for name in ["stale", "fresh"] {
+        workers
+            .register(pb::RegisterRequest {
+                name: name.into(),
+                concurrency: 1,
+            })
+            .await
+            .unwrap();
+    }
+    let acquire = |name: &'static str| {
+        let mut client = workers.clone();
+        async move {
+            client
+                .acquire_lease(pb::AcquireLeaseRequest {
+                    worker_id: name.into(),
+                    wait_ms: 10_000,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .lease
+                .expect("a lease")
+        }
+    };
+    let first = acquire("stale").await;
+    // "stale" goes silent; after the lease period the file goes to "fresh".
+    let second = acquire("fresh").await;
+    assert_eq!(second.file_url, first.file_url);
+    assert_eq!(second.generation, first.generation + 1);
+    let complete = |lease: &pb::Lease, worker: &str| pb::CompleteLeaseRequest {
+        worker_id: worker.into(),
+        lease_id: lease.lease_id.clone(),
+        generation: lease.generation,
+        bytes: 1,
+        resources: 1,
+        sha256: "0".repeat(64),
+        location: "/nowhere".into(),
+        issues: vec![],
+    };
+    let renewal = workers
+        .renew_lease(pb::RenewLeaseRequest {
+            worker_id: "stale".into(),
+            lease_id: first.lease_id.clone(),
+            generation: first.generation,
+            progress: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(renewal.code(), tonic::Code::Aborted, "{renewal:?}");
+    let refused = workers.complete_lease(complete(&first, "stale")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Aborted);
+    assert!(
+        refused.message().contains("not live") || refused.message().contains("stale"),
+        "{}",
+        refused.message()
+    );
+    workers.complete_lease(complete(&second, "fresh")).await.unwrap();
+    let job = cluster.job(&job_id).await.unwrap();
+    assert_eq!(
+        job.files[0].location.as_deref(),
+        Some("/nowhere"),
+        "the newer owner's result stands"
+    );
+}
