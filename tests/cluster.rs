@@ -230,7 +230,7 @@ backoff_max = "500ms"
         collect_files(&self.out().join(job_id), &mut saved);
         let parts: Vec<_> = saved
             .iter()
-            .filter(|p| !p.extension().is_some_and(|e| e == "ndjson"))
+            .filter(|p| p.extension().is_none_or(|e| e != "ndjson"))
             .collect();
         assert!(parts.is_empty(), "only finished files are published: {parts:?}");
         let mut hashes: Vec<String> = saved
