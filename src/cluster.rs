@@ -3,14 +3,14 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fhirhaul_common::clock::{Entropy, SystemClock};
-use fhirhaul_common::config::{Config, TenantConfig};
+use fhirhaul_common::config::TenantConfig;
 use fhirhaul_common::download::DownloadSettings;
 use fhirhaul_common::secret::Secret;
 use fhirhaul_coordinator::node::{Coordinator, CoordinatorSettings};
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::commands::{parse_duration, transport};
+use crate::config::Config;
 
 fn cluster_token() -> Option<Secret> {
     std::env::var("FHIRHAUL_CLUSTER_TOKEN")
@@ -53,20 +54,51 @@ pub fn shutdown_on_signal() -> CancellationToken {
     cancel
 }
 
+/// Mutual TLS to a coordinator (all three, or none).
+#[derive(clap::Args, Clone)]
+pub struct ClientTls {
+    /// CA certificate (PEM) the coordinator's certificate is signed by.
+    #[arg(long, env = "FHIRHAUL_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM).
+    #[arg(long, env = "FHIRHAUL_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, env = "FHIRHAUL_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn config(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                let files = crate::config::TlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+                Ok(Some(files.client()?))
+            }
+            (None, None, None) => Ok(None),
+            _ => bail!("--tls-ca, --tls-cert and --tls-key go together"),
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
-    /// fhirhaul.toml with the tenants.
+    /// fhirhaul.toml with the tenants and [cluster] settings.
     #[arg(long, env = "FHIRHAUL_CONFIG")]
     config: PathBuf,
-    /// Address for the worker and admin gRPC APIs.
-    #[arg(long, default_value = "127.0.0.1:7400")]
-    listen: SocketAddr,
-    /// Raft log and state.
-    #[arg(long, default_value = "fhirhaul-data/coordinator")]
-    data_dir: PathBuf,
-    /// A lease not renewed for this long goes to another worker.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    lease_duration: Duration,
+    /// Address for the worker and admin gRPC APIs (overrides cluster.listen).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Raft log and state (overrides cluster.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A lease not renewed for this long goes to another worker (overrides cluster.lease_duration).
+    #[arg(long, value_parser = parse_duration)]
+    lease_duration: Option<Duration>,
 }
 
 #[derive(clap::Args)]
@@ -88,6 +120,8 @@ pub struct WorkerArgs {
     /// Record a resumable checkpoint every this many bytes of a file.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     checkpoint_every: u64,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 #[derive(clap::Args)]
@@ -102,6 +136,8 @@ pub struct ExportArgs {
     /// Submit and return without following progress.
     #[arg(long)]
     no_wait: bool,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 #[derive(clap::Args)]
@@ -110,6 +146,8 @@ pub struct StatusArgs {
     coordinator: String,
     /// A job to show file by file (default: list jobs and workers).
     job: Option<String>,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 #[derive(clap::Args)]
@@ -117,6 +155,8 @@ pub struct CancelArgs {
     #[arg(long, default_value = "http://127.0.0.1:7400")]
     coordinator: String,
     job: String,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 fn with_token<T>(message: T) -> tonic::Request<T> {
@@ -129,9 +169,13 @@ fn with_token<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-async fn admin(address: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(address.to_string())
-        .with_context(|| format!("`{address}` is not a coordinator address"))?
+async fn admin(address: &str, tls: &ClientTls) -> anyhow::Result<AdminServiceClient<Channel>> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
+        .with_context(|| format!("`{address}` is not a coordinator address"))?;
+    if let Some(tls) = tls.config()? {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach the coordinator at {address}"))?;
@@ -141,16 +185,11 @@ async fn admin(address: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
 /// Starts a coordinator and serves its APIs on `listener`.
 pub async fn start_coordinator(
     tenants: Vec<TenantConfig>,
-    data_dir: &Path,
-    lease_duration: Duration,
+    settings: CoordinatorSettings,
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     cancel: CancellationToken,
 ) -> anyhow::Result<Coordinator> {
-    let settings = CoordinatorSettings {
-        data_dir: data_dir.to_path_buf(),
-        lease_duration,
-        ..CoordinatorSettings::default()
-    };
     let coordinator = Coordinator::start(
         settings,
         tenants,
@@ -163,7 +202,7 @@ pub async fn start_coordinator(
     .context("starting the coordinator")?;
     let serving = coordinator.clone();
     tokio::spawn(async move {
-        if let Err(error) = fhirhaul_coordinator::grpc::serve(serving, listener, cluster_token(), cancel).await {
+        if let Err(error) = fhirhaul_coordinator::grpc::serve(serving, listener, tls, cluster_token(), cancel).await {
             tracing::error!(%error, "gRPC server stopped");
         }
     });
@@ -176,20 +215,29 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if config.tenant.is_empty() {
         bail!("{} has no [[tenant]]", args.config.display());
     }
+    let cluster = config.cluster;
+    let listen = match args.listen {
+        Some(listen) => listen,
+        None => cluster
+            .listen
+            .parse()
+            .with_context(|| format!("cluster.listen `{}`", cluster.listen))?,
+    };
+    let settings = CoordinatorSettings {
+        data_dir: args.data_dir.unwrap_or(cluster.data_dir),
+        lease_duration: args.lease_duration.unwrap_or(cluster.lease_duration),
+        max_file_attempts: cluster.max_file_attempts,
+        ..CoordinatorSettings::default()
+    };
+    let tls = cluster.tls.as_ref().map(crate::config::TlsFiles::server).transpose()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let cancel = shutdown_on_signal();
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", args.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     let address = listener.local_addr()?;
-    start_coordinator(
-        config.tenant,
-        &args.data_dir,
-        args.lease_duration,
-        listener,
-        cancel.clone(),
-    )
-    .await?;
-    println!("coordinator listening on http://{address}");
+    start_coordinator(config.tenant, settings, listener, tls, cancel.clone()).await?;
+    println!("coordinator listening on {scheme}://{address}");
     cancel.cancelled().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -202,6 +250,7 @@ pub fn worker_settings(
     state_dir: PathBuf,
 ) -> WorkerSettings {
     WorkerSettings {
+        tls: None,
         coordinator,
         name,
         concurrency,
@@ -218,6 +267,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let cancel = shutdown_on_signal();
     let mut settings = worker_settings(args.coordinator, args.name, args.concurrency, args.out, args.state_dir);
     settings.download.checkpoint_every_bytes = args.checkpoint_every.max(4096);
+    settings.tls = args.tls.config()?;
     fhirhaul_worker::run(
         settings,
         transport()?,
@@ -231,7 +281,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
 
 /// `fhirhaul export`
 pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
-    let mut admin = admin(&args.coordinator).await?;
+    let mut admin = admin(&args.coordinator, &args.tls).await?;
     let request_json = match &args.request {
         Some(text) => {
             serde_json::from_str::<fhirhaul_common::kickoff::ExportRequest>(text)
@@ -346,7 +396,7 @@ fn progress_line(job: &pb::GetJobResponse, elapsed: Duration) -> String {
 
 /// `fhirhaul status`
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let mut admin = admin(&args.coordinator).await?;
+    let mut admin = admin(&args.coordinator, &args.tls).await?;
     match &args.job {
         Some(job_id) => {
             let job = admin
@@ -404,7 +454,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 
 /// `fhirhaul cancel`
 pub async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
-    let mut admin = admin(&args.coordinator).await?;
+    let mut admin = admin(&args.coordinator, &args.tls).await?;
     admin
         .cancel_export(with_token(pb::CancelExportRequest {
             job_id: args.job.clone(),

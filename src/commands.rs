@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fhirhaul_common::clock::{Entropy, SystemClock};
-use fhirhaul_common::config::{Config, TenantConfig};
+use fhirhaul_common::config::TenantConfig;
+
+use crate::config::Config;
 use fhirhaul_common::export::ExportSettings;
 use fhirhaul_common::http::{ReqwestTransport, TransportSettings};
 use fhirhaul_common::keys::{Jwks, SigningAlgorithm, SigningKey};
@@ -134,14 +136,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("binding a loopback port for the coordinator")?;
     let address = format!("http://{}", listener.local_addr()?);
     let cluster = cancel.child_token();
-    let coordinator = crate::cluster::start_coordinator(
-        vec![tenant.clone()],
-        &state_dir.join("coordinator"),
-        Duration::from_secs(30),
-        listener,
-        cluster.clone(),
-    )
-    .await?;
+    let settings = fhirhaul_coordinator::node::CoordinatorSettings {
+        data_dir: state_dir.join("coordinator"),
+        ..Default::default()
+    };
+    // Loopback only, so plaintext.
+    let coordinator =
+        crate::cluster::start_coordinator(vec![tenant.clone()], settings, listener, None, cluster.clone()).await?;
     let workers = args.workers.max(1);
     let per_worker = (tenant.export.concurrency as u32).div_ceil(workers).max(1);
     let mut worker_tasks = Vec::new();
@@ -381,5 +382,39 @@ pub fn keys_generate(alg: &str, out: &Path, kid: Option<String>, add_to: Option<
         jwks.keys.len(),
         jwks_path.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `fhirhaul check-config`
+pub fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    for tenant in &config.tenant {
+        tenant
+            .signing_key()
+            .map(|key| {
+                println!(
+                    "tenant {}: {} as {} ({} key, kid {})",
+                    tenant.name,
+                    tenant.base_url,
+                    tenant.client_id,
+                    key.algorithm(),
+                    key.kid()
+                )
+            })
+            .unwrap_or_else(|error| {
+                println!(
+                    "tenant {}: {} as {} (key not loadable: {error})",
+                    tenant.name, tenant.base_url, tenant.client_id
+                )
+            });
+    }
+    println!(
+        "cluster: listen {}, data in {}, leases {}s, mTLS {}",
+        config.cluster.listen,
+        config.cluster.data_dir.display(),
+        config.cluster.lease_duration.as_secs(),
+        if config.cluster.tls.is_some() { "on" } else { "off" }
+    );
+    println!("{} is valid", path.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 
 mod cluster;
 mod commands;
+mod config;
 
 use std::path::PathBuf;
 
@@ -33,6 +34,11 @@ enum Command {
     Status(cluster::StatusArgs),
     /// Cancel an export.
     Cancel(cluster::CancelArgs),
+    /// Check a configuration file and show what it configures (no secrets).
+    CheckConfig {
+        #[arg(long, env = "FHIRHAUL_CONFIG")]
+        config: PathBuf,
+    },
     /// Serve the simulated EHR on 127.0.0.1 and print a ready client registration.
     SimEhr(commands::SimArgs),
     /// Key management for SMART Backend Services registration.
@@ -78,6 +84,7 @@ async fn main() -> std::process::ExitCode {
         Command::Export(args) => cluster::export(args).await,
         Command::Status(args) => cluster::status(args).await,
         Command::Cancel(args) => cluster::cancel(args).await,
+        Command::CheckConfig { config } => commands::check_config(&config),
         Command::Keys {
             command: KeysCommand::Generate { alg, out, kid, add_to },
         } => commands::keys_generate(&alg, &out, kid, add_to.as_deref()),

@@ -82,8 +82,22 @@ fn keys_generate_writes_a_key_and_a_rotatable_jwks() {
 #[test]
 fn a_bad_config_names_the_key_and_the_example_config_parses() {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fhirhaul.example.toml");
-    let config = fhirhaul_common::config::Config::load(&example).unwrap();
-    assert_eq!(config.tenant[0].name, "epic-prod");
+    let checked = fhirhaul()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&example)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        stdout.contains("tenant epic-prod") && stdout.contains("is valid"),
+        "{stdout}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");

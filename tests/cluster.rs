@@ -32,7 +32,11 @@ impl Drop for Process {
 
 fn fhirhaul() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fhirhaul"));
-    command.env("RUST_LOG", "error");
+    // FHIRHAUL_TEST_LOG=warn shows what the processes say when a test fails.
+    command.env(
+        "RUST_LOG",
+        std::env::var("FHIRHAUL_TEST_LOG").unwrap_or_else(|_| "error".into()),
+    );
     command
 }
 
@@ -51,10 +55,21 @@ struct Cluster {
     coordinator: Option<Process>,
     workers: BTreeMap<String, Process>,
     lease: &'static str,
+    /// Set for mutual TLS: the client configuration and the workers' TLS arguments.
+    tls: Option<(tonic::transport::ClientTlsConfig, Vec<String>)>,
 }
 
 impl Cluster {
     async fn start(config: SimConfig, lease: &'static str) -> Cluster {
+        Self::start_with(config, lease, "", None).await
+    }
+
+    async fn start_with(
+        config: SimConfig,
+        lease: &'static str,
+        extra_toml: &str,
+        tls: Option<(tonic::transport::ClientTlsConfig, Vec<String>)>,
+    ) -> Cluster {
         let sim = SimEhr::start(config).await.unwrap();
         let credentials = sim.new_client("ES384");
         let dir = tempfile::tempdir().unwrap();
@@ -76,6 +91,7 @@ max_interval = "500ms"
 [tenant.export.download]
 backoff_min = "50ms"
 backoff_max = "500ms"
+{extra_toml}
 "#,
             base = sim.base_url(),
             client = credentials.client_id,
@@ -90,13 +106,23 @@ backoff_max = "500ms"
             coordinator: None,
             workers: BTreeMap::new(),
             lease,
+            tls,
         };
         cluster.start_coordinator();
         cluster
     }
 
     fn address(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    async fn channel(&self) -> Option<tonic::transport::Channel> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.address()).ok()?;
+        if let Some((tls, _)) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).ok()?;
+        }
+        endpoint.connect().await.ok()
     }
 
     fn out(&self) -> PathBuf {
@@ -138,6 +164,7 @@ backoff_max = "500ms"
                 "--checkpoint-every",
                 "16384",
             ])
+            .args(self.tls.as_ref().map(|(_, args)| args.clone()).unwrap_or_default())
             .arg("--out")
             .arg(self.out())
             .arg("--state-dir")
@@ -150,8 +177,8 @@ backoff_max = "500ms"
 
     async fn admin(&self) -> AdminServiceClient<tonic::transport::Channel> {
         for _ in 0..50 {
-            if let Ok(client) = AdminServiceClient::connect(self.address()).await {
-                return client;
+            if let Some(channel) = self.channel().await {
+                return AdminServiceClient::new(channel);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -172,7 +199,7 @@ backoff_max = "500ms"
     }
 
     async fn job(&self, job_id: &str) -> Option<pb::GetJobResponse> {
-        let mut admin = AdminServiceClient::connect(self.address()).await.ok()?;
+        let mut admin = AdminServiceClient::new(self.channel().await?);
         admin
             .get_job(pb::GetJobRequest { job_id: job_id.into() })
             .await
@@ -493,4 +520,89 @@ async fn a_stale_lease_holders_renewal_and_completion_are_refused() {
         Some("/nowhere"),
         "the newer owner's result stands"
     );
+}
+
+fn write_pem(dir: &Path, name: &str, pem: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_protects_the_cluster_apis() {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let certs = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let issue = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = issue(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = issue(vec!["worker".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    let ca = write_pem(certs.path(), "ca.pem", &ca_cert.pem());
+    let server_cert = write_pem(certs.path(), "server.pem", &server_cert);
+    let server_key = write_pem(certs.path(), "server.key", &server_key);
+    let client_cert_path = write_pem(certs.path(), "client.pem", &client_cert);
+    let client_key_path = write_pem(certs.path(), "client.key", &client_key);
+    let extra = format!(
+        "[cluster.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        ca.display(),
+        server_cert.display(),
+        server_key.display()
+    );
+    let ca_certificate = tonic::transport::Certificate::from_pem(ca_cert.pem());
+    let client_tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(ca_certificate.clone())
+        .identity(tonic::transport::Identity::from_pem(client_cert, client_key));
+    let worker_args = vec![
+        "--tls-ca".to_string(),
+        ca.display().to_string(),
+        "--tls-cert".to_string(),
+        client_cert_path.display().to_string(),
+        "--tls-key".to_string(),
+        client_key_path.display().to_string(),
+    ];
+    let config = SimConfig {
+        patients: 20,
+        job_duration: Duration::from_millis(100),
+        ..SimConfig::default()
+    };
+    let mut cluster = Cluster::start_with(config, "5s", &extra, Some((client_tls, worker_args))).await;
+    cluster.start_worker("w1");
+    let job_id = cluster.submit("").await;
+    cluster.wait_completed(&job_id, Duration::from_secs(60)).await;
+    cluster.assert_output_identical(&job_id);
+
+    // Without a client certificate, or without TLS, nothing gets through.
+    let no_identity = tonic::transport::ClientTlsConfig::new().ca_certificate(ca_certificate);
+    let refused = match tonic::transport::Endpoint::from_shared(cluster.address())
+        .unwrap()
+        .tls_config(no_identity)
+        .unwrap()
+        .connect()
+        .await
+    {
+        Ok(channel) => AdminServiceClient::new(channel)
+            .list_jobs(pb::ListJobsRequest {})
+            .await
+            .is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a client without a certificate was let in");
+    let plaintext = format!("http://127.0.0.1:{}", cluster.port);
+    let refused = match AdminServiceClient::connect(plaintext).await {
+        Ok(mut client) => client.list_jobs(pb::ListJobsRequest {}).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a plaintext client was let in");
 }

@@ -1,7 +1,7 @@
-//! Configuration of one EHR connection (a tenant), as written in `fhirhaul.toml`, and turning
-//! it into a connected [`FhirClient`].
+//! Configuration of one EHR connection (a tenant), as written in a `[[tenant]]` table of
+//! `fhirhaul.toml`, and turning it into a connected [`FhirClient`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -177,99 +177,7 @@ impl TenantConfig {
     }
 }
 
-/// The whole `fhirhaul.toml`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// Where exports are written (`<output_dir>/<tenant>/<job>/`).
-    #[serde(default)]
-    pub output_dir: Option<PathBuf>,
-    #[serde(default)]
-    pub tenant: Vec<TenantConfig>,
-}
-
-impl Config {
-    /// Reads and validates a TOML file; errors name the file and the key.
-    pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| config_error(&path.display().to_string(), format!("cannot read: {e}")))?;
-        Self::parse(&text).map_err(|e| match e {
-            Error::Config { key, reason } => config_error(&key, format!("{reason} (in {})", path.display())),
-            other => other,
-        })
-    }
-
-    pub fn parse(text: &str) -> Result<Config> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let key = e
-                .span()
-                .map(|span| text[..span.start].lines().count().to_string())
-                .map(|line| format!("line {line}"))
-                .unwrap_or_else(|| "(file)".into());
-            config_error(&key, e.message().to_string())
-        })?;
-        let mut names = std::collections::HashSet::new();
-        for tenant in &config.tenant {
-            if !names.insert(tenant.name.clone()) {
-                return Err(config_error("tenant.name", format!("`{}` appears twice", tenant.name)));
-            }
-            tenant.validate()?;
-        }
-        Ok(config)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
-output_dir = "/tmp/out"
-[[tenant]]
-name = "epic-prod"
-base_url = "https://ehr.example/api/FHIR/R4"
-client_id = "abc"
-private_key = "/keys/epic.pem"
-scope = "system/Patient.read system/Observation.read"
-[tenant.profile]
-method = "post"
-value_join = "repeat"
-[tenant.export]
-concurrency = 8
-[tenant.export.poll]
-min_interval = "30s"
-max_interval = "10m"
-[tenant.request]
-level = { kind = "group", id = "registry-1" }
-types = ["Patient", "Observation"]
-"#;
-
-    #[test]
-    fn a_full_config_parses() {
-        let config = Config::parse(GOOD).unwrap();
-        let tenant = &config.tenant[0];
-        assert_eq!(tenant.export.poll.min_interval, Duration::from_secs(30));
-        assert_eq!(tenant.export.poll.max_interval, Duration::from_secs(600));
-        assert_eq!(
-            tenant.request.level,
-            crate::kickoff::ExportLevel::Group("registry-1".into())
-        );
-        assert_eq!(tenant.export.concurrency, 8);
-    }
-
-    #[test]
-    fn bad_configs_name_the_key() {
-        let typo = GOOD.replace("client_id = \"abc\"", "client_idd = \"abc\"");
-        let error = Config::parse(&typo).unwrap_err().to_string();
-        assert!(error.contains("client_idd"), "{error}");
-        let bad_duration = GOOD.replace("\"30s\"", "\"soon\"");
-        let error = Config::parse(&bad_duration).unwrap_err().to_string();
-        assert!(error.contains("`soon` is not a duration"), "{error}");
-        let slow_jwt = GOOD.replace("scope =", "assertion_lifetime = \"10m\"\nscope =");
-        let error = Config::parse(&slow_jwt).unwrap_err().to_string();
-        assert!(error.contains("tenant.epic-prod.assertion_lifetime"), "{error}");
-        let inverted = GOOD.replace("\"10m\"", "\"10s\"");
-        let error = Config::parse(&inverted).unwrap_err().to_string();
-        assert!(error.contains("export.poll.min_interval"), "{error}");
-    }
+/// A configuration error naming the key.
+pub fn config_error_for(key: &str, reason: impl Into<String>) -> Error {
+    config_error(key, reason)
 }

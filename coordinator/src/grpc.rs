@@ -514,17 +514,23 @@ impl AdminService for AdminApi {
 }
 
 /// Serves the worker and admin APIs, gRPC health and reflection on `listener` until
-/// `cancel`. Plaintext: only for loopback (a warning is logged otherwise).
+/// `cancel`, with mutual TLS when `tls` is given. Plaintext is meant for loopback only (a
+/// warning is logged otherwise).
 pub async fn serve(
     coordinator: Coordinator,
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     cluster_token: Option<Secret>,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    if let Ok(address) = listener.local_addr()
-        && !address.ip().is_loopback()
-    {
-        tracing::warn!(%address, "serving gRPC without TLS on a non-loopback address");
+    if let Ok(address) = listener.local_addr() {
+        match (&tls, address.ip().is_loopback()) {
+            (Some(_), _) => tracing::info!(%address, "serving gRPC with mutual TLS"),
+            (None, true) => tracing::info!(%address, "serving plaintext gRPC on loopback"),
+            (None, false) => {
+                tracing::warn!(%address, "serving gRPC WITHOUT TLS on a non-loopback address; configure [cluster.tls]")
+            }
+        }
     }
     let auth = ClusterAuth::new(cluster_token);
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -537,7 +543,11 @@ pub async fn serve(
             tracing::error!(%e, "reflection service unavailable");
             e
         });
-    let mut router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let mut router = builder
         .add_service(health)
         .add_service(WorkerServiceServer::new(WorkerApi {
             coordinator: coordinator.clone(),

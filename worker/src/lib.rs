@@ -57,6 +57,8 @@ pub struct WorkerSettings {
     pub cluster_token: Option<Secret>,
     /// How long one AcquireLease call waits for work.
     pub acquire_wait: Duration,
+    /// Mutual TLS to the coordinator (the address must then be `https://`).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// A connection to the coordinator with the cluster token attached to every call.
@@ -115,10 +117,15 @@ pub async fn run(
     entropy: Entropy,
     cancel: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(settings.coordinator.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(settings.coordinator.clone())
         .map_err(|_| WorkerError::Address(settings.coordinator.clone()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    if let Some(tls) = settings.tls.clone() {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| WorkerError::Address(format!("{}: {e}", settings.coordinator)))?;
+    }
     let channel = endpoint.connect_lazy();
     let coordinator = Coordinator {
         client: WorkerServiceClient::new(channel),
