@@ -136,6 +136,9 @@ pub struct ExportArgs {
     /// Submit and return without following progress.
     #[arg(long)]
     no_wait: bool,
+    /// Only what changed since this tenant's last export (its transactionTime as `_since`).
+    #[arg(long)]
+    incremental: bool,
     #[command(flatten)]
     tls: ClientTls,
 }
@@ -294,6 +297,7 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         .submit_export(with_token(pb::SubmitExportRequest {
             tenant: args.tenant.clone(),
             request_json,
+            incremental: args.incremental,
         }))
         .await
         .map_err(|s| anyhow::anyhow!("submit refused: {}", s.message()))?

@@ -167,7 +167,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tenant.base_url
     );
     let started = Instant::now();
-    let job_id = coordinator.submit(&tenant.name, None).await?;
+    let job_id = coordinator.submit(&tenant.name, None, false).await?;
     let mut admin = AdminServiceClient::connect(address.clone())
         .await
         .context("connecting to the local coordinator")?;

@@ -186,12 +186,17 @@ backoff_max = "500ms"
     }
 
     async fn submit(&self, request_json: &str) -> String {
+        self.submit_with(request_json, false).await
+    }
+
+    async fn submit_with(&self, request_json: &str, incremental: bool) -> String {
         let response = self
             .admin()
             .await
             .submit_export(pb::SubmitExportRequest {
                 tenant: "sim".into(),
                 request_json: request_json.into(),
+                incremental,
             })
             .await
             .unwrap();
@@ -605,4 +610,35 @@ async fn mutual_tls_protects_the_cluster_apis() {
         Err(_) => true,
     };
     assert!(refused, "a plaintext client was let in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_export_uses_the_last_transaction_time_as_since() {
+    let config = SimConfig {
+        patients: 20,
+        job_duration: Duration::from_millis(100),
+        ..SimConfig::default()
+    };
+    let mut cluster = Cluster::start(config, "5s").await;
+    cluster.start_worker("w1");
+    let first = cluster.submit("").await;
+    let done = cluster.wait_completed(&first, Duration::from_secs(60)).await;
+    let transaction_time = done.summary.unwrap().transaction_time.expect("transactionTime kept");
+    // Let the EHR's clock pass the first export's transactionTime.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = cluster.submit_with("", true).await;
+    cluster.wait_completed(&second, Duration::from_secs(60)).await;
+    let kickoffs = cluster.sim.observed().kickoffs;
+    assert_eq!(kickoffs.len(), 2);
+    assert!(!kickoffs[0].params.iter().any(|(k, _)| k == "_since"));
+    let since: Vec<&str> = kickoffs[1]
+        .params
+        .iter()
+        .filter(|(k, _)| k == "_since")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let expected =
+        time::OffsetDateTime::parse(&transaction_time, &time::format_description::well_known::Rfc3339).unwrap();
+    let sent = time::OffsetDateTime::parse(since[0], &time::format_description::well_known::Rfc3339).unwrap();
+    assert_eq!(sent, expected, "the second export starts where the first ended");
 }

@@ -392,7 +392,7 @@ impl AdminService for AdminApi {
         };
         let job_id = self
             .coordinator
-            .submit(&request.tenant, export)
+            .submit(&request.tenant, export, request.incremental)
             .await
             .map_err(status_from)?;
         tracing::info!(job = %job_id, tenant = %request.tenant, "export submitted");

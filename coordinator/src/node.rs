@@ -114,6 +114,7 @@ impl Coordinator {
             RaftSettings {
                 node_id: 1,
                 tick: settings.raft_tick,
+                ..RaftSettings::default()
             },
             cancel.child_token(),
         )?;
@@ -175,10 +176,20 @@ impl Coordinator {
     }
 
     /// Commits a new export for `tenant` (nothing is sent to the EHR before the commit).
-    /// Without a request, the tenant's configured one is used.
-    pub async fn submit(&self, tenant: &str, request: Option<ExportRequest>) -> Result<String, CoordinatorError> {
+    /// Without a request, the tenant's configured one is used. `incremental` fills `since`
+    /// with the tenant's last `transactionTime`, when it has one and the request has none.
+    pub async fn submit(
+        &self,
+        tenant: &str,
+        request: Option<ExportRequest>,
+        incremental: bool,
+    ) -> Result<String, CoordinatorError> {
         let config = &self.tenant(tenant)?.config;
-        let request = request.unwrap_or_else(|| config.request.clone());
+        let mut request = request.unwrap_or_else(|| config.request.clone());
+        if incremental && request.since.is_none() {
+            let name = tenant.to_string();
+            request.since = self.read(move |state| state.tenant_since.get(&name).cloned()).await?;
+        }
         request.validate(&config.profile)?;
         match self
             .propose(Command::SubmitJob {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, EntryType, HardState};
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::{Config, RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -113,8 +113,10 @@ impl SledLog {
         })
     }
 
-    /// Loads everything into a MemStorage (the in-memory view raft-rs reads).
-    fn load(&self, node_id: u64) -> Result<MemStorage, RaftError> {
+    /// Loads everything into a MemStorage (the in-memory view raft-rs reads): the latest
+    /// snapshot (with the state machine it holds), then the entries after it, then the hard
+    /// state. Returns the storage, the restored state and the index it reflects.
+    fn load(&self, node_id: u64) -> Result<(MemStorage, State, u64), RaftError> {
         let storage = MemStorage::new();
         let conf_state = match self.tree.get("cs").map_err(storage_error)? {
             Some(bytes) => ConfState::parse_from_bytes(&bytes).map_err(storage_error)?,
@@ -129,19 +131,42 @@ impl SledLog {
                 conf_state
             }
         };
+        let mut state = State::default();
+        let mut applied = 0;
+        let mut core = storage.wl();
+        if let Some(bytes) = self.tree.get("snap").map_err(storage_error)? {
+            let snapshot = Snapshot::parse_from_bytes(&bytes).map_err(storage_error)?;
+            state =
+                serde_json::from_slice(&snapshot.data).map_err(|e| storage_error(format!("snapshot state: {e}")))?;
+            applied = snapshot.get_metadata().index;
+            core.apply_snapshot(snapshot).map_err(storage_error)?;
+        }
         let mut entries = Vec::new();
-        for item in self.tree.scan_prefix(b"e/") {
+        for item in self.tree.range(entry_key(applied + 1)..entry_key(u64::MAX)) {
             let (_, bytes) = item.map_err(storage_error)?;
             entries.push(Entry::parse_from_bytes(&bytes).map_err(storage_error)?);
         }
-        let mut core = storage.wl();
         core.set_conf_state(conf_state);
         core.append(&entries).map_err(storage_error)?;
         if let Some(bytes) = self.tree.get("hs").map_err(storage_error)? {
             core.set_hardstate(HardState::parse_from_bytes(&bytes).map_err(storage_error)?);
         }
         drop(core);
-        Ok(storage)
+        Ok((storage, state, applied))
+    }
+
+    /// Saves a snapshot and drops the log entries it covers.
+    fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), RaftError> {
+        let index = snapshot.get_metadata().index;
+        let mut batch = sled::Batch::default();
+        batch.insert("snap", snapshot.write_to_bytes().map_err(storage_error)?);
+        for covered in self.tree.range(entry_key(0)..=entry_key(index)) {
+            let (key, _) = covered.map_err(storage_error)?;
+            batch.remove(key);
+        }
+        self.tree.apply_batch(batch).map_err(storage_error)?;
+        self.tree.flush().map_err(storage_error)?;
+        Ok(())
     }
 
     /// Persists new entries (replacing any conflicting tail) and the hard state, durably.
@@ -170,6 +195,8 @@ impl SledLog {
 pub struct RaftSettings {
     pub node_id: u64,
     pub tick: Duration,
+    /// Snapshot the state machine and compact the log every this many applied entries.
+    pub snapshot_every: u64,
 }
 
 impl Default for RaftSettings {
@@ -177,6 +204,7 @@ impl Default for RaftSettings {
         RaftSettings {
             node_id: 1,
             tick: Duration::from_millis(100),
+            snapshot_every: 10_000,
         }
     }
 }
@@ -184,12 +212,12 @@ impl Default for RaftSettings {
 /// Starts the raft node actor over the log in `dir`.
 pub fn start(dir: &Path, settings: RaftSettings, cancel: CancellationToken) -> Result<RaftHandle, RaftError> {
     let log = SledLog::open(dir)?;
-    let storage = log.load(settings.node_id)?;
+    let (storage, state, snapshot_index) = log.load(settings.node_id)?;
     let config = Config {
         id: settings.node_id,
         election_tick: 10,
         heartbeat_tick: 3,
-        applied: 0,
+        applied: snapshot_index,
         check_quorum: true,
         pre_vote: true,
         ..Default::default()
@@ -200,12 +228,14 @@ pub fn start(dir: &Path, settings: RaftSettings, cancel: CancellationToken) -> R
     // A single voter elects itself at once.
     node.campaign().map_err(storage_error)?;
     let (messages, receiver) = mpsc::channel(256);
-    let (applied_tx, applied) = watch::channel(0);
+    let (applied_tx, applied) = watch::channel(snapshot_index);
     let (role_tx, role) = watch::channel(false);
     let actor = Actor {
         node,
         log: Arc::new(log),
-        state: State::default(),
+        state,
+        snapshot_index,
+        snapshot_every: settings.snapshot_every.max(1),
         waiting: BTreeMap::new(),
         next_request: 0,
         applied: applied_tx,
@@ -223,6 +253,8 @@ struct Actor {
     node: RawNode<MemStorage>,
     log: Arc<SledLog>,
     state: State,
+    snapshot_index: u64,
+    snapshot_every: u64,
     waiting: BTreeMap<u64, Reply>,
     next_request: u64,
     applied: watch::Sender<u64>,
@@ -324,6 +356,33 @@ impl Actor {
         }
         self.apply_entries(light.take_committed_entries());
         self.node.advance_apply();
+        self.snapshot_if_due().await
+    }
+
+    /// Every `snapshot_every` applied entries: save the state machine in sled and compact
+    /// the log up to it, so a restart replays only what came after.
+    async fn snapshot_if_due(&mut self) -> Result<(), RaftError> {
+        let applied = self.node.raft.raft_log.applied;
+        if applied < self.snapshot_index + self.snapshot_every {
+            return Ok(());
+        }
+        let term = self.node.raft.raft_log.term(applied).map_err(storage_error)?;
+        let conf_state = raft::Storage::initial_state(self.node.store())
+            .map_err(storage_error)?
+            .conf_state;
+        let mut snapshot = Snapshot::default();
+        snapshot.data = serde_json::to_vec(&self.state).map_err(storage_error)?.into();
+        let metadata = snapshot.mut_metadata();
+        metadata.index = applied;
+        metadata.term = term;
+        metadata.set_conf_state(conf_state);
+        let log = Arc::clone(&self.log);
+        tokio::task::spawn_blocking(move || log.save_snapshot(&snapshot))
+            .await
+            .map_err(storage_error)??;
+        self.node.mut_store().wl().compact(applied).map_err(storage_error)?;
+        self.snapshot_index = applied;
+        tracing::debug!(index = applied, "state machine snapshot saved; log compacted");
         Ok(())
     }
 
@@ -364,6 +423,7 @@ mod tests {
             RaftSettings {
                 node_id: 1,
                 tick: Duration::from_millis(10),
+                snapshot_every: 10,
             },
             cancel.clone(),
         )
@@ -415,6 +475,39 @@ mod tests {
         assert_eq!(
             raft.propose(submit()).await.unwrap(),
             Applied::JobSubmitted { job_id: "job-2".into() }
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn snapshots_compact_the_log_and_restore_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let raft = leader(dir.path(), &cancel).await;
+        for _ in 0..35 {
+            raft.propose(submit()).await.unwrap();
+        }
+        cancel.cancel();
+        drop(raft);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        {
+            let log = SledLog::open(dir.path()).unwrap();
+            let entries = log.tree.scan_prefix(b"e/").count();
+            assert!(entries < 20, "the log was compacted: {entries} entries left");
+            assert!(log.tree.get("snap").unwrap().is_some());
+        }
+        let cancel = CancellationToken::new();
+        let raft = leader(dir.path(), &cancel).await;
+        assert_eq!(
+            raft.read(|state| state.jobs.len()).await.unwrap(),
+            35,
+            "snapshot plus the log tail restore every job"
+        );
+        assert_eq!(
+            raft.propose(submit()).await.unwrap(),
+            Applied::JobSubmitted {
+                job_id: "job-36".into()
+            }
         );
         cancel.cancel();
     }
