@@ -370,8 +370,10 @@ impl Actor {
         let conf_state = raft::Storage::initial_state(self.node.store())
             .map_err(storage_error)?
             .conf_state;
-        let mut snapshot = Snapshot::default();
-        snapshot.data = serde_json::to_vec(&self.state).map_err(storage_error)?.into();
+        let mut snapshot = Snapshot {
+            data: serde_json::to_vec(&self.state).map_err(storage_error)?.into(),
+            ..Default::default()
+        };
         let metadata = snapshot.mut_metadata();
         metadata.index = applied;
         metadata.term = term;
