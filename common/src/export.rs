@@ -1,6 +1,7 @@
-//! One whole export in one process: kick off, poll, download every file (starting on
-//! partial-manifest files while polling continues), write a summary. `fhirhaul run` uses this
-//! today; the coordinator's job driver uses the same pieces step by step.
+//! One whole export in one process, without a cluster: kick off, poll, download every file
+//! (starting on partial-manifest files while polling continues), write a summary. For
+//! embedding the client core and for its own tests; the coordinator's job driver uses the
+//! same pieces step by step, with each step committed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
