@@ -195,7 +195,16 @@ pub async fn download_file(
         options.progress.clone(),
         url.clone(),
     );
-    let writer_task = tokio::task::spawn_blocking(move || writer.and_then(|w| w.run(receiver)));
+    // The writer gets its own thread rather than the blocking pool: it lives as long as the
+    // download, and a long-running blocking-pool task would also stop a paused tokio clock
+    // (tests, turmoil) from advancing.
+    let (finished_tx, writer_task) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("fhirhaul-writer".into())
+        .spawn(move || {
+            let _ = finished_tx.send(writer.and_then(|w| w.run(receiver)));
+        })
+        .map_err(|e| Error::io("starting the writer thread for", &part, e))?;
     let driver = Driver {
         client,
         file,

@@ -207,3 +207,97 @@ impl HttpTransport for ReqwestTransport {
         })
     }
 }
+
+/// A byte stream a [`Dialer`] opens (a TCP connection of some network).
+pub trait Connection: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Connection for T {}
+
+/// Opens connections by host and port. Production uses the OS network through reqwest; a
+/// simulation supplies one over its simulated network.
+#[async_trait::async_trait]
+pub trait Dialer: Send + Sync + 'static {
+    async fn dial(&self, host: &str, port: u16) -> std::io::Result<Box<dyn Connection>>;
+}
+
+/// An [`HttpTransport`] on plain hyper over any [`Dialer`]: HTTP/1.1, plaintext, one
+/// connection per request (no pool, so nothing carries over between requests). It is the
+/// transport for simulated networks, where every connection is visible to the simulator.
+pub struct HyperTransport<D> {
+    dialer: D,
+}
+
+impl<D: Dialer> HyperTransport<D> {
+    pub fn new(dialer: D) -> Self {
+        HyperTransport { dialer }
+    }
+}
+
+#[async_trait::async_trait]
+impl<D: Dialer> HttpTransport for HyperTransport<D> {
+    async fn send(&self, request: HttpRequest) -> Result<HttpResponse> {
+        let url = request.url.clone();
+        let network = |message: String| Error::Network {
+            url: SafeUrl::from(&url),
+            message,
+        };
+        if url.scheme() != "http" {
+            return Err(network(format!(
+                "{} is not supported by this transport (plain http only)",
+                url.scheme()
+            )));
+        }
+        let host = url.host_str().ok_or_else(|| network("no host".into()))?.to_string();
+        let port = url.port_or_known_default().unwrap_or(80);
+        let stream = self
+            .dialer
+            .dial(&host, port)
+            .await
+            .map_err(|e| network(format!("could not connect: {e}")))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| network(format!("handshake failed: {e}")))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut builder = http::Request::builder().method(request.method).uri(match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_string(),
+        });
+        let authority = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.clone(),
+        };
+        builder = builder.header(http::header::HOST, authority);
+        for (name, value) in &request.headers {
+            builder = builder.header(name, value);
+        }
+        let outgoing = builder
+            .body(http_body_util::Full::new(request.body))
+            .map_err(|e| network(format!("invalid request: {e}")))?;
+        let response = sender
+            .send_request(outgoing)
+            .await
+            .map_err(|e| network(format!("request failed: {e}")))?;
+        let (parts, body) = response.into_parts();
+        let body_url = SafeUrl::from(&url);
+        let frames = http_body_util::BodyStream::new(body).filter_map(move |frame| {
+            let body_url = body_url.clone();
+            async move {
+                match frame {
+                    Ok(frame) => frame.into_data().ok().map(Ok),
+                    Err(e) => Some(Err(Error::Network {
+                        url: body_url,
+                        message: format!("response body interrupted: {e}"),
+                    })),
+                }
+            }
+        });
+        Ok(HttpResponse {
+            status: parts.status,
+            headers: parts.headers,
+            url,
+            body: Box::pin(frames),
+        })
+    }
+}

@@ -83,6 +83,8 @@ pub struct SimConfig {
     pub spool_dir: Option<PathBuf>,
     /// gzip file responses when the client offers it.
     pub compress: bool,
+    /// The sim's calendar time at start (default: the wall clock), for reproducible runs.
+    pub wall_clock_base: Option<SystemTime>,
 }
 
 impl Default for SimConfig {
@@ -103,6 +105,7 @@ impl Default for SimConfig {
             grant_scope: None,
             spool_dir: None,
             compress: true,
+            wall_clock_base: None,
         }
     }
 }
@@ -264,8 +267,26 @@ impl Shared {
 /// A running simulated EHR. Dropping it stops its servers.
 pub struct SimEhr {
     shared: Arc<Shared>,
+    cancel: CancellationToken,
     _stop: DropGuard,
     _spool: Option<tempfile::TempDir>,
+}
+
+/// Serves connections of a [`SimEhr`] (see [`SimEhr::new`]).
+#[derive(Clone)]
+pub struct ConnectionHandler {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+}
+
+impl ConnectionHandler {
+    /// Serves one connection; `storage` selects the storage origin's routes.
+    pub async fn serve<I>(&self, io: I, storage: bool)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        server::serve_connection(io, Arc::clone(&self.shared), storage, self.cancel.clone()).await;
+    }
 }
 
 impl SimEhr {
@@ -278,8 +299,31 @@ impl SimEhr {
 
     /// Serves on listeners the caller bound.
     pub async fn serve(config: SimConfig, fhir: TcpListener, storage: TcpListener) -> std::io::Result<SimEhr> {
-        let fhir_addr = fhir.local_addr()?;
-        let storage_addr = storage.local_addr()?;
+        let sim = SimEhr::new(
+            config,
+            &format!("http://{}", fhir.local_addr()?),
+            &format!("http://{}", storage.local_addr()?),
+        )?;
+        let handler = sim.handler();
+        tokio::spawn(server::accept_loop(
+            fhir,
+            Arc::clone(&handler.shared),
+            false,
+            handler.cancel.clone(),
+        ));
+        tokio::spawn(server::accept_loop(
+            storage,
+            Arc::clone(&handler.shared),
+            true,
+            handler.cancel.clone(),
+        ));
+        Ok(sim)
+    }
+
+    /// A simulated EHR whose connections the caller accepts (on any network) and hands to
+    /// [`SimEhr::handler`]. `fhir_origin` and `storage_origin` are how clients reach it
+    /// (`http://host:port`).
+    pub fn new(config: SimConfig, fhir_origin: &str, storage_origin: &str) -> std::io::Result<SimEhr> {
         let (spool_dir, spool_guard) = match &config.spool_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
@@ -293,11 +337,11 @@ impl SimEhr {
         let mut rng = StdRng::seed_from_u64(config.seed);
         let storage_secret = random_hex(&mut rng, 16);
         let shared = Arc::new(Shared {
-            fhir_base: format!("http://{fhir_addr}/fhir"),
-            token_url: format!("http://{fhir_addr}/auth/token"),
-            storage_origin: format!("http://{storage_addr}"),
+            fhir_base: format!("{fhir_origin}/fhir"),
+            token_url: format!("{fhir_origin}/auth/token"),
+            storage_origin: storage_origin.to_string(),
             spool_dir,
-            started_wall: SystemTime::now(),
+            started_wall: config.wall_clock_base.unwrap_or_else(SystemTime::now),
             started: tokio::time::Instant::now(),
             storage_secret,
             state: Mutex::new(State {
@@ -313,13 +357,20 @@ impl SimEhr {
             config,
         });
         let cancel = CancellationToken::new();
-        tokio::spawn(server::accept_loop(fhir, Arc::clone(&shared), false, cancel.clone()));
-        tokio::spawn(server::accept_loop(storage, Arc::clone(&shared), true, cancel.clone()));
         Ok(SimEhr {
             shared,
+            cancel: cancel.clone(),
             _stop: cancel.drop_guard(),
             _spool: spool_guard,
         })
+    }
+
+    /// Serves connections for this EHR; cheap to clone into a simulated host.
+    pub fn handler(&self) -> ConnectionHandler {
+        ConnectionHandler {
+            shared: Arc::clone(&self.shared),
+            cancel: self.cancel.clone(),
+        }
     }
 
     /// The FHIR base URL (`http://127.0.0.1:PORT/fhir`).
