@@ -254,6 +254,7 @@ pub fn worker_settings(
 ) -> WorkerSettings {
     WorkerSettings {
         tls: None,
+        dialer: None,
         coordinator,
         name,
         concurrency,

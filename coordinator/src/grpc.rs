@@ -532,6 +532,29 @@ pub async fn serve(
             }
         }
     }
+    serve_incoming(
+        coordinator,
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        tls,
+        cluster_token,
+        cancel,
+    )
+    .await
+}
+
+/// [`serve`] over any stream of accepted connections (a simulated network's, say).
+pub async fn serve_incoming<I, IO, IE>(
+    coordinator: Coordinator,
+    incoming: I,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    cluster_token: Option<Secret>,
+    cancel: CancellationToken,
+) -> Result<(), tonic::transport::Error>
+where
+    I: Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let auth = ClusterAuth::new(cluster_token);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
@@ -558,9 +581,6 @@ pub async fn serve(
         router = router.add_service(reflection);
     }
     router
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            cancel.cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await
 }

@@ -19,7 +19,7 @@ use fhirhaul_common::Category;
 use fhirhaul_common::client::FhirClient;
 use fhirhaul_common::clock::{Clock, Entropy};
 use fhirhaul_common::download::{Checkpoint, DownloadOptions, DownloadSettings, download_file};
-use fhirhaul_common::http::HttpTransport;
+use fhirhaul_common::http::{Dialer, HttpTransport};
 use fhirhaul_common::manifest::{FileKind, ManifestFile};
 use fhirhaul_common::secret::Secret;
 use fhirhaul_proto::v1 as pb;
@@ -42,7 +42,7 @@ pub enum WorkerError {
 }
 
 /// How a worker runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerSettings {
     /// `http://host:port` of the coordinator.
     pub coordinator: String,
@@ -59,6 +59,21 @@ pub struct WorkerSettings {
     pub acquire_wait: Duration,
     /// Mutual TLS to the coordinator (the address must then be `https://`).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// How to reach the coordinator; the OS network when `None` (a simulation passes its own).
+    pub dialer: Option<Arc<dyn Dialer>>,
+}
+
+impl std::fmt::Debug for WorkerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerSettings")
+            .field("coordinator", &self.coordinator)
+            .field("name", &self.name)
+            .field("concurrency", &self.concurrency)
+            .field("output_dir", &self.output_dir)
+            .field("state_dir", &self.state_dir)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A connection to the coordinator with the cluster token attached to every call.
@@ -126,7 +141,17 @@ pub async fn run(
             .tls_config(tls)
             .map_err(|e| WorkerError::Address(format!("{}: {e}", settings.coordinator)))?;
     }
-    let channel = endpoint.connect_lazy();
+    let channel = match settings.dialer.clone() {
+        None => endpoint.connect_lazy(),
+        Some(dialer) => endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: http::Uri| {
+            let dialer = Arc::clone(&dialer);
+            async move {
+                let host = uri.host().unwrap_or_default().to_string();
+                let port = uri.port_u16().unwrap_or(80);
+                dialer.dial(&host, port).await.map(hyper_util::rt::TokioIo::new)
+            }
+        })),
+    };
     let coordinator = Coordinator {
         client: WorkerServiceClient::new(channel),
         cluster_token: settings.cluster_token.clone(),
