@@ -135,6 +135,12 @@ pub async fn run(
     let mut endpoint = tonic::transport::Endpoint::from_shared(settings.coordinator.clone())
         .map_err(|_| WorkerError::Address(settings.coordinator.clone()))?
         .connect_timeout(Duration::from_secs(5))
+        // A call must not hang on a connection a partition silently broke: every call has a
+        // deadline (the long-poll's wait plus slack), and idle connections are probed.
+        .timeout(settings.acquire_wait + Duration::from_secs(15))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     if let Some(tls) = settings.tls.clone() {
         endpoint = endpoint
