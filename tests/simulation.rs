@@ -576,12 +576,11 @@ fn cluster_run(scenario: Scenario) -> String {
             }
         }
     }
-    let outcome = digest
+    digest
         .lock()
         .unwrap()
         .take()
-        .unwrap_or_else(|| panic!("seed {seed}: the operator did not finish\n{}", replay_hint(seed)));
-    outcome
+        .unwrap_or_else(|| panic!("seed {seed}: the operator did not finish\n{}", replay_hint(seed)))
 }
 
 fn collect(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
