@@ -29,11 +29,38 @@ impl Dialer for TurmoilDialer {
     }
 }
 
+/// The tenant every host uses to reach the simulated EHR.
+fn sim_tenant(credentials: &ClientCredentials, key: std::path::PathBuf) -> TenantConfig {
+    TenantConfig {
+        name: "sim".into(),
+        base_url: "http://ehr:80/fhir".parse().expect("a URL"),
+        client_id: credentials.client_id.clone(),
+        private_key: key,
+        algorithm: None,
+        kid: Some(credentials.kid.clone()),
+        scope: None,
+        token_url: None,
+        jku: None,
+        token_allow_list: vec![],
+        assertion_lifetime: Duration::from_secs(240),
+        refresh_margin: Duration::from_secs(60),
+        profile: ServerProfile::default(),
+        export: ExportSettings {
+            poll: PollSettings {
+                min_interval: Duration::from_secs(1),
+                max_interval: Duration::from_secs(10),
+                ..PollSettings::default()
+            },
+            ..ExportSettings::default()
+        },
+        request: ExportRequest::default(),
+    }
+}
+
 /// What the EHR host publishes for the client host.
 #[derive(Default)]
 struct Published {
     credentials: Option<ClientCredentials>,
-    served: Vec<ServedFile>,
     sim: Option<SimEhr>,
 }
 
@@ -106,30 +133,7 @@ fn run(seed: u64) -> ExportResult {
         let dir = tempfile::tempdir()?;
         let key = dir.path().join("key.pem");
         std::fs::write(&key, &credentials.private_key_pem)?;
-        let tenant = TenantConfig {
-            name: "sim".into(),
-            base_url: "http://ehr:80/fhir".parse()?,
-            client_id: credentials.client_id.clone(),
-            private_key: key,
-            algorithm: None,
-            kid: Some(credentials.kid.clone()),
-            scope: None,
-            token_url: None,
-            jku: None,
-            token_allow_list: vec![],
-            assertion_lifetime: Duration::from_secs(240),
-            refresh_margin: Duration::from_secs(60),
-            profile: ServerProfile::default(),
-            export: ExportSettings {
-                poll: PollSettings {
-                    min_interval: Duration::from_secs(1),
-                    max_interval: Duration::from_secs(10),
-                    ..PollSettings::default()
-                },
-                ..ExportSettings::default()
-            },
-            request: ExportRequest::default(),
-        };
+        let tenant = sim_tenant(&credentials, key);
         let transport = Arc::new(HyperTransport::new(TurmoilDialer));
         let clock = Arc::new(TokioClock::starting_at(base));
         let client = tenant.connect(transport, clock, Entropy::from_seed(seed), CancellationToken::new())?;
@@ -144,12 +148,16 @@ fn run(seed: u64) -> ExportResult {
         )
         .await?;
         assert!(report.failed.is_empty(), "{:?}", report.failed);
-        let mut slot = client_slot.lock().unwrap();
-        let sim = slot.sim.as_ref().expect("the EHR is up");
-        slot.served = sim.served_files(1);
+        let served_files: Vec<ServedFile> = client_slot
+            .lock()
+            .unwrap()
+            .sim
+            .as_ref()
+            .expect("the EHR is up")
+            .served_files(1);
         let mut saved: Vec<String> = report.files.iter().map(|f| f.outcome.sha256.clone()).collect();
         saved.sort();
-        let mut served: Vec<String> = slot.served.iter().map(|f| f.sha256.clone()).collect();
+        let mut served: Vec<String> = served_files.iter().map(|f| f.sha256.clone()).collect();
         served.sort();
         assert_eq!(saved, served, "byte-identical over the simulated network");
         let resumes = report.files.iter().map(|f| f.outcome.resumes).sum();
@@ -368,30 +376,7 @@ fn cluster_run(scenario: Scenario) -> String {
             };
             let key = disk.path().join("key.pem");
             std::fs::write(&key, &credentials.private_key_pem)?;
-            let tenant = TenantConfig {
-                name: "sim".into(),
-                base_url: "http://ehr:80/fhir".parse()?,
-                client_id: credentials.client_id.clone(),
-                private_key: key,
-                algorithm: None,
-                kid: Some(credentials.kid.clone()),
-                scope: None,
-                token_url: None,
-                jku: None,
-                token_allow_list: vec![],
-                assertion_lifetime: Duration::from_secs(240),
-                refresh_margin: Duration::from_secs(60),
-                profile: ServerProfile::default(),
-                export: ExportSettings {
-                    poll: PollSettings {
-                        min_interval: Duration::from_secs(1),
-                        max_interval: Duration::from_secs(10),
-                        ..PollSettings::default()
-                    },
-                    ..ExportSettings::default()
-                },
-                request: ExportRequest::default(),
-            };
+            let tenant = sim_tenant(&credentials, key);
             let settings = CoordinatorSettings {
                 data_dir: disk.path().join("coordinator"),
                 lease_duration: Duration::from_secs(10),

@@ -15,8 +15,6 @@
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -125,13 +123,6 @@ pub struct Checkpoint {
     pub validator: Option<Validator>,
 }
 
-/// Live counters for progress displays.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub bytes: AtomicU64,
-    pub resources: AtomicU64,
-}
-
 /// Optional hooks for a download.
 #[derive(Default)]
 pub struct DownloadOptions {
@@ -139,7 +130,6 @@ pub struct DownloadOptions {
     pub resume: Option<Checkpoint>,
     /// Receives each new durable checkpoint.
     pub checkpoints: Option<watch::Sender<Checkpoint>>,
-    pub progress: Option<Arc<Progress>>,
     pub cancel: CancellationToken,
 }
 
@@ -192,7 +182,6 @@ pub async fn download_file(
         LineChecker::new(Expect::for_file(file), settings.max_line_bytes),
         settings.checkpoint_every_bytes,
         options.checkpoints.clone(),
-        options.progress.clone(),
         url.clone(),
     );
     // The writer gets its own thread rather than the blocking pool: it lives as long as the
@@ -577,7 +566,6 @@ struct Writer {
     checkpoint_every: u64,
     last_checkpoint: u64,
     checkpoints: Option<watch::Sender<Checkpoint>>,
-    progress: Option<Arc<Progress>>,
     url: SafeUrl,
 }
 
@@ -588,7 +576,6 @@ impl Writer {
         mut checker: LineChecker,
         checkpoint_every: u64,
         checkpoints: Option<watch::Sender<Checkpoint>>,
-        progress: Option<Arc<Progress>>,
         url: SafeUrl,
     ) -> Result<Writer> {
         let mut hasher = Sha256::new();
@@ -639,7 +626,6 @@ impl Writer {
             checkpoint_every,
             last_checkpoint: resume.offset,
             checkpoints,
-            progress,
             url,
         })
     }
@@ -747,10 +733,6 @@ impl Writer {
                 }
                 self.take_decoded(&decoded)?;
             }
-        }
-        if let Some(progress) = &self.progress {
-            progress.bytes.store(self.written, Ordering::Relaxed);
-            progress.resources.store(self.checker.resources(), Ordering::Relaxed);
         }
         // Mid-file durability points matter only to someone who records them (a worker's
         // checkpoint store); without one, syncing here would only slow the download.

@@ -457,14 +457,6 @@ impl SimEhr {
     pub fn jobs(&self) -> Vec<u64> {
         self.shared.lock().jobs.keys().copied().collect()
     }
-
-    /// Makes every issued token expire now.
-    pub fn expire_all_tokens(&self) {
-        let now = tokio::time::Instant::now();
-        for token in self.shared.lock().tokens.values_mut() {
-            token.expires = now;
-        }
-    }
 }
 
 fn random_hex(rng: &mut StdRng, bytes: usize) -> String {

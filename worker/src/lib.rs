@@ -368,7 +368,6 @@ impl SlotContext {
         let options = DownloadOptions {
             resume,
             checkpoints: Some(checkpoint_tx),
-            progress: None,
             cancel: download_cancel.clone(),
         };
         let result = download_file(
