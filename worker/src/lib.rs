@@ -387,6 +387,33 @@ impl SlotContext {
         }
         match result {
             Ok(outcome) => {
+                // Confirm the lease is still ours right before publishing, so a worker that
+                // was presumed dead does not overwrite the newer owner's file.
+                let still_ours = self.coordinator.request(pb::RenewLeaseRequest {
+                    worker_id: self.coordinator.worker_id.clone(),
+                    lease_id: lease.lease_id.clone(),
+                    generation: lease.generation,
+                    progress: Some(pb::Checkpoint {
+                        offset: outcome.bytes,
+                        lines: 0,
+                        resources: outcome.resources,
+                        etag: None,
+                        last_modified: None,
+                    }),
+                });
+                if let Err(status) = self.coordinator.client().renew_lease(still_ours).await {
+                    tracing::warn!(%status, "lease no longer ours (or unreachable) at publish time; not publishing");
+                    if status.code() != tonic::Code::Aborted {
+                        self.fail(
+                            &lease,
+                            category_to_pb(Category::Network),
+                            format!("could not confirm the lease: {}", status.message()),
+                            false,
+                        )
+                        .await;
+                    }
+                    return;
+                }
                 let published = self.settings.output_dir.join(&relative);
                 if let Err(error) = publish(&staging, &published).await {
                     return self
