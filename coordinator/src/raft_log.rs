@@ -197,6 +197,10 @@ pub struct RaftSettings {
     pub tick: Duration,
     /// Snapshot the state machine and compact the log every this many applied entries.
     pub snapshot_every: u64,
+    /// Election timeout in ticks. raft-rs would draw it from `thread_rng` within
+    /// [min, max); the range is pinned to this one value so a simulation can give each
+    /// node its own timeout from the run's seed and replay it.
+    pub election_tick: usize,
 }
 
 impl Default for RaftSettings {
@@ -205,6 +209,7 @@ impl Default for RaftSettings {
             node_id: 1,
             tick: Duration::from_millis(100),
             snapshot_every: 10_000,
+            election_tick: 10,
         }
     }
 }
@@ -213,9 +218,12 @@ impl Default for RaftSettings {
 pub fn start(dir: &Path, settings: RaftSettings, cancel: CancellationToken) -> Result<RaftHandle, RaftError> {
     let log = SledLog::open(dir)?;
     let (storage, state, snapshot_index) = log.load(settings.node_id)?;
+    let election_tick = settings.election_tick.max(4);
     let config = Config {
         id: settings.node_id,
-        election_tick: 10,
+        election_tick,
+        min_election_tick: election_tick,
+        max_election_tick: election_tick + 1,
         heartbeat_tick: 3,
         applied: snapshot_index,
         check_quorum: true,
@@ -426,6 +434,7 @@ mod tests {
                 node_id: 1,
                 tick: Duration::from_millis(10),
                 snapshot_every: 10,
+                election_tick: 10,
             },
             cancel.clone(),
         )
