@@ -4,13 +4,16 @@
 //! - [`auth`]: SMART Backend Services discovery, client-assertion JWTs, token requests, and
 //!   the [`auth::TokenManager`] actor.
 //! - [`keys`]: loading and generating RS384/ES384 keys, JWK Sets.
-//! - [`http`]: the one HTTP seam ([`http::HttpTransport`]) and its reqwest implementation.
+//! - [`http`]: the one HTTP seam ([`http::HttpTransport`]): reqwest in production,
+//!   [`http::HyperTransport`] over any [`http::Dialer`] for simulated networks.
+//! - [`config`]: one tenant's configuration ([`config::TenantConfig`]) and connecting it.
 //! - [`client`]: [`client::FhirClient`], which decides where a token may go, retries once on
 //!   401 and follows redirects without leaking the token.
 //! - [`kickoff`], [`status`], [`manifest`]: starting an export, polling it, reading manifests.
 //! - [`ndjson`] and [`download`]: streaming, validating, resumable file download.
 //! - [`export`]: a whole export in one process (kick-off → poll → download every file).
-//! - [`clock`], [`retry`], [`secret`], [`fhir`], [`url_util`], [`error`]: the small pieces.
+//! - [`clock`], [`retry`], [`secret`], [`fhir`], [`url_util`], [`error`],
+//!   [`serde_duration`]: the small pieces.
 
 pub mod auth;
 pub mod client;
