@@ -369,16 +369,41 @@ impl Coordinator {
         deleting: &mut BTreeSet<String>,
     ) -> Result<(), CoordinatorError> {
         let now = self.now_ms();
-        let jobs: Vec<(String, JobPhase, bool, bool)> = self
-            .read(|state| {
+        // Only jobs that may still need work: a finished job is skipped once its status URL
+        // needs no DELETE, so a long-lived coordinator does not walk its history every tick.
+        let deleting_tenants: BTreeSet<String> = self
+            .inner
+            .tenants
+            .iter()
+            .filter(|(_, t)| t.config.export.delete_when_done)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let jobs: Vec<(String, String, JobPhase, bool, bool)> = self
+            .read(move |state| {
                 state
                     .jobs
                     .values()
-                    .map(|j| (j.id.clone(), j.phase, j.status_deleted, j.status_url.is_some()))
+                    .filter(|j| {
+                        let delete_due = j.status_url.is_some()
+                            && !j.status_deleted
+                            && (j.phase == JobPhase::Cancelled || deleting_tenants.contains(&j.tenant));
+                        !j.phase.is_final() || delete_due
+                    })
+                    .map(|j| {
+                        (
+                            j.id.clone(),
+                            j.tenant.clone(),
+                            j.phase,
+                            j.status_deleted,
+                            j.status_url.is_some(),
+                        )
+                    })
                     .collect()
             })
             .await?;
-        for (job_id, phase, status_deleted, has_status_url) in jobs {
+        // Drivers of jobs that ended (and so are no longer listed) are forgotten.
+        drivers.retain(|id, _| jobs.iter().any(|(job_id, ..)| job_id == id));
+        for (job_id, tenant, phase, status_deleted, has_status_url) in jobs {
             match phase {
                 JobPhase::Submitted | JobPhase::Polling => {
                     if !drivers.contains_key(&job_id) {
@@ -398,12 +423,11 @@ impl Coordinator {
                 }
                 JobPhase::Completed => {
                     drivers.remove(&job_id);
-                    let wanted = self.job(&job_id).await.ok().and_then(|job| {
-                        self.inner
-                            .tenants
-                            .get(&job.tenant)
-                            .map(|t| t.config.export.delete_when_done)
-                    });
+                    let wanted = self
+                        .inner
+                        .tenants
+                        .get(&tenant)
+                        .map(|t| t.config.export.delete_when_done);
                     if wanted == Some(true) && has_status_url && !status_deleted && deleting.insert(job_id.clone()) {
                         tokio::spawn(self.clone().delete_status(job_id));
                     }
