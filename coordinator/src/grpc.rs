@@ -506,7 +506,7 @@ impl AdminService for AdminApi {
             node_id: "1".into(),
             leader_id: leader.then(|| "1".to_string()),
             leader_address: None,
-            term: 0,
+            term: self.coordinator.raft().term(),
             commit_index: *self.coordinator.raft().applied().borrow(),
             voters: vec!["1".into()],
         }))

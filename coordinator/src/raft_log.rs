@@ -46,6 +46,7 @@ pub struct RaftHandle {
     messages: mpsc::Sender<Message>,
     applied: watch::Receiver<u64>,
     role: watch::Receiver<bool>,
+    term: watch::Receiver<u64>,
 }
 
 impl RaftHandle {
@@ -81,6 +82,11 @@ impl RaftHandle {
     /// Changes whenever an entry is applied (for watchers).
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.clone()
+    }
+
+    /// The raft term this node is in.
+    pub fn term(&self) -> u64 {
+        *self.term.borrow()
     }
 
     /// `true` while this node is the leader.
@@ -238,6 +244,7 @@ pub fn start(dir: &Path, settings: RaftSettings, cancel: CancellationToken) -> R
     let (messages, receiver) = mpsc::channel(256);
     let (applied_tx, applied) = watch::channel(snapshot_index);
     let (role_tx, role) = watch::channel(false);
+    let (term_tx, term) = watch::channel(0);
     let actor = Actor {
         node,
         log: Arc::new(log),
@@ -248,12 +255,14 @@ pub fn start(dir: &Path, settings: RaftSettings, cancel: CancellationToken) -> R
         next_request: 0,
         applied: applied_tx,
         role: role_tx,
+        term: term_tx,
     };
     tokio::spawn(actor.run(receiver, settings.tick, cancel));
     Ok(RaftHandle {
         messages,
         applied,
         role,
+        term,
     })
 }
 
@@ -267,6 +276,7 @@ struct Actor {
     next_request: u64,
     applied: watch::Sender<u64>,
     role: watch::Sender<bool>,
+    term: watch::Sender<u64>,
 }
 
 impl Actor {
@@ -326,6 +336,9 @@ impl Actor {
         let is_leader = self.node.raft.state == StateRole::Leader;
         self.role
             .send_if_modified(|leader| std::mem::replace(leader, is_leader) != is_leader);
+        let term = self.node.raft.term;
+        self.term
+            .send_if_modified(|current| std::mem::replace(current, term) != term);
         if !self.node.has_ready() {
             return Ok(());
         }
@@ -461,6 +474,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cancel = CancellationToken::new();
         let raft = leader(dir.path(), &cancel).await;
+        assert!(raft.term() >= 1, "a leader has been elected in some term");
         assert_eq!(
             raft.propose(submit()).await.unwrap(),
             Applied::JobSubmitted { job_id: "job-1".into() }
