@@ -21,7 +21,6 @@ use fhirhaul_common::client::{Auth, FhirClient};
 use fhirhaul_common::clock::{Entropy, SystemClock};
 use fhirhaul_common::config::TenantConfig;
 use fhirhaul_common::download::{DownloadOptions, DownloadSettings, download_file};
-use fhirhaul_common::export::ExportSettings;
 use fhirhaul_common::http::{HttpRequest, ReqwestTransport, TransportSettings};
 use fhirhaul_common::kickoff::{ExportRequest, ServerProfile};
 use fhirhaul_common::manifest::ManifestFile;
@@ -57,23 +56,13 @@ async fn fixture(megabytes: u64, spool: &std::path::Path) -> Fixture {
     let keys = tempfile::tempdir().unwrap();
     let key_path = keys.path().join("key.pem");
     std::fs::write(&key_path, &credentials.private_key_pem).unwrap();
-    let tenant = TenantConfig {
-        name: "bench".into(),
-        base_url: sim.base_url().parse().unwrap(),
-        client_id: credentials.client_id.clone(),
-        private_key: key_path,
-        algorithm: None,
-        kid: Some(credentials.kid.clone()),
-        scope: None,
-        token_url: None,
-        jku: None,
-        token_allow_list: vec![],
-        assertion_lifetime: Duration::from_secs(240),
-        refresh_margin: Duration::from_secs(60),
-        profile: ServerProfile::default(),
-        export: ExportSettings::default(),
-        request: ExportRequest::default(),
-    };
+    let mut tenant = TenantConfig::new(
+        "bench",
+        sim.base_url().parse().unwrap(),
+        credentials.client_id.clone(),
+        key_path,
+    );
+    tenant.kid = Some(credentials.kid.clone());
     let transport = Arc::new(ReqwestTransport::new(&TransportSettings::default()).unwrap());
     let client = tenant
         .connect(

@@ -10,10 +10,8 @@ use fhirhaul_common::clock::{Entropy, SystemClock};
 use fhirhaul_common::config::TenantConfig;
 
 use crate::config::Config;
-use fhirhaul_common::export::ExportSettings;
 use fhirhaul_common::http::{ReqwestTransport, TransportSettings};
 use fhirhaul_common::keys::{Jwks, SigningAlgorithm, SigningKey};
-use fhirhaul_common::kickoff::{ExportRequest, ServerProfile};
 use fhirhaul_common::status::PollSettings;
 use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_sim::{SimConfig, SimEhr};
@@ -239,34 +237,16 @@ async fn embedded_sim_tenant(args: &RunArgs, out: &Path) -> anyhow::Result<(Tena
         sim.base_url(),
         args.patients
     );
-    let tenant = TenantConfig {
-        name: "sim".into(),
-        base_url: sim.base_url().parse()?,
-        client_id: credentials.client_id,
-        private_key: key_path,
-        algorithm: Some(SigningAlgorithm::ES384),
-        kid: Some(credentials.kid),
-        scope: None,
-        token_url: None,
-        jku: None,
-        token_allow_list: vec![],
-        assertion_lifetime: Duration::from_secs(240),
-        refresh_margin: Duration::from_secs(300),
-        profile: ServerProfile::default(),
-        export: ExportSettings {
-            // The simulated EHR finishes in seconds and asks for 1 s between polls.
-            poll: PollSettings {
-                min_interval: Duration::from_millis(500),
-                max_interval: Duration::from_secs(5),
-                ..PollSettings::default()
-            },
-            ..ExportSettings::default()
-        },
-        request: ExportRequest {
-            allow_partial_manifests: true,
-            ..ExportRequest::default()
-        },
+    let mut tenant = TenantConfig::new("sim", sim.base_url().parse()?, credentials.client_id, key_path);
+    tenant.algorithm = Some(SigningAlgorithm::ES384);
+    tenant.kid = Some(credentials.kid);
+    // The simulated EHR finishes in seconds and asks for 1 s between polls.
+    tenant.export.poll = PollSettings {
+        min_interval: Duration::from_millis(500),
+        max_interval: Duration::from_secs(5),
+        ..PollSettings::default()
     };
+    tenant.request.allow_partial_manifests = true;
     tenant.validate()?;
     Ok((tenant, sim))
 }

@@ -13,9 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use fhirhaul_common::clock::{Entropy, TokioClock};
 use fhirhaul_common::config::TenantConfig;
-use fhirhaul_common::export::{ExportSettings, run_export};
+use fhirhaul_common::export::run_export;
 use fhirhaul_common::http::{Connection, Dialer, HyperTransport};
-use fhirhaul_common::kickoff::{ExportRequest, ServerProfile};
 use fhirhaul_common::status::PollSettings;
 use fhirhaul_sim::{ClientCredentials, ServedFile, SimConfig, SimEhr};
 use tokio_util::sync::CancellationToken;
@@ -31,30 +30,19 @@ impl Dialer for TurmoilDialer {
 
 /// The tenant every host uses to reach the simulated EHR.
 fn sim_tenant(credentials: &ClientCredentials, key: std::path::PathBuf) -> TenantConfig {
-    TenantConfig {
-        name: "sim".into(),
-        base_url: "http://ehr:80/fhir".parse().expect("a URL"),
-        client_id: credentials.client_id.clone(),
-        private_key: key,
-        algorithm: None,
-        kid: Some(credentials.kid.clone()),
-        scope: None,
-        token_url: None,
-        jku: None,
-        token_allow_list: vec![],
-        assertion_lifetime: Duration::from_secs(240),
-        refresh_margin: Duration::from_secs(60),
-        profile: ServerProfile::default(),
-        export: ExportSettings {
-            poll: PollSettings {
-                min_interval: Duration::from_secs(1),
-                max_interval: Duration::from_secs(10),
-                ..PollSettings::default()
-            },
-            ..ExportSettings::default()
-        },
-        request: ExportRequest::default(),
-    }
+    let mut tenant = TenantConfig::new(
+        "sim",
+        "http://ehr:80/fhir".parse().expect("a URL"),
+        credentials.client_id.clone(),
+        key,
+    );
+    tenant.kid = Some(credentials.kid.clone());
+    tenant.export.poll = PollSettings {
+        min_interval: Duration::from_secs(1),
+        max_interval: Duration::from_secs(10),
+        ..PollSettings::default()
+    };
+    tenant
 }
 
 /// What the EHR host publishes for the client host.

@@ -75,6 +75,28 @@ fn config_error(key: &str, reason: impl Into<String>) -> Error {
 }
 
 impl TenantConfig {
+    /// A tenant with every optional setting at its default (what a `[[tenant]]` table with
+    /// only these four keys gives).
+    pub fn new(name: impl Into<String>, base_url: Url, client_id: impl Into<String>, private_key: PathBuf) -> Self {
+        TenantConfig {
+            name: name.into(),
+            base_url,
+            client_id: client_id.into(),
+            private_key,
+            algorithm: None,
+            kid: None,
+            scope: None,
+            token_url: None,
+            jku: None,
+            token_allow_list: Vec::new(),
+            assertion_lifetime: default_assertion_lifetime(),
+            refresh_margin: default_refresh_margin(),
+            profile: ServerProfile::default(),
+            export: ExportSettings::default(),
+            request: ExportRequest::default(),
+        }
+    }
+
     /// Checks what serde cannot: value ranges and relations between keys.
     pub fn validate(&self) -> Result<()> {
         let key = |field: &str| format!("tenant.{}.{field}", self.name);

@@ -13,7 +13,7 @@ use fhirhaul_common::download::DownloadSettings;
 use fhirhaul_common::export::{ExportEvent, ExportReport, ExportSettings, run_export};
 use fhirhaul_common::http::{ReqwestTransport, TransportSettings};
 use fhirhaul_common::keys::SigningAlgorithm;
-use fhirhaul_common::kickoff::{ExportRequest, ServerProfile};
+use fhirhaul_common::kickoff::ExportRequest;
 use fhirhaul_common::status::PollSettings;
 use fhirhaul_sim::{ClientCredentials, SimConfig, SimEhr};
 use sha2::Digest;
@@ -59,23 +59,16 @@ pub fn fast_settings() -> ExportSettings {
 pub fn tenant_for(sim: &SimEhr, credentials: &ClientCredentials, dir: &Path) -> TenantConfig {
     let key_path = dir.join(format!("{}.pem", credentials.client_id));
     std::fs::write(&key_path, &credentials.private_key_pem).unwrap();
-    TenantConfig {
-        name: "test".into(),
-        base_url: sim.base_url().parse().unwrap(),
-        client_id: credentials.client_id.clone(),
-        private_key: key_path,
-        algorithm: SigningAlgorithm::parse(credentials.algorithm),
-        kid: Some(credentials.kid.clone()),
-        scope: None,
-        token_url: None,
-        jku: None,
-        token_allow_list: vec![],
-        assertion_lifetime: Duration::from_secs(240),
-        refresh_margin: Duration::from_secs(300),
-        profile: ServerProfile::default(),
-        export: fast_settings(),
-        request: ExportRequest::default(),
-    }
+    let mut tenant = TenantConfig::new(
+        "test",
+        sim.base_url().parse().unwrap(),
+        credentials.client_id.clone(),
+        key_path,
+    );
+    tenant.algorithm = SigningAlgorithm::parse(credentials.algorithm);
+    tenant.kid = Some(credentials.kid.clone());
+    tenant.export = fast_settings();
+    tenant
 }
 
 pub fn connect(tenant: &TenantConfig, cancel: &CancellationToken) -> FhirClient {
