@@ -225,11 +225,22 @@ pub trait Dialer: Send + Sync + 'static {
 /// transport for simulated networks, where every connection is visible to the simulator.
 pub struct HyperTransport<D> {
     dialer: D,
+    /// Longest wait for a connection, a response head, or the next body chunk: a link that
+    /// silently drops everything (a partition) must end in an error, not a hang.
+    silence_limit: Duration,
 }
 
 impl<D: Dialer> HyperTransport<D> {
     pub fn new(dialer: D) -> Self {
-        HyperTransport { dialer }
+        HyperTransport {
+            dialer,
+            silence_limit: TransportSettings::default().read_timeout,
+        }
+    }
+
+    pub fn with_silence_limit(mut self, limit: Duration) -> Self {
+        self.silence_limit = limit;
+        self
     }
 }
 
@@ -249,10 +260,11 @@ impl<D: Dialer> HttpTransport for HyperTransport<D> {
         }
         let host = url.host_str().ok_or_else(|| network("no host".into()))?.to_string();
         let port = url.port_or_known_default().unwrap_or(80);
-        let stream = self
-            .dialer
-            .dial(&host, port)
+        let limit = self.silence_limit;
+        let timed_out = || network(format!("no answer for {}s", limit.as_secs()));
+        let stream = tokio::time::timeout(limit, self.dialer.dial(&host, port))
             .await
+            .map_err(|_| timed_out())?
             .map_err(|e| network(format!("could not connect: {e}")))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
@@ -275,21 +287,37 @@ impl<D: Dialer> HttpTransport for HyperTransport<D> {
         let outgoing = builder
             .body(http_body_util::Full::new(request.body))
             .map_err(|e| network(format!("invalid request: {e}")))?;
-        let response = sender
-            .send_request(outgoing)
+        let response = tokio::time::timeout(limit, sender.send_request(outgoing))
             .await
+            .map_err(|_| timed_out())?
             .map_err(|e| network(format!("request failed: {e}")))?;
         let (parts, body) = response.into_parts();
         let body_url = SafeUrl::from(&url);
-        let frames = http_body_util::BodyStream::new(body).filter_map(move |frame| {
+        // Each chunk must arrive within the limit; after an error the stream ends.
+        let frames = futures_util::stream::unfold(Some(http_body_util::BodyStream::new(body)), move |state| {
             let body_url = body_url.clone();
             async move {
-                match frame {
-                    Ok(frame) => frame.into_data().ok().map(Ok),
-                    Err(e) => Some(Err(Error::Network {
-                        url: body_url,
-                        message: format!("response body interrupted: {e}"),
-                    })),
+                let mut body = state?;
+                loop {
+                    let failed = |message: String| {
+                        Some((
+                            Err(Error::Network {
+                                url: body_url.clone(),
+                                message,
+                            }),
+                            None,
+                        ))
+                    };
+                    match tokio::time::timeout(limit, body.next()).await {
+                        Err(_) => return failed(format!("response body silent for {}s", limit.as_secs())),
+                        Ok(None) => return None,
+                        Ok(Some(Err(e))) => return failed(format!("response body interrupted: {e}")),
+                        Ok(Some(Ok(frame))) => {
+                            if let Ok(data) = frame.into_data() {
+                                return Some((Ok(data), Some(body)));
+                            }
+                        }
+                    }
                 }
             }
         });
@@ -299,5 +327,46 @@ impl<D: Dialer> HttpTransport for HyperTransport<D> {
             url,
             body: Box::pin(frames),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Loopback;
+
+    #[async_trait::async_trait]
+    impl Dialer for Loopback {
+        async fn dial(&self, host: &str, port: u16) -> std::io::Result<Box<dyn Connection>> {
+            Ok(Box::new(tokio::net::TcpStream::connect((host, port)).await?))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_goes_silent_is_an_error_not_a_hang() {
+        // Answers the head, sends one chunk, then says nothing more while keeping the
+        // connection open — what a partition looks like from the client.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buffer = [0u8; 1024];
+            let _ = socket.read(&mut buffer).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nfirst")
+                .await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let transport = HyperTransport::new(Loopback).with_silence_limit(Duration::from_millis(300));
+        let url: Url = format!("http://127.0.0.1:{port}/file").parse().unwrap();
+        let response = transport.send(HttpRequest::new(Method::GET, url)).await.unwrap();
+        let mut body = response.body;
+        assert_eq!(body.next().await.unwrap().unwrap(), Bytes::from_static(b"first"));
+        let error = body.next().await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("silent"), "{error}");
+        assert!(error.is_retryable());
+        assert!(body.next().await.is_none(), "the stream ends after the error");
     }
 }
