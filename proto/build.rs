@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/fhirhaul/v1/common.proto",
         "proto/fhirhaul/v1/worker.proto",
         "proto/fhirhaul/v1/admin.proto",
+        "proto/fhirhaul/v1/raft.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

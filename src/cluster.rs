@@ -1,5 +1,6 @@
-//! The cluster subcommands: `coordinator`, `worker`, `export`, `status`, `cancel`, and the
-//! embedded cluster `run` uses.
+//! The cluster subcommands: `coordinator`, `worker`, `export`, `status`, `cancel`,
+//! `cluster` (membership), and the embedded cluster `run` uses. Every client command takes
+//! the list of coordinators and talks to whichever leads.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -14,6 +15,8 @@ use fhirhaul_common::config::TenantConfig;
 use fhirhaul_common::download::DownloadSettings;
 use fhirhaul_common::secret::Secret;
 use fhirhaul_coordinator::node::{Coordinator, CoordinatorSettings};
+use fhirhaul_coordinator::raft_node::RaftSettings;
+use fhirhaul_proto::connect::{Connector, Coordinators};
 use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_worker::WorkerSettings;
@@ -101,11 +104,23 @@ pub struct CoordinatorArgs {
     lease_duration: Option<Duration>,
 }
 
+/// The coordinators to talk to (any of them; calls find the leader).
+#[derive(clap::Args, Clone)]
+pub struct CoordinatorList {
+    /// Coordinator gRPC addresses, comma-separated or repeated.
+    #[arg(
+        long = "coordinator",
+        env = "FHIRHAUL_COORDINATORS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:7400"
+    )]
+    coordinators: Vec<String>,
+}
+
 #[derive(clap::Args)]
 pub struct WorkerArgs {
-    /// The coordinator's gRPC address.
-    #[arg(long, default_value = "http://127.0.0.1:7400")]
-    coordinator: String,
+    #[command(flatten)]
+    coordinators: CoordinatorList,
     /// Stable worker name (a restarted worker with the same name resumes its files).
     #[arg(long)]
     name: String,
@@ -126,8 +141,8 @@ pub struct WorkerArgs {
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
-    #[arg(long, default_value = "http://127.0.0.1:7400")]
-    coordinator: String,
+    #[command(flatten)]
+    coordinators: CoordinatorList,
     #[arg(long)]
     tenant: String,
     /// An export request as JSON (default: the tenant's configured request).
@@ -145,8 +160,8 @@ pub struct ExportArgs {
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    #[arg(long, default_value = "http://127.0.0.1:7400")]
-    coordinator: String,
+    #[command(flatten)]
+    coordinators: CoordinatorList,
     /// A job to show file by file (default: list jobs and workers).
     job: Option<String>,
     #[command(flatten)]
@@ -155,34 +170,92 @@ pub struct StatusArgs {
 
 #[derive(clap::Args)]
 pub struct CancelArgs {
-    #[arg(long, default_value = "http://127.0.0.1:7400")]
-    coordinator: String,
+    #[command(flatten)]
+    coordinators: CoordinatorList,
     job: String,
     #[command(flatten)]
     tls: ClientTls,
 }
 
-fn with_token<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(token) = cluster_token()
-        && let Ok(value) = format!("Bearer {}", token.expose()).parse()
-    {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
+#[derive(clap::Args)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    coordinators: CoordinatorList,
+    #[command(flatten)]
+    tls: ClientTls,
+    #[command(subcommand)]
+    command: ClusterCommand,
 }
 
-async fn admin(address: &str, tls: &ClientTls) -> anyhow::Result<AdminServiceClient<Channel>> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
-        .with_context(|| format!("`{address}` is not a coordinator address"))?;
-    if let Some(tls) = tls.config()? {
-        endpoint = endpoint.tls_config(tls)?;
+#[derive(clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Show every coordinator's view of the raft group.
+    Status,
+    /// Add a coordinator (started with `join = true`) to the group.
+    Add {
+        /// Its raft node id (unique, never reused).
+        #[arg(long)]
+        node_id: u64,
+        /// Its gRPC address.
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a coordinator from the group.
+    Remove {
+        #[arg(long)]
+        node_id: u64,
+    },
+    /// Hand leadership to another coordinator (to drain the current leader).
+    Transfer {
+        #[arg(long)]
+        node_id: u64,
+    },
+}
+
+/// The admin API of the cluster, reached through whichever coordinator leads.
+pub struct Admin {
+    coordinators: Coordinators,
+}
+
+impl Admin {
+    pub fn new(addresses: &[String], tls: Option<tonic::transport::ClientTlsConfig>) -> anyhow::Result<Admin> {
+        let connector = Connector {
+            tls,
+            ..Connector::default()
+        };
+        Ok(Admin {
+            coordinators: Coordinators::new(addresses, connector, cluster_token())?,
+        })
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {address}"))?;
-    Ok(AdminServiceClient::new(channel))
+
+    /// One admin call at the leader; a refusal reads as the coordinator's own words.
+    async fn call<T, R, F, Fut>(&self, what: &str, message: T, call: F) -> anyhow::Result<R>
+    where
+        T: Clone,
+        F: Fn(AdminServiceClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        self.coordinators
+            .call(|channel| {
+                call(
+                    AdminServiceClient::new(channel),
+                    self.coordinators.request(message.clone()),
+                )
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| {
+                anyhow::anyhow!(
+                    "{what}: {} (coordinator {})",
+                    status.message(),
+                    self.coordinators.current()
+                )
+            })
+    }
+}
+
+async fn admin(list: &CoordinatorList, tls: &ClientTls) -> anyhow::Result<Admin> {
+    Admin::new(&list.coordinators, tls.config()?)
 }
 
 /// Starts a coordinator and serves its APIs on `listener`.
@@ -227,9 +300,22 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cluster.listen `{}`", cluster.listen))?,
     };
     let settings = CoordinatorSettings {
-        data_dir: args.data_dir.unwrap_or(cluster.data_dir),
+        data_dir: args.data_dir.unwrap_or(cluster.data_dir.clone()),
         lease_duration: args.lease_duration.unwrap_or(cluster.lease_duration),
         max_file_attempts: cluster.max_file_attempts,
+        raft: RaftSettings {
+            node_id: cluster.node_id,
+            snapshot_every: cluster.snapshot_every,
+            election_tick: cluster.election_tick,
+            peers: cluster.peers(),
+            join: cluster.join,
+            ..RaftSettings::default()
+        },
+        peer_connector: Connector {
+            tls: cluster.tls.as_ref().map(crate::config::TlsFiles::client).transpose()?,
+            ..Connector::default()
+        },
+        cluster_token: cluster_token(),
         ..CoordinatorSettings::default()
     };
     let tls = cluster.tls.as_ref().map(crate::config::TlsFiles::server).transpose()?;
@@ -239,14 +325,15 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding {listen}"))?;
     let address = listener.local_addr()?;
+    let node_id = settings.raft.node_id;
     start_coordinator(config.tenant, settings, listener, tls, cancel.clone()).await?;
-    println!("coordinator listening on {scheme}://{address}");
+    println!("coordinator listening on {scheme}://{address} (raft node {node_id})");
     cancel.cancelled().await;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn worker_settings(
-    coordinator: String,
+    coordinators: Vec<String>,
     name: String,
     concurrency: u32,
     out: PathBuf,
@@ -255,7 +342,7 @@ pub fn worker_settings(
     WorkerSettings {
         tls: None,
         dialer: None,
-        coordinator,
+        coordinators,
         name,
         concurrency,
         output_dir: out,
@@ -269,7 +356,13 @@ pub fn worker_settings(
 /// `fhirhaul worker`
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let cancel = shutdown_on_signal();
-    let mut settings = worker_settings(args.coordinator, args.name, args.concurrency, args.out, args.state_dir);
+    let mut settings = worker_settings(
+        args.coordinators.coordinators,
+        args.name,
+        args.concurrency,
+        args.out,
+        args.state_dir,
+    );
     settings.download.checkpoint_every_bytes = args.checkpoint_every.max(4096);
     settings.tls = args.tls.config()?;
     fhirhaul_worker::run(
@@ -285,7 +378,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
 
 /// `fhirhaul export`
 pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
-    let mut admin = admin(&args.coordinator, &args.tls).await?;
+    let admin = admin(&args.coordinators, &args.tls).await?;
     let request_json = match &args.request {
         Some(text) => {
             serde_json::from_str::<fhirhaul_common::kickoff::ExportRequest>(text)
@@ -294,21 +387,22 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         }
         None => String::new(),
     };
+    let request = pb::SubmitExportRequest {
+        tenant: args.tenant.clone(),
+        request_json,
+        incremental: args.incremental,
+    };
     let job_id = admin
-        .submit_export(with_token(pb::SubmitExportRequest {
-            tenant: args.tenant.clone(),
-            request_json,
-            incremental: args.incremental,
-        }))
-        .await
-        .map_err(|s| anyhow::anyhow!("submit refused: {}", s.message()))?
-        .into_inner()
+        .call("submit refused", request, |mut client, request| async move {
+            client.submit_export(request).await
+        })
+        .await?
         .job_id;
     println!("submitted {job_id}");
     if args.no_wait {
         return Ok(ExitCode::SUCCESS);
     }
-    let job = follow(&mut admin, &job_id).await?;
+    let job = follow(&admin, &job_id).await?;
     Ok(exit_for(&job))
 }
 
@@ -322,35 +416,60 @@ pub fn exit_for(job: &pb::GetJobResponse) -> ExitCode {
 }
 
 /// Follows a job until it ends, printing progress: files done/total, bytes, rate, ETA and
-/// failures by category (one updating line on a terminal, plain lines otherwise).
-pub async fn follow(admin: &mut AdminServiceClient<Channel>, job_id: &str) -> anyhow::Result<pb::GetJobResponse> {
-    let mut stream = admin
-        .watch_job(with_token(pb::GetJobRequest {
-            job_id: job_id.to_string(),
-        }))
-        .await
-        .map_err(|s| anyhow::anyhow!("watching {job_id}: {}", s.message()))?
-        .into_inner();
+/// failures by category (one updating line on a terminal, plain lines otherwise). A watch
+/// cut by a leader change is opened again at the new leader.
+pub async fn follow(admin: &Admin, job_id: &str) -> anyhow::Result<pb::GetJobResponse> {
     let interactive = std::io::stdout().is_terminal();
     let started = Instant::now();
-    let mut last = None;
+    let mut last: Option<pb::GetJobResponse> = None;
     let mut last_line = String::new();
-    while let Some(update) = stream
-        .message()
-        .await
-        .map_err(|s| anyhow::anyhow!("watching {job_id}: {}", s.message()))?
-    {
-        let line = progress_line(&update, started.elapsed());
-        if line != last_line {
-            if interactive {
-                print!("\r\x1b[2K{line}");
-                let _ = std::io::stdout().flush();
-            } else {
-                println!("{line}");
+    let mut reopened = 0;
+    loop {
+        let request = pb::GetJobRequest {
+            job_id: job_id.to_string(),
+        };
+        let mut stream = admin
+            .call(
+                &format!("watching {job_id}"),
+                request,
+                |mut client, request| async move { client.watch_job(request).await },
+            )
+            .await?;
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(update)) => {
+                    let line = progress_line(&update, started.elapsed());
+                    if line != last_line {
+                        if interactive {
+                            print!("\r\x1b[2K{line}");
+                            let _ = std::io::stdout().flush();
+                        } else {
+                            println!("{line}");
+                        }
+                        last_line = line;
+                    }
+                    last = Some(update);
+                }
+                Ok(None) => break None,
+                Err(status) => break Some(status),
             }
-            last_line = line;
+        };
+        let finished = last.as_ref().and_then(|l| l.summary.as_ref()).is_some_and(|s| {
+            matches!(
+                pb::JobPhase::try_from(s.phase),
+                Ok(pb::JobPhase::Completed | pb::JobPhase::Failed | pb::JobPhase::Cancelled)
+            )
+        });
+        match ended {
+            _ if finished => break,
+            Some(status) if reopened < 20 => {
+                reopened += 1;
+                tracing::info!(%status, "the watch was cut (leader change?); watching again");
+            }
+            Some(status) => anyhow::bail!("watching {job_id}: {}", status.message()),
+            None if reopened < 20 => reopened += 1,
+            None => break,
         }
-        last = Some(update);
     }
     if interactive {
         println!();
@@ -401,14 +520,15 @@ fn progress_line(job: &pb::GetJobResponse, elapsed: Duration) -> String {
 
 /// `fhirhaul status`
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let mut admin = admin(&args.coordinator, &args.tls).await?;
+    let admin = admin(&args.coordinators, &args.tls).await?;
     match &args.job {
         Some(job_id) => {
+            let request = pb::GetJobRequest { job_id: job_id.clone() };
             let job = admin
-                .get_job(with_token(pb::GetJobRequest { job_id: job_id.clone() }))
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
+                .call("status", request, |mut client, request| async move {
+                    client.get_job(request).await
+                })
+                .await?;
             println!("{}", progress_line(&job, Duration::from_secs(1)));
             for file in &job.files {
                 let phase = pb::FilePhase::try_from(file.phase)
@@ -425,10 +545,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         None => {
             let jobs = admin
-                .list_jobs(with_token(pb::ListJobsRequest {}))
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
+                .call(
+                    "listing jobs",
+                    pb::ListJobsRequest {},
+                    |mut client, request| async move { client.list_jobs(request).await },
+                )
+                .await?;
             for job in &jobs.jobs {
                 println!(
                     "{}",
@@ -442,10 +564,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             let workers = admin
-                .list_workers(with_token(pb::ListWorkersRequest {}))
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
+                .call(
+                    "listing workers",
+                    pb::ListWorkersRequest {},
+                    |mut client, request| async move { client.list_workers(request).await },
+                )
+                .await?;
             for worker in &workers.workers {
                 println!(
                     "worker {}: {} lease(s), concurrency {}",
@@ -459,13 +583,105 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 
 /// `fhirhaul cancel`
 pub async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
-    let mut admin = admin(&args.coordinator, &args.tls).await?;
+    let admin = admin(&args.coordinators, &args.tls).await?;
+    let request = pb::CancelExportRequest {
+        job_id: args.job.clone(),
+    };
     admin
-        .cancel_export(with_token(pb::CancelExportRequest {
-            job_id: args.job.clone(),
-        }))
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        .call("cancel refused", request, |mut client, request| async move {
+            client.cancel_export(request).await
+        })
+        .await?;
     println!("cancelled {}", args.job);
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_members(members: &[pb::CoordinatorInfo]) {
+    for member in members {
+        println!(
+            "  coordinator {} at {}{}",
+            member.node_id,
+            if member.address.is_empty() {
+                "(address unknown)"
+            } else {
+                &member.address
+            },
+            if member.voter { "" } else { " (not a voter)" }
+        );
+    }
+}
+
+/// `fhirhaul cluster …`
+pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
+    let tls = args.tls.config()?;
+    match args.command {
+        ClusterCommand::Status => {
+            // Each coordinator's own view, so a partitioned or lagging one shows as such.
+            let mut reached = 0;
+            for address in &args.coordinators.coordinators {
+                let single = Admin::new(std::slice::from_ref(address), tls.clone())?;
+                let mut client = AdminServiceClient::new(single.coordinators.channel_to_current());
+                match client
+                    .cluster_status(single.coordinators.request(pb::ClusterStatusRequest {}))
+                    .await
+                {
+                    Ok(status) => {
+                        reached += 1;
+                        let status = status.into_inner();
+                        println!(
+                            "{address}: coordinator {} is {} in term {}, applied {}, snapshot at {}, leader {}",
+                            status.node_id,
+                            status.role,
+                            status.term,
+                            status.commit_index,
+                            status.snapshot_index,
+                            status.leader_id.as_deref().unwrap_or("unknown")
+                        );
+                        print_members(&status.coordinators);
+                    }
+                    Err(status) => println!("{address}: unreachable ({})", status.message()),
+                }
+            }
+            Ok(if reached == 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        ClusterCommand::Add { node_id, address } => {
+            let admin = Admin::new(&args.coordinators.coordinators, tls)?;
+            let request = pb::AddCoordinatorRequest { node_id, address };
+            let members = admin
+                .call("adding a coordinator", request, |mut client, request| async move {
+                    client.add_coordinator(request).await
+                })
+                .await?;
+            println!("coordinator {node_id} added; the group is now:");
+            print_members(&members.coordinators);
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::Remove { node_id } => {
+            let admin = Admin::new(&args.coordinators.coordinators, tls)?;
+            let request = pb::RemoveCoordinatorRequest { node_id };
+            let members = admin
+                .call("removing a coordinator", request, |mut client, request| async move {
+                    client.remove_coordinator(request).await
+                })
+                .await?;
+            println!("coordinator {node_id} removed; the group is now:");
+            print_members(&members.coordinators);
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::Transfer { node_id } => {
+            let admin = Admin::new(&args.coordinators.coordinators, tls)?;
+            let request = pb::TransferLeadershipRequest { node_id };
+            admin
+                .call("transferring leadership", request, |mut client, request| async move {
+                    client.transfer_leadership(request).await
+                })
+                .await?;
+            println!("leadership is moving to coordinator {node_id}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

@@ -13,7 +13,6 @@ use crate::config::Config;
 use fhirhaul_common::http::{ReqwestTransport, TransportSettings};
 use fhirhaul_common::keys::{Jwks, SigningAlgorithm, SigningKey};
 use fhirhaul_common::status::PollSettings;
-use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_sim::{SimConfig, SimEhr};
 
 #[derive(clap::Args)]
@@ -146,7 +145,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut worker_tasks = Vec::new();
     for index in 1..=workers {
         let settings = crate::cluster::worker_settings(
-            address.clone(),
+            vec![address.clone()],
             format!("local-{index}"),
             per_worker,
             run_dir.clone(),
@@ -166,10 +165,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     let started = Instant::now();
     let job_id = coordinator.submit(&tenant.name, None, false).await?;
-    let mut admin = AdminServiceClient::connect(address.clone())
-        .await
-        .context("connecting to the local coordinator")?;
-    let job = crate::cluster::follow(&mut admin, &job_id).await?;
+    let admin = crate::cluster::Admin::new(std::slice::from_ref(&address), None)?;
+    let job = crate::cluster::follow(&admin, &job_id).await?;
     let export_dir = run_dir.join(&job_id);
     let report = write_summary(&coordinator, &job_id, &export_dir).await?;
     cluster.cancel();

@@ -36,9 +36,29 @@ pub struct ClusterConfig {
     pub lease_duration: Duration,
     /// Attempts per file before it is recorded as failed.
     pub max_file_attempts: u32,
-    /// mTLS for the worker and admin APIs (the cluster token comes from the
+    /// mTLS for the worker, admin and raft APIs (the cluster token comes from the
     /// `FHIRHAUL_CLUSTER_TOKEN` environment variable, never from this file).
     pub tls: Option<TlsFiles>,
+    /// This coordinator's raft node id (unique in the group, never reused).
+    pub node_id: u64,
+    /// The initial coordinator group: every member's id and gRPC address, this one included.
+    /// Leave empty for a coordinator alone.
+    pub coordinator: Vec<CoordinatorPeer>,
+    /// Start with no membership and wait to be added with `fhirhaul cluster add`.
+    pub join: bool,
+    /// Snapshot the state and compact the raft log every this many entries.
+    pub snapshot_every: u64,
+    /// Raft election timeout in 100 ms ticks (default: 10 to 19, spread by node id).
+    pub election_tick: Option<usize>,
+}
+
+/// One member of the initial coordinator group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorPeer {
+    pub id: u64,
+    /// Where its gRPC APIs are reached (`http://host:port`, or `https://` with TLS).
+    pub address: String,
 }
 
 impl Default for ClusterConfig {
@@ -49,7 +69,57 @@ impl Default for ClusterConfig {
             lease_duration: Duration::from_secs(30),
             max_file_attempts: 5,
             tls: None,
+            node_id: 1,
+            coordinator: Vec::new(),
+            join: false,
+            snapshot_every: 10_000,
+            election_tick: None,
         }
+    }
+}
+
+impl ClusterConfig {
+    fn check_group(&self) -> Result<(), Error> {
+        if self.node_id == 0 {
+            return Err(config_error_for("cluster.node_id", "must be 1 or more"));
+        }
+        if self.snapshot_every == 0 {
+            return Err(config_error_for("cluster.snapshot_every", "must be at least 1"));
+        }
+        if self.election_tick.is_some_and(|ticks| ticks < 4) {
+            return Err(config_error_for("cluster.election_tick", "must be at least 4"));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for peer in &self.coordinator {
+            if peer.id == 0 || !ids.insert(peer.id) {
+                return Err(config_error_for(
+                    "cluster.coordinator.id",
+                    format!("{} is 0 or appears twice", peer.id),
+                ));
+            }
+            let url = url::Url::parse(&peer.address).ok();
+            if !url.is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+                return Err(config_error_for(
+                    "cluster.coordinator.address",
+                    format!("`{}` is not an address like http://10.0.0.1:7400", peer.address),
+                ));
+            }
+        }
+        if !self.coordinator.is_empty() && !ids.contains(&self.node_id) && !self.join {
+            return Err(config_error_for(
+                "cluster.node_id",
+                format!(
+                    "{} is not in [[cluster.coordinator]]; list this coordinator too, or set join = true",
+                    self.node_id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The initial voters by id.
+    pub fn peers(&self) -> std::collections::BTreeMap<u64, String> {
+        self.coordinator.iter().map(|p| (p.id, p.address.clone())).collect()
     }
 }
 
@@ -97,9 +167,11 @@ impl TlsFiles {
 }
 
 fn env_value(text: &str) -> toml::Value {
-    match text.parse::<i64>() {
-        Ok(number) => toml::Value::Integer(number),
-        Err(_) => toml::Value::String(text.to_string()),
+    match (text.parse::<i64>(), text) {
+        (Ok(number), _) => toml::Value::Integer(number),
+        (_, "true") => toml::Value::Boolean(true),
+        (_, "false") => toml::Value::Boolean(false),
+        _ => toml::Value::String(text.to_string()),
     }
 }
 
@@ -199,6 +271,7 @@ impl Config {
         if config.cluster.max_file_attempts == 0 {
             return Err(config_error_for("cluster.max_file_attempts", "must be at least 1"));
         }
+        config.cluster.check_group()?;
         Ok(config)
     }
 }
@@ -265,6 +338,28 @@ lease_duration = "45s"
         assert!(error.contains("export.poll.min_interval"), "{error}");
         let bad_listen = GOOD.replace("0.0.0.0:7400", "everywhere");
         assert!(parse(&bad_listen).unwrap_err().to_string().contains("cluster.listen"));
+    }
+
+    #[test]
+    fn a_coordinator_group_is_checked() {
+        let group = GOOD.to_string()
+            + "node_id = 2\n[[cluster.coordinator]]\nid = 1\naddress = \"http://10.0.0.1:7400\"\n[[cluster.coordinator]]\nid = 2\naddress = \"http://10.0.0.2:7400\"\n";
+        let config = parse(&group).unwrap();
+        assert_eq!(config.cluster.peers().len(), 2);
+        assert_eq!(config.cluster.node_id, 2);
+        let missing_self = group.replace("node_id = 2", "node_id = 3");
+        let error = parse(&missing_self).unwrap_err().to_string();
+        assert!(error.contains("cluster.node_id") && error.contains("join"), "{error}");
+        let twice = group.replace("id = 2\naddress", "id = 1\naddress");
+        assert!(
+            parse(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("cluster.coordinator.id")
+        );
+        let bad_address = group.replace("http://10.0.0.2:7400", "10.0.0.2:7400");
+        let error = parse(&bad_address).unwrap_err().to_string();
+        assert!(error.contains("cluster.coordinator.address"), "{error}");
     }
 
     #[test]

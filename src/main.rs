@@ -34,6 +34,8 @@ enum Command {
     Status(cluster::StatusArgs),
     /// Cancel an export.
     Cancel(cluster::CancelArgs),
+    /// The coordinator group: status of each member, add or remove a coordinator.
+    Cluster(cluster::ClusterArgs),
     /// Check a configuration file and show what it configures (no secrets).
     CheckConfig {
         #[arg(long, env = "FHIRHAUL_CONFIG")]
@@ -84,6 +86,7 @@ async fn main() -> std::process::ExitCode {
         Command::Export(args) => cluster::export(args).await,
         Command::Status(args) => cluster::status(args).await,
         Command::Cancel(args) => cluster::cancel(args).await,
+        Command::Cluster(args) => cluster::cluster(args).await,
         Command::CheckConfig { config } => commands::check_config(&config),
         Command::Keys {
             command: KeysCommand::Generate { alg, out, kid, add_to },

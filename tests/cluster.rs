@@ -3,50 +3,18 @@
 //! are killed with SIGKILL where the test says so, and always at the end.
 
 use std::collections::BTreeMap;
+mod processes;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use fhirhaul_sim::{SimConfig, SimEhr};
-use sha2::Digest;
-
-/// A child process that is killed when dropped.
-struct Process(Child);
-
-impl Process {
-    fn kill_hard(&mut self) {
-        let _ = self.0.kill(); // SIGKILL
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill_hard();
-    }
-}
-
-fn fhirhaul() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fhirhaul"));
-    // FHIRHAUL_TEST_LOG=warn shows what the processes say when a test fails.
-    command.env(
-        "RUST_LOG",
-        std::env::var("FHIRHAUL_TEST_LOG").unwrap_or_else(|_| "error".into()),
-    );
-    command
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use processes::{Process, assert_output_identical, fhirhaul, free_port};
 
 struct Cluster {
     sim: SimEhr,
@@ -254,42 +222,9 @@ backoff_max = "500ms"
         job
     }
 
-    /// Every file the EHR served is in the output exactly once, byte-identical, and
-    /// nothing else is there.
     fn assert_output_identical(&self, job_id: &str) -> usize {
-        let served = self.sim.served_files(*self.sim.jobs().last().unwrap());
-        let mut saved = Vec::new();
-        collect_files(&self.out().join(job_id), &mut saved);
-        let parts: Vec<_> = saved
-            .iter()
-            .filter(|p| p.extension().is_none_or(|e| e != "ndjson"))
-            .collect();
-        assert!(parts.is_empty(), "only finished files are published: {parts:?}");
-        let mut hashes: Vec<String> = saved
-            .iter()
-            .map(|p| hex(&sha2::Sha256::digest(std::fs::read(p).unwrap())))
-            .collect();
-        hashes.sort();
-        let mut expected: Vec<String> = served.iter().map(|f| f.sha256.clone()).collect();
-        expected.sort();
-        assert_eq!(hashes, expected, "the output is exactly the served files");
-        served.len()
+        assert_output_identical(&self.sim, &self.out().join(job_id))
     }
-}
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            collect_files(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn leased_by(job: &pb::GetJobResponse) -> Vec<(usize, String, u64)> {

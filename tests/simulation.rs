@@ -399,7 +399,7 @@ fn cluster_run(scenario: Scenario) -> String {
             let incarnation = worker_incarnations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move {
                 let settings = fhirhaul_worker::WorkerSettings {
-                    coordinator: "http://coordinator:7400".into(),
+                    coordinators: vec!["http://coordinator:7400".into()],
                     name: name.into(),
                     concurrency: 2,
                     output_dir: disk.path().join("out"),

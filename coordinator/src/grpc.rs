@@ -1,6 +1,6 @@
 //! The gRPC services: thin adapters that check the caller, convert, call the
 //! [`Coordinator`], and convert back. [`status_from`] is the one place errors become
-//! `tonic::Status`.
+//! `tonic::Status`. `RaftService` hands peers' raft messages to the raft node.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -9,8 +9,10 @@ use fhirhaul_common::download::Checkpoint;
 use fhirhaul_common::kickoff::ExportRequest;
 use fhirhaul_common::manifest::FileKind as CoreFileKind;
 use fhirhaul_common::secret::Secret;
+use fhirhaul_proto::connect::LEADER_METADATA;
 use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
+use fhirhaul_proto::v1::raft_service_server::{RaftService, RaftServiceServer};
 use fhirhaul_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
@@ -18,25 +20,32 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::node::{Coordinator, CoordinatorError, LeasedFile};
-use crate::raft_log::RaftError;
+use crate::peers::MAX_RAFT_MESSAGE_BYTES;
+use crate::raft_node::{RaftError, RaftHandle};
 use crate::state::{Command, FilePhase, Job, JobPhase};
 
-/// Maps every coordinator error to a gRPC status. A follower's refusal carries the
-/// leader's id in the `fhirhaul-leader` metadata.
+/// Maps every coordinator error to a gRPC status. A follower's refusal is `Unavailable`
+/// with the leader's address in the `fhirhaul-leader` metadata (clients follow it).
 pub fn status_from(error: CoordinatorError) -> Status {
     match error {
         CoordinatorError::UnknownTenant(_) | CoordinatorError::UnknownJob(_) => Status::not_found(error.to_string()),
         CoordinatorError::UnknownWorker(_) => Status::failed_precondition(error.to_string()),
         CoordinatorError::Refused(_) => Status::aborted(error.to_string()),
-        CoordinatorError::Raft(RaftError::NotLeader { leader }) => {
-            let mut status = Status::unavailable("this coordinator is not the leader");
-            if let Some(leader) = leader
-                && let Ok(value) = leader.to_string().parse()
+        CoordinatorError::Raft(RaftError::NotLeader { leader, address }) => {
+            let mut status = Status::unavailable(match leader {
+                Some(id) => format!("this coordinator is not the leader; coordinator {id} is"),
+                None => "this coordinator is not the leader, and no leader is known yet".to_string(),
+            });
+            if let Some(address) = address
+                && let Ok(value) = address.parse()
             {
-                status.metadata_mut().insert("fhirhaul-leader", value);
+                status.metadata_mut().insert(LEADER_METADATA, value);
             }
             status
         }
+        // The change may have been applied: retrying blindly could do it twice.
+        CoordinatorError::Raft(RaftError::Uncertain) => Status::unknown(error.to_string()),
+        CoordinatorError::Raft(RaftError::Membership(_)) => Status::failed_precondition(error.to_string()),
         CoordinatorError::Raft(_) => Status::unavailable(error.to_string()),
         CoordinatorError::Client(client) => match client {
             fhirhaul_common::Error::InvalidRequest { .. } | fhirhaul_common::Error::Config { .. } => {
@@ -415,7 +424,7 @@ impl AdminService for AdminApi {
         self.auth.check(&request)?;
         let jobs = self
             .coordinator
-            .read(|state| state.jobs.values().map(summary_to_pb).collect())
+            .read_linearizable(|state| state.jobs.values().map(summary_to_pb).collect())
             .await
             .map_err(status_from)?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
@@ -478,7 +487,7 @@ impl AdminService for AdminApi {
         self.auth.check(&request)?;
         let workers = self
             .coordinator
-            .read(|state| {
+            .read_linearizable(|state| {
                 state
                     .workers
                     .values()
@@ -501,15 +510,109 @@ impl AdminService for AdminApi {
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         self.auth.check(&request)?;
-        let leader = *self.coordinator.raft().leadership().borrow();
+        let status = self.coordinator.raft().status();
         Ok(Response::new(pb::ClusterStatusResponse {
-            node_id: "1".into(),
-            leader_id: leader.then(|| "1".to_string()),
-            leader_address: None,
-            term: self.coordinator.raft().term(),
-            commit_index: *self.coordinator.raft().applied().borrow(),
-            voters: vec!["1".into()],
+            node_id: status.node_id.to_string(),
+            leader_id: (status.leader_id != 0).then(|| status.leader_id.to_string()),
+            leader_address: status.leader_address.clone(),
+            term: status.term,
+            commit_index: status.applied,
+            voters: status.voters.iter().map(u64::to_string).collect(),
+            coordinators: members_to_pb(&status),
+            snapshot_index: status.snapshot_index,
+            role: status.role.to_string(),
         }))
+    }
+
+    async fn add_coordinator(
+        &self,
+        request: Request<pb::AddCoordinatorRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.auth.check(&request)?;
+        let request = request.into_inner();
+        let voters = self
+            .coordinator
+            .add_coordinator(request.node_id, request.address.clone())
+            .await
+            .map_err(status_from)?;
+        tracing::info!(node = request.node_id, address = %request.address, "coordinator added");
+        let status = self.coordinator.raft().status_when(|s| s.voters == voters).await;
+        Ok(Response::new(pb::MembershipResponse {
+            coordinators: members_to_pb(&status),
+        }))
+    }
+
+    async fn remove_coordinator(
+        &self,
+        request: Request<pb::RemoveCoordinatorRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.auth.check(&request)?;
+        let node_id = request.into_inner().node_id;
+        let voters = self
+            .coordinator
+            .remove_coordinator(node_id)
+            .await
+            .map_err(status_from)?;
+        tracing::info!(node = node_id, "coordinator removed");
+        let status = self.coordinator.raft().status_when(|s| s.voters == voters).await;
+        Ok(Response::new(pb::MembershipResponse {
+            coordinators: members_to_pb(&status),
+        }))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<pb::TransferLeadershipRequest>,
+    ) -> Result<Response<pb::TransferLeadershipResponse>, Status> {
+        self.auth.check(&request)?;
+        let node_id = request.into_inner().node_id;
+        self.coordinator
+            .transfer_leadership(node_id)
+            .await
+            .map_err(status_from)?;
+        tracing::info!(node = node_id, "leadership transfer started");
+        Ok(Response::new(pb::TransferLeadershipResponse {}))
+    }
+}
+
+fn members_to_pb(status: &crate::raft_node::RaftStatus) -> Vec<pb::CoordinatorInfo> {
+    let mut ids: std::collections::BTreeSet<u64> = status.voters.iter().copied().collect();
+    ids.extend(status.addresses.keys());
+    ids.into_iter()
+        .map(|node_id| pb::CoordinatorInfo {
+            node_id,
+            address: status.addresses.get(&node_id).cloned().unwrap_or_default(),
+            voter: status.voters.contains(&node_id),
+        })
+        .collect()
+}
+
+/// Raft messages from other coordinators.
+pub struct RaftApi {
+    raft: RaftHandle,
+    auth: ClusterAuth,
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftApi {
+    async fn deliver(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        self.auth.check(&request)?;
+        let batch = request.into_inner();
+        for bytes in batch.messages {
+            let message = <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("raft message from {}: {e}", batch.from)))?;
+            if message.from != batch.from {
+                return Err(Status::invalid_argument(format!(
+                    "raft message claims to be from {} inside a batch from {}",
+                    message.from, batch.from
+                )));
+            }
+            self.raft
+                .step(message)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+        }
+        Ok(Response::new(pb::RaftAck {}))
     }
 }
 
@@ -559,6 +662,7 @@ where
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
     health_reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
+    health_reporter.set_serving::<RaftServiceServer<RaftApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -576,6 +680,13 @@ where
             coordinator: coordinator.clone(),
             auth: auth.clone(),
         }))
+        .add_service(
+            RaftServiceServer::new(RaftApi {
+                raft: coordinator.raft().clone(),
+                auth: auth.clone(),
+            })
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES),
+        )
         .add_service(AdminServiceServer::new(AdminApi { coordinator, auth }));
     if let Ok(reflection) = reflection {
         router = router.add_service(reflection);

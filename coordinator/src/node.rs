@@ -1,6 +1,10 @@
-//! The coordinator node: the raft log, each tenant's client and token manager, and the
-//! leader's work — job drivers, lease expiry — driven by a self-scheduled supervisor tick
-//! that reconciles what committed state asks for with what is running.
+//! The coordinator node: the raft node, and the leader's work — each tenant's client and
+//! token manager, job drivers, lease expiry — which exists only while this node leads. A
+//! supervisor waits for leadership, makes sure everything earlier leaders committed is
+//! applied here (a read-index barrier), starts a [`LeaderTerm`], reconciles what committed
+//! state asks for with what is running on a self-scheduled tick, and tears it all down the
+//! moment leadership is lost. A follower answers every call that needs the leader with
+//! [`RaftError::NotLeader`], naming the leader's address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -19,7 +23,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::raft_log::{self, RaftError, RaftHandle, RaftSettings};
+use crate::peers::Peers;
+use crate::raft_node::{self, Membership, RaftError, RaftHandle, RaftSettings};
 use crate::state::{Applied, Command, FilePhase, FileRecord, Job, JobPhase, LeaseGrant, State};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +52,12 @@ pub struct CoordinatorSettings {
     pub max_file_attempts: u32,
     /// How often the supervisor reconciles drivers and expires leases.
     pub tick: Duration,
-    pub raft_tick: Duration,
+    /// This node's place in the raft group (node id, initial voters, timings).
+    pub raft: RaftSettings,
+    /// How to reach the other coordinators (TLS, or a simulation's network).
+    pub peer_connector: fhirhaul_proto::connect::Connector,
+    /// The cluster token sent to other coordinators.
+    pub cluster_token: Option<fhirhaul_common::secret::Secret>,
 }
 
 impl Default for CoordinatorSettings {
@@ -57,15 +67,30 @@ impl Default for CoordinatorSettings {
             lease_duration: Duration::from_secs(30),
             max_file_attempts: 5,
             tick: Duration::from_millis(500),
-            raft_tick: Duration::from_millis(100),
+            raft: RaftSettings::default(),
+            peer_connector: fhirhaul_proto::connect::Connector::default(),
+            cluster_token: None,
         }
     }
 }
 
-/// One tenant: its configuration and connected client (whose token manager workers share).
-pub struct Tenant {
-    pub config: TenantConfig,
-    pub client: FhirClient,
+/// The leader's work for one term: each tenant's connected client (whose token manager
+/// workers share) and the cancellation that ends drivers when leadership is lost.
+pub struct LeaderTerm {
+    pub term: u64,
+    /// When this node took over: it cannot know when an inherited lease was last renewed,
+    /// so every lease gets a full period of grace from here.
+    pub since_ms: u64,
+    clients: BTreeMap<String, FhirClient>,
+    cancel: CancellationToken,
+}
+
+impl LeaderTerm {
+    fn client(&self, tenant: &str) -> Result<&FhirClient, CoordinatorError> {
+        self.clients
+            .get(tenant)
+            .ok_or_else(|| CoordinatorError::UnknownTenant(tenant.to_string()))
+    }
 }
 
 /// What a worker needs to download a leased file.
@@ -81,12 +106,13 @@ pub struct LeasedFile {
 
 struct Inner {
     raft: RaftHandle,
-    tenants: BTreeMap<String, Tenant>,
+    tenants: BTreeMap<String, TenantConfig>,
     settings: CoordinatorSettings,
+    transport: Arc<dyn HttpTransport>,
     clock: Arc<dyn Clock>,
-    /// When this node became able to expire leases: it cannot know when a lease it
-    /// inherited was last renewed, so every lease gets a full period of grace from here.
-    started_ms: u64,
+    entropy: Entropy,
+    /// The current term's work while this node leads.
+    leading: std::sync::RwLock<Option<Arc<LeaderTerm>>>,
     cancel: CancellationToken,
 }
 
@@ -97,8 +123,9 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Opens the raft log in `settings.data_dir`, connects every tenant and starts the
-    /// leader's supervisor.
+    /// Opens the raft log in `settings.data_dir`, checks every tenant's configuration and
+    /// starts the supervisor. A coordinator alone in its group is leader when this returns;
+    /// one of several serves as a follower until an election makes it leader.
     pub async fn start(
         settings: CoordinatorSettings,
         tenants: Vec<TenantConfig>,
@@ -109,43 +136,89 @@ impl Coordinator {
     ) -> Result<Coordinator, CoordinatorError> {
         std::fs::create_dir_all(&settings.data_dir)
             .map_err(|e| RaftError::Storage(format!("creating {}: {e}", settings.data_dir.display())))?;
-        let raft = raft_log::start(
-            &settings.data_dir,
-            RaftSettings {
-                node_id: 1,
-                tick: settings.raft_tick,
-                ..RaftSettings::default()
-            },
-            cancel.child_token(),
-        )?;
-        let mut connected = BTreeMap::new();
-        for config in tenants {
-            let client = config.connect(
+        // A bad key or URL is reported now, not at the first election won.
+        for config in &tenants {
+            let probe = cancel.child_token();
+            config.connect(
                 Arc::clone(&transport),
                 Arc::clone(&clock),
                 entropy.clone(),
-                cancel.child_token(),
+                probe.clone(),
             )?;
-            connected.insert(config.name.clone(), Tenant { config, client });
+            probe.cancel();
         }
-        let mut leadership = raft.leadership();
-        leadership
-            .wait_for(|leader| *leader)
-            .await
-            .map_err(|_| RaftError::Stopped)?;
-        let started_ms = unix_ms(&*clock);
+        let peers = Peers::new(
+            settings.raft.node_id,
+            settings.peer_connector.clone(),
+            settings.cluster_token.clone(),
+            cancel.child_token(),
+        );
+        let alone = !settings.raft.join && settings.raft.peers.keys().all(|id| *id == settings.raft.node_id);
+        let raft = raft_node::start(&settings.data_dir, settings.raft.clone(), peers, cancel.child_token())?;
         let coordinator = Coordinator {
             inner: Arc::new(Inner {
                 raft,
-                tenants: connected,
+                tenants: tenants.into_iter().map(|t| (t.name.clone(), t)).collect(),
                 settings,
+                transport,
                 clock,
-                started_ms,
+                entropy,
+                leading: std::sync::RwLock::new(None),
                 cancel,
             }),
         };
         tokio::spawn(coordinator.clone().supervise());
+        if alone {
+            coordinator.wait_until_leading().await?;
+        }
         Ok(coordinator)
+    }
+
+    /// Waits until this node leads and its leader work has started.
+    pub async fn wait_until_leading(&self) -> Result<(), CoordinatorError> {
+        loop {
+            if self.leader_term().is_ok() {
+                return Ok(());
+            }
+            if self.inner.cancel.is_cancelled() {
+                return Err(RaftError::Stopped.into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The current term's work, or the refusal naming the leader.
+    pub fn leader_term(&self) -> Result<Arc<LeaderTerm>, CoordinatorError> {
+        let leading = self.inner.leading.read().unwrap_or_else(|p| p.into_inner());
+        match leading.as_ref() {
+            Some(term) if !term.cancel.is_cancelled() => Ok(Arc::clone(term)),
+            _ => Err(self.inner.raft.not_leader().into()),
+        }
+    }
+
+    /// Adds a coordinator (already running with `join`) to the group.
+    pub async fn add_coordinator(&self, node_id: u64, address: String) -> Result<Vec<u64>, CoordinatorError> {
+        if node_id == 0 {
+            return Err(CoordinatorError::Refused("node id 0 is reserved".into()));
+        }
+        tonic_address_check(&address)?;
+        Ok(self
+            .inner
+            .raft
+            .change_membership(Membership::Add { node_id, address })
+            .await?)
+    }
+
+    pub async fn transfer_leadership(&self, node_id: u64) -> Result<(), CoordinatorError> {
+        Ok(self.inner.raft.transfer_leadership(node_id).await?)
+    }
+
+    pub async fn remove_coordinator(&self, node_id: u64) -> Result<Vec<u64>, CoordinatorError> {
+        Ok(self
+            .inner
+            .raft
+            .change_membership(Membership::Remove { node_id })
+            .await?)
     }
 
     pub fn raft(&self) -> &RaftHandle {
@@ -160,7 +233,7 @@ impl Coordinator {
         unix_ms(&*self.inner.clock)
     }
 
-    fn tenant(&self, name: &str) -> Result<&Tenant, CoordinatorError> {
+    fn tenant(&self, name: &str) -> Result<&TenantConfig, CoordinatorError> {
         self.inner
             .tenants
             .get(name)
@@ -184,11 +257,13 @@ impl Coordinator {
         request: Option<ExportRequest>,
         incremental: bool,
     ) -> Result<String, CoordinatorError> {
-        let config = &self.tenant(tenant)?.config;
+        let config = self.tenant(tenant)?;
         let mut request = request.unwrap_or_else(|| config.request.clone());
         if incremental && request.since.is_none() {
             let name = tenant.to_string();
-            request.since = self.read(move |state| state.tenant_since.get(&name).cloned()).await?;
+            request.since = self
+                .read_linearizable(move |state| state.tenant_since.get(&name).cloned())
+                .await?;
         }
         request.validate(&config.profile)?;
         match self
@@ -218,20 +293,36 @@ impl Coordinator {
         }
     }
 
+    /// The job as the leader knows it now (a linearizable read).
     pub async fn job(&self, job_id: &str) -> Result<Job, CoordinatorError> {
         let id = job_id.to_string();
-        self.inner
-            .raft
-            .read(move |state| state.jobs.get(&id).cloned())
+        self.read_linearizable(move |state| state.jobs.get(&id).cloned())
             .await?
             .ok_or_else(|| CoordinatorError::UnknownJob(job_id.to_string()))
     }
 
+    /// The job in this node's applied state (for the leader's own work).
+    async fn applied_job(&self, job_id: &str) -> Result<Job, CoordinatorError> {
+        let id = job_id.to_string();
+        self.read(move |state| state.jobs.get(&id).cloned())
+            .await?
+            .ok_or_else(|| CoordinatorError::UnknownJob(job_id.to_string()))
+    }
+
+    /// Reads this node's applied state, which a follower's may lag.
     pub async fn read<T: Send + 'static>(
         &self,
         read: impl FnOnce(&State) -> T + Send + 'static,
     ) -> Result<T, CoordinatorError> {
         Ok(self.inner.raft.read(read).await?)
+    }
+
+    /// Reads on the leader, seeing every write that finished before the call.
+    pub async fn read_linearizable<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&State) -> T + Send + 'static,
+    ) -> Result<T, CoordinatorError> {
+        Ok(self.inner.raft.read_linearizable(read).await?)
     }
 
     pub async fn register_worker(&self, worker_id: &str, concurrency: u32) -> Result<(), CoordinatorError> {
@@ -259,12 +350,14 @@ impl Coordinator {
 
     /// Long-polls for a file for `worker_id`, until `wait` passes.
     pub async fn acquire_lease(&self, worker_id: &str, wait: Duration) -> Result<Option<LeasedFile>, CoordinatorError> {
+        // Only the leader grants; a follower names it at once instead of long-polling.
+        let term = self.leader_term()?;
         let deadline = tokio::time::Instant::now() + wait;
         let limits: BTreeMap<String, usize> = self
             .inner
             .tenants
             .iter()
-            .map(|(name, t)| (name.clone(), t.config.export.concurrency.max(1)))
+            .map(|(name, t)| (name.clone(), t.export.concurrency.max(1)))
             .collect();
         let mut applied = self.inner.raft.applied();
         loop {
@@ -301,12 +394,13 @@ impl Coordinator {
                 _ = tokio::time::sleep_until(deadline) => return Ok(None),
                 changed = applied.changed() => if changed.is_err() { return Err(RaftError::Stopped.into()) },
                 _ = self.inner.cancel.cancelled() => return Ok(None),
+                _ = term.cancel.cancelled() => return Err(self.inner.raft.not_leader().into()),
             }
         }
     }
 
     async fn leased_file(&self, grant: LeaseGrant) -> Result<LeasedFile, CoordinatorError> {
-        let job = self.job(&grant.job_id).await?;
+        let job = self.applied_job(&grant.job_id).await?;
         let file = job
             .files
             .get(grant.file as usize)
@@ -318,8 +412,8 @@ impl Coordinator {
             tenant: job.tenant.clone(),
             file,
             requires_access_token: job.requires_access_token,
-            fhir_base_url: tenant.config.base_url.to_string(),
-            token_allow_list: tenant.config.token_allow_list.iter().map(|u| u.to_string()).collect(),
+            fhir_base_url: tenant.base_url.to_string(),
+            token_allow_list: tenant.token_allow_list.iter().map(|u| u.to_string()).collect(),
         })
     }
 
@@ -336,35 +430,112 @@ impl Coordinator {
 
     /// The tenant's token; `refused` names a token the EHR answered 401 to.
     pub async fn token(&self, tenant: &str, refused: Option<u64>) -> Result<AccessToken, CoordinatorError> {
-        let tokens = self.tenant(tenant)?.client.tokens();
+        let term = self.leader_term()?;
+        let tokens = term.client(tenant)?.tokens();
         Ok(match refused {
             Some(generation) => tokens.token_refused(generation).await?,
             None => tokens.token().await?,
         })
     }
 
-    /// The leader's reconciliation loop.
+    /// Waits for leadership, leads until it is lost, and again.
     async fn supervise(self) {
-        let mut drivers: BTreeMap<String, CancellationToken> = BTreeMap::new();
-        let mut deleting: BTreeSet<String> = BTreeSet::new();
-        let mut ticker = tokio::time::interval(self.inner.settings.tick);
+        let mut leadership = self.inner.raft.leadership();
         loop {
             tokio::select! {
                 biased;
                 _ = self.inner.cancel.cancelled() => break,
+                led = leadership.wait_for(|leader| *leader) => if led.is_err() { break },
+            }
+            let cancel = self.inner.cancel.child_token();
+            let term = self.inner.raft.term();
+            let span = tracing::info_span!("leader", term);
+            if let Err(error) = self.lead(cancel.clone(), &mut leadership).instrument(span).await {
+                tracing::info!(%error, term, "leader work stopped");
+            }
+            cancel.cancel();
+            *self.inner.leading.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// One term of leadership.
+    async fn lead(
+        &self,
+        cancel: CancellationToken,
+        leadership: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), CoordinatorError> {
+        // Before deciding anything, everything earlier leaders committed is applied here
+        // (the read-index barrier waits for this term's first entry to commit): a job
+        // kicked off under the old leader is seen with its status URL and never re-kicked.
+        self.read_linearizable(|_| ()).await?;
+        let mut clients = BTreeMap::new();
+        for (name, config) in &self.inner.tenants {
+            let client = config.connect(
+                Arc::clone(&self.inner.transport),
+                Arc::clone(&self.inner.clock),
+                self.inner.entropy.clone(),
+                cancel.child_token(),
+            )?;
+            clients.insert(name.clone(), client);
+        }
+        let term = Arc::new(LeaderTerm {
+            term: self.inner.raft.term(),
+            since_ms: self.now_ms(),
+            clients,
+            cancel: cancel.clone(),
+        });
+        *self.inner.leading.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&term));
+        tracing::info!(term = term.term, "leading: job drivers, leases and tokens run here");
+        self.record_addresses().await;
+        let mut drivers: BTreeMap<String, CancellationToken> = BTreeMap::new();
+        let mut deleting: BTreeSet<String> = BTreeSet::new();
+        let mut ticker = tokio::time::interval(self.inner.settings.tick);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Ok(()),
+                changed = leadership.changed() => {
+                    if changed.is_err() || !*leadership.borrow_and_update() {
+                        break Ok(());
+                    }
+                    continue;
+                }
                 _ = ticker.tick() => {}
             }
-            if let Err(error) = self.reconcile(&mut drivers, &mut deleting).await {
-                tracing::warn!(%error, "coordinator reconciliation failed; retrying next tick");
+            match self.reconcile(&term, &mut drivers, &mut deleting).await {
+                Ok(()) => {}
+                Err(CoordinatorError::Raft(RaftError::NotLeader { .. } | RaftError::Uncertain)) => break Ok(()),
+                Err(error) => tracing::warn!(%error, "coordinator reconciliation failed; retrying next tick"),
             }
-        }
+        };
         for driver in drivers.values() {
             driver.cancel();
+        }
+        outcome
+    }
+
+    /// Puts this node's own address (as its configuration gives it) into the log, so
+    /// followers can name it to clients and coordinators that join later can reach it.
+    async fn record_addresses(&self) {
+        let me = self.inner.settings.raft.node_id;
+        let Some(address) = self.inner.settings.raft.peers.get(&me).cloned() else {
+            return;
+        };
+        let recorded = self.read(move |state| state.coordinators.get(&me).cloned()).await;
+        if matches!(recorded, Ok(Some(ref known)) if *known == address) {
+            return;
+        }
+        if let Err(error) = self
+            .propose(Command::SetCoordinatorAddress { node_id: me, address })
+            .await
+        {
+            tracing::debug!(%error, "could not record this coordinator's address");
         }
     }
 
     async fn reconcile(
         &self,
+        term: &Arc<LeaderTerm>,
         drivers: &mut BTreeMap<String, CancellationToken>,
         deleting: &mut BTreeSet<String>,
     ) -> Result<(), CoordinatorError> {
@@ -375,7 +546,7 @@ impl Coordinator {
             .inner
             .tenants
             .iter()
-            .filter(|(_, t)| t.config.export.delete_when_done)
+            .filter(|(_, t)| t.export.delete_when_done)
             .map(|(name, _)| name.clone())
             .collect();
         let jobs: Vec<(String, String, JobPhase, bool, bool)> = self
@@ -407,10 +578,14 @@ impl Coordinator {
             match phase {
                 JobPhase::Submitted | JobPhase::Polling => {
                     if !drivers.contains_key(&job_id) {
-                        let token = self.inner.cancel.child_token();
+                        let token = term.cancel.child_token();
                         drivers.insert(job_id.clone(), token.clone());
                         let span = tracing::info_span!("job", job = %job_id);
-                        tokio::spawn(self.clone().drive(job_id.clone(), token).instrument(span));
+                        tokio::spawn(
+                            self.clone()
+                                .drive(Arc::clone(term), job_id.clone(), token)
+                                .instrument(span),
+                        );
                     }
                 }
                 JobPhase::Cancelled => {
@@ -418,18 +593,14 @@ impl Coordinator {
                         token.cancel();
                     }
                     if has_status_url && !status_deleted && deleting.insert(job_id.clone()) {
-                        tokio::spawn(self.clone().delete_status(job_id));
+                        tokio::spawn(self.clone().delete_status(Arc::clone(term), job_id));
                     }
                 }
                 JobPhase::Completed => {
                     drivers.remove(&job_id);
-                    let wanted = self
-                        .inner
-                        .tenants
-                        .get(&tenant)
-                        .map(|t| t.config.export.delete_when_done);
+                    let wanted = self.inner.tenants.get(&tenant).map(|t| t.export.delete_when_done);
                     if wanted == Some(true) && has_status_url && !status_deleted && deleting.insert(job_id.clone()) {
-                        tokio::spawn(self.clone().delete_status(job_id));
+                        tokio::spawn(self.clone().delete_status(Arc::clone(term), job_id));
                     }
                 }
                 JobPhase::Downloading | JobPhase::Failed => {
@@ -439,7 +610,7 @@ impl Coordinator {
         }
         // Lease expiry, with a full lease period of grace after this node took over.
         let lease_ms = self.inner.settings.lease_duration.as_millis() as u64;
-        if now >= self.inner.started_ms + lease_ms {
+        if now >= term.since_ms + lease_ms {
             let expired = self.read(move |state| state.expired_leases(now)).await?;
             for (lease_id, generation) in expired {
                 tracing::info!(lease = lease_id, "lease expired; the file goes back to pending");
@@ -463,15 +634,17 @@ impl Coordinator {
         Ok(())
     }
 
-    async fn delete_status(self, job_id: String) {
-        let Ok(job) = self.job(&job_id).await else { return };
-        let (Some(status_url), Some(tenant)) = (
+    async fn delete_status(self, term: Arc<LeaderTerm>, job_id: String) {
+        let Ok(job) = self.applied_job(&job_id).await else {
+            return;
+        };
+        let (Some(status_url), Ok(client)) = (
             job.status_url.as_ref().and_then(|u| u.parse().ok()),
-            self.inner.tenants.get(&job.tenant),
+            term.client(&job.tenant),
         ) else {
             return;
         };
-        match delete_export(&tenant.client, &status_url).await {
+        match delete_export(client, &status_url).await {
             Ok(()) => {
                 let _ = self.propose(Command::StatusDeleted { job_id }).await;
             }
@@ -480,9 +653,14 @@ impl Coordinator {
     }
 
     /// One job's driver: kick off (unless a status URL is committed), poll, commit files.
-    async fn drive(self, job_id: String, cancel: CancellationToken) {
-        let outcome = self.drive_inner(&job_id, &cancel).await;
+    async fn drive(self, term: Arc<LeaderTerm>, job_id: String, cancel: CancellationToken) {
+        let outcome = self.drive_inner(&term, &job_id, &cancel).await;
         if cancel.is_cancelled() {
+            return;
+        }
+        if let Err(CoordinatorError::Raft(error)) = &outcome {
+            // Not the export's fault: leadership moved (the next leader resumes the job).
+            tracing::info!(%error, "job driver stopped");
             return;
         }
         if let Err(error) = outcome {
@@ -496,11 +674,16 @@ impl Coordinator {
         }
     }
 
-    async fn drive_inner(&self, job_id: &str, cancel: &CancellationToken) -> Result<(), CoordinatorError> {
-        let job = self.job(job_id).await?;
+    async fn drive_inner(
+        &self,
+        term: &LeaderTerm,
+        job_id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), CoordinatorError> {
+        let job = self.applied_job(job_id).await?;
         let tenant = self.tenant(&job.tenant)?;
-        let client = &tenant.client;
-        let settings = &tenant.config.export;
+        let client = term.client(&job.tenant)?;
+        let settings = &tenant.export;
         let status_url = match &job.status_url {
             Some(url) => {
                 tracing::info!(status_url = %url, "resuming polling of the committed export");
@@ -516,7 +699,7 @@ impl Coordinator {
                 let accepted = kick_off(
                     client,
                     &job.request,
-                    &tenant.config.profile,
+                    &tenant.profile,
                     settings.kickoff_attempts.max(1),
                     &mut backoff,
                 )
@@ -583,4 +766,14 @@ fn unix_ms(clock: &dyn Clock) -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+/// A coordinator address must be a URL a gRPC client can dial.
+fn tonic_address_check(address: &str) -> Result<(), CoordinatorError> {
+    match url::Url::parse(address) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
+        _ => Err(CoordinatorError::Refused(format!(
+            "coordinator address `{address}` must look like http://host:port or https://host:port"
+        ))),
+    }
 }

@@ -100,6 +100,12 @@ pub enum Command {
     ForgetAbsentWorkers {
         stale_before_ms: u64,
     },
+    /// Records where a coordinator listens, so the address book is in the log (and in
+    /// snapshots) and not only in each node's configuration.
+    SetCoordinatorAddress {
+        node_id: u64,
+        address: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +261,10 @@ pub struct State {
     pub leases: BTreeMap<u64, LeaseIndex>,
     /// Each tenant's last `transactionTime`: the `_since` of its next incremental export.
     pub tenant_since: BTreeMap<String, String>,
+    /// Each coordinator's gRPC address, by raft node id (from membership changes and
+    /// [`Command::SetCoordinatorAddress`]).
+    #[serde(default)]
+    pub coordinators: BTreeMap<u64, String>,
     next_job: u64,
     next_lease: u64,
 }
@@ -560,6 +570,10 @@ impl State {
             }
             Command::ForgetAbsentWorkers { stale_before_ms } => {
                 self.forget_preferences_of_absent_workers(stale_before_ms);
+                Applied::Done
+            }
+            Command::SetCoordinatorAddress { node_id, address } => {
+                self.coordinators.insert(node_id, address);
                 Applied::Done
             }
             Command::StatusDeleted { job_id } => match self.jobs.get_mut(&job_id) {

@@ -4,11 +4,15 @@
 //!   progress, complete or fail them (fenced by a generation number), and get the tenant's
 //!   access token without ever seeing a private key.
 //! - `AdminService`: operators and the CLI submit, cancel, list and watch exports, and read
-//!   worker and cluster status.
+//!   worker and cluster status, and change the coordinator group's membership.
+//! - `RaftService`: coordinators deliver raft messages to each other.
+//! - [`connect`]: channels to coordinators, and calls that find the raft leader.
 //!
 //! Coordinators and workers meet only through these types.
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+
+pub mod connect;
 
 pub mod v1 {
     tonic::include_proto!("fhirhaul.v1");

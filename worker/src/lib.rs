@@ -1,4 +1,4 @@
-//! The fhirhaul worker: registers with a coordinator, leases manifest files, downloads each
+//! The fhirhaul worker: registers with the coordinators' leader, leases manifest files, downloads each
 //! with the client core into local staging, keeping a checkpoint per file in sled so a
 //! restarted worker resumes its own partial files with Range requests, then publishes the
 //! verified file under the output directory and reports where it is.
@@ -11,6 +11,7 @@
 mod checkpoints;
 mod tokens;
 
+use std::future::Future;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use fhirhaul_common::download::{Checkpoint, DownloadOptions, DownloadSettings, d
 use fhirhaul_common::http::{Dialer, HttpTransport};
 use fhirhaul_common::manifest::{FileKind, ManifestFile};
 use fhirhaul_common::secret::Secret;
+use fhirhaul_proto::connect::{Connector, Coordinators};
 use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use tokio::sync::watch;
@@ -35,8 +37,8 @@ use crate::tokens::CoordinatorTokens;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("invalid coordinator address `{0}`")]
-    Address(String),
+    #[error(transparent)]
+    Address(#[from] fhirhaul_proto::connect::ConnectError),
     #[error("checkpoint store at {path}: {reason}")]
     Checkpoints { path: PathBuf, reason: String },
 }
@@ -44,8 +46,8 @@ pub enum WorkerError {
 /// How a worker runs.
 #[derive(Clone)]
 pub struct WorkerSettings {
-    /// `http://host:port` of the coordinator.
-    pub coordinator: String,
+    /// `http://host:port` of every coordinator (calls go to the raft leader).
+    pub coordinators: Vec<String>,
     /// Stable name: a restarted worker with the same name gets its partial files back.
     pub name: String,
     pub concurrency: u32,
@@ -66,7 +68,7 @@ pub struct WorkerSettings {
 impl std::fmt::Debug for WorkerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerSettings")
-            .field("coordinator", &self.coordinator)
+            .field("coordinators", &self.coordinators)
             .field("name", &self.name)
             .field("concurrency", &self.concurrency)
             .field("output_dir", &self.output_dir)
@@ -76,27 +78,31 @@ impl std::fmt::Debug for WorkerSettings {
     }
 }
 
-/// A connection to the coordinator with the cluster token attached to every call.
+/// The coordinators, with calls routed to the leader and the cluster token on each.
 #[derive(Clone)]
 pub(crate) struct Coordinator {
-    client: WorkerServiceClient<Channel>,
-    cluster_token: Option<Secret>,
+    coordinators: Coordinators,
     pub(crate) worker_id: String,
 }
 
 impl Coordinator {
-    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(token) = &self.cluster_token
-            && let Ok(value) = format!("Bearer {}", token.expose()).parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
-    }
-
-    pub(crate) fn client(&self) -> WorkerServiceClient<Channel> {
-        self.client.clone()
+    /// One call to the leader (following redirects and failovers, see
+    /// [`Coordinators::call`]); `message` is sent again on each attempt.
+    pub(crate) async fn call<T, R, F, Fut>(&self, message: T, call: F) -> Result<R, tonic::Status>
+    where
+        T: Clone,
+        F: Fn(WorkerServiceClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        self.coordinators
+            .call(|channel| {
+                call(
+                    WorkerServiceClient::new(channel),
+                    self.coordinators.request(message.clone()),
+                )
+            })
+            .await
+            .map(tonic::Response::into_inner)
     }
 }
 
@@ -132,35 +138,15 @@ pub async fn run(
     entropy: Entropy,
     cancel: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(settings.coordinator.clone())
-        .map_err(|_| WorkerError::Address(settings.coordinator.clone()))?
-        .connect_timeout(Duration::from_secs(5))
-        // A call must not hang on a connection a partition silently broke: every call has a
-        // deadline (the long-poll's wait plus slack), and idle connections are probed.
-        .timeout(settings.acquire_wait + Duration::from_secs(15))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
-    if let Some(tls) = settings.tls.clone() {
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| WorkerError::Address(format!("{}: {e}", settings.coordinator)))?;
-    }
-    let channel = match settings.dialer.clone() {
-        None => endpoint.connect_lazy(),
-        Some(dialer) => endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: http::Uri| {
-            let dialer = Arc::clone(&dialer);
-            async move {
-                let host = uri.host().unwrap_or_default().to_string();
-                let port = uri.port_u16().unwrap_or(80);
-                dialer.dial(&host, port).await.map(hyper_util::rt::TokioIo::new)
-            }
-        })),
+    let connector = Connector {
+        tls: settings.tls.clone(),
+        dialer: settings.dialer.clone(),
+        // Every call has a deadline (the long-poll's wait plus slack).
+        timeout: settings.acquire_wait + Duration::from_secs(15),
+        ..Connector::default()
     };
     let coordinator = Coordinator {
-        client: WorkerServiceClient::new(channel),
-        cluster_token: settings.cluster_token.clone(),
+        coordinators: Coordinators::new(&settings.coordinators, connector, settings.cluster_token.clone())?,
         worker_id: settings.name.clone(),
     };
     let store = CheckpointStore::open(&settings.state_dir.join("checkpoints"))?;
@@ -200,13 +186,19 @@ async fn register(
 ) -> Option<Duration> {
     let mut delay = Duration::from_millis(100);
     loop {
-        let request = coordinator.request(pb::RegisterRequest {
+        let request = pb::RegisterRequest {
             name: settings.name.clone(),
             concurrency: settings.concurrency,
-        });
-        match coordinator.client().register(request).await {
+        };
+        match coordinator
+            .call(
+                request,
+                |mut client, request| async move { client.register(request).await },
+            )
+            .await
+        {
             Ok(response) => {
-                let interval = Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(100));
+                let interval = Duration::from_millis(response.heartbeat_interval_ms.max(100));
                 tracing::info!(worker = %settings.name, "registered with the coordinator");
                 return Some(interval);
             }
@@ -226,11 +218,17 @@ async fn heartbeats(coordinator: Coordinator, settings: WorkerSettings, every: D
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let request = coordinator.request(pb::HeartbeatRequest {
+        let request = pb::HeartbeatRequest {
             worker_id: coordinator.worker_id.clone(),
             lease_ids: vec![],
-        });
-        if let Err(status) = coordinator.client().heartbeat(request).await {
+        };
+        if let Err(status) = coordinator
+            .call(
+                request,
+                |mut client, request| async move { client.heartbeat(request).await },
+            )
+            .await
+        {
             tracing::warn!(%status, "heartbeat failed");
             if status.code() == tonic::Code::FailedPrecondition {
                 // The coordinator does not know us (its state was reset): join again.
@@ -252,18 +250,20 @@ struct SlotContext {
 impl SlotContext {
     async fn run(self, cancel: CancellationToken) {
         loop {
-            let request = self.coordinator.request(pb::AcquireLeaseRequest {
+            let request = pb::AcquireLeaseRequest {
                 worker_id: self.coordinator.worker_id.clone(),
                 wait_ms: self.settings.acquire_wait.as_millis() as u64,
+            };
+            let acquire = self.coordinator.call(request, |mut client, request| async move {
+                client.acquire_lease(request).await
             });
-            let mut client = self.coordinator.client();
             let acquired = tokio::select! {
                 _ = cancel.cancelled() => return,
-                acquired = client.acquire_lease(request) => acquired,
+                acquired = acquire => acquired,
             };
             match acquired {
                 Ok(response) => {
-                    if let Some(lease) = response.into_inner().lease {
+                    if let Some(lease) = response.lease {
                         let span = tracing::info_span!("lease", lease = %lease.lease_id, job = %lease.job_id, file = %lease.relative_path);
                         self.handle(lease, &cancel).instrument(span).await;
                     }
@@ -283,15 +283,21 @@ impl SlotContext {
     }
 
     async fn fail(&self, lease: &pb::Lease, category: i32, reason: String, released: bool) {
-        let request = self.coordinator.request(pb::FailLeaseRequest {
+        let request = pb::FailLeaseRequest {
             worker_id: self.coordinator.worker_id.clone(),
             lease_id: lease.lease_id.clone(),
             generation: lease.generation,
             category,
             reason,
             released,
-        });
-        if let Err(status) = self.coordinator.client().fail_lease(request).await {
+        };
+        if let Err(status) = self
+            .coordinator
+            .call(request, |mut client, request| async move {
+                client.fail_lease(request).await
+            })
+            .await
+        {
             tracing::warn!(%status, "reporting the failure was refused");
         }
     }
@@ -389,7 +395,7 @@ impl SlotContext {
             Ok(outcome) => {
                 // Confirm the lease is still ours right before publishing, so a worker that
                 // was presumed dead does not overwrite the newer owner's file.
-                let still_ours = self.coordinator.request(pb::RenewLeaseRequest {
+                let still_ours = pb::RenewLeaseRequest {
                     worker_id: self.coordinator.worker_id.clone(),
                     lease_id: lease.lease_id.clone(),
                     generation: lease.generation,
@@ -400,8 +406,14 @@ impl SlotContext {
                         etag: None,
                         last_modified: None,
                     }),
-                });
-                if let Err(status) = self.coordinator.client().renew_lease(still_ours).await {
+                };
+                if let Err(status) = self
+                    .coordinator
+                    .call(still_ours, |mut client, request| async move {
+                        client.renew_lease(request).await
+                    })
+                    .await
+                {
                     tracing::warn!(%status, "lease no longer ours (or unreachable) at publish time; not publishing");
                     if status.code() != tonic::Code::Aborted {
                         self.fail(
@@ -425,7 +437,7 @@ impl SlotContext {
                         )
                         .await;
                 }
-                let request = self.coordinator.request(pb::CompleteLeaseRequest {
+                let request = pb::CompleteLeaseRequest {
                     worker_id: self.coordinator.worker_id.clone(),
                     lease_id: lease.lease_id.clone(),
                     generation: lease.generation,
@@ -434,8 +446,14 @@ impl SlotContext {
                     sha256: outcome.sha256.clone(),
                     location: published.display().to_string(),
                     issues: outcome.issues.clone(),
-                });
-                match self.coordinator.client().complete_lease(request).await {
+                };
+                match self
+                    .coordinator
+                    .call(request, |mut client, request| async move {
+                        client.complete_lease(request).await
+                    })
+                    .await
+                {
                     Ok(_) => tracing::info!(
                         bytes = outcome.bytes,
                         resources = outcome.resources,
@@ -492,7 +510,7 @@ async fn keep_lease(
             }
             _ = renew.tick() => {
                 let checkpoint = checkpoints.borrow().clone();
-                let request = coordinator.request(pb::RenewLeaseRequest {
+                let request = pb::RenewLeaseRequest {
                     worker_id: coordinator.worker_id.clone(),
                     lease_id: lease.lease_id.clone(),
                     generation: lease.generation,
@@ -503,8 +521,14 @@ async fn keep_lease(
                         etag: None,
                         last_modified: None,
                     }),
-                });
-                match coordinator.client().renew_lease(request).await {
+                };
+                let renewal = coordinator.call(request, |mut client, request| async move { client.renew_lease(request).await });
+                // A renewal that is still looking for a leader must not hold up checkpoints.
+                let renewal = tokio::select! {
+                    _ = download.cancelled() => return,
+                    renewal = renewal => renewal,
+                };
+                match renewal {
                     Ok(_) => {}
                     Err(status) if status.code() == tonic::Code::Aborted => {
                         tracing::warn!(%status, "lease renewal refused; stopping");

@@ -22,21 +22,22 @@ impl CoordinatorTokens {
     }
 
     async fn ask(&self, refused_generation: Option<u64>) -> Result<AccessToken> {
-        let request = self.coordinator.request(pb::GetTokenRequest {
+        let request = pb::GetTokenRequest {
             worker_id: self.coordinator.worker_id.clone(),
             tenant: self.tenant.clone(),
             refused_generation,
-        });
-        let response = self
+        };
+        let token = self
             .coordinator
-            .client()
-            .get_token(request)
+            .call(
+                request,
+                |mut client, request| async move { client.get_token(request).await },
+            )
             .await
             .map_err(|status| Error::Network {
                 url: fhirhaul_common::url_util::SafeUrl::from("grpc://coordinator/GetToken"),
                 message: format!("the coordinator could not provide a token: {}", status.message()),
             })?;
-        let token = response.into_inner();
         let expires_at = UNIX_EPOCH + Duration::from_millis(token.expires_at_unix_ms);
         Ok(AccessToken {
             value: Secret::new(token.access_token),

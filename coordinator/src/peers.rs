@@ -1,0 +1,204 @@
+//! Raft messages to the other coordinators, over the `RaftService` gRPC API.
+//!
+//! Each peer has its own sender task and bounded queue, so a slow or dead peer never
+//! holds up the raft actor or the other peers: when a queue is full, messages are dropped
+//! (raft retransmits) and the peer is reported unreachable. Failed deliveries are reported
+//! to the raft node (`report_unreachable`, `report_snapshot`), as raft-rs expects.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fhirhaul_common::secret::Secret;
+use fhirhaul_proto::connect::Connector;
+use fhirhaul_proto::v1 as pb;
+use fhirhaul_proto::v1::raft_service_client::RaftServiceClient;
+use protobuf::Message as _;
+use raft::eraftpb::{Message as RaftMessage, MessageType};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::raft_node::Message as NodeMessage;
+
+/// The largest raft batch (a snapshot carries the whole state machine).
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+
+struct Shared {
+    node_id: u64,
+    connector: Connector,
+    cluster_token: Option<Secret>,
+    addresses: BTreeMap<u64, String>,
+    queues: BTreeMap<u64, mpsc::Sender<RaftMessage>>,
+    reports: Option<mpsc::Sender<NodeMessage>>,
+    cancel: CancellationToken,
+}
+
+/// The outgoing side of the raft transport. Cheap to clone.
+#[derive(Clone)]
+pub struct Peers {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Peers {
+    pub fn new(node_id: u64, connector: Connector, cluster_token: Option<Secret>, cancel: CancellationToken) -> Peers {
+        Peers {
+            shared: Arc::new(Mutex::new(Shared {
+                node_id,
+                connector,
+                cluster_token,
+                addresses: BTreeMap::new(),
+                queues: BTreeMap::new(),
+                reports: None,
+                cancel,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where delivery failures are reported (the raft node's own queue).
+    pub(crate) fn attach(&self, reports: mpsc::Sender<NodeMessage>) {
+        self.lock().reports = Some(reports);
+    }
+
+    /// The address book: every member's gRPC address.
+    pub(crate) fn set_addresses(&self, addresses: BTreeMap<u64, String>) {
+        let mut shared = self.lock();
+        // A peer whose address changed gets a new sender task (and channel).
+        let changed: Vec<u64> = shared
+            .queues
+            .keys()
+            .filter(|id| shared.addresses.get(id) != addresses.get(id))
+            .copied()
+            .collect();
+        for id in changed {
+            shared.queues.remove(&id);
+        }
+        shared.addresses = addresses;
+    }
+
+    /// Queues messages for their peers, without waiting.
+    pub(crate) fn send(&self, messages: Vec<RaftMessage>) {
+        if messages.is_empty() {
+            return;
+        }
+        let mut shared = self.lock();
+        for message in messages {
+            let to = message.to;
+            let Some(queue) = shared.queue(to) else {
+                tracing::debug!(peer = to, "no address for raft peer; message dropped");
+                shared.report(NodeMessage::Unreachable(to));
+                continue;
+            };
+            if queue.try_send(message).is_err() {
+                shared.report(NodeMessage::Unreachable(to));
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn report(&self, message: NodeMessage) {
+        if let Some(reports) = &self.reports {
+            let _ = reports.try_send(message);
+        }
+    }
+
+    fn queue(&mut self, to: u64) -> Option<mpsc::Sender<RaftMessage>> {
+        if let Some(queue) = self.queues.get(&to)
+            && !queue.is_closed()
+        {
+            return Some(queue.clone());
+        }
+        let address = self.addresses.get(&to)?.clone();
+        let channel = match self.connector.channel(&address) {
+            Ok(channel) => channel,
+            Err(error) => {
+                tracing::warn!(peer = to, %error, "cannot reach raft peer");
+                return None;
+            }
+        };
+        let (sender, receiver) = mpsc::channel(256);
+        let client = RaftServiceClient::new(channel).max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        tokio::spawn(deliver(
+            self.node_id,
+            to,
+            client,
+            self.cluster_token.clone(),
+            receiver,
+            self.reports.clone(),
+            self.cancel.clone(),
+        ));
+        self.queues.insert(to, sender.clone());
+        Some(sender)
+    }
+}
+
+/// One peer's sender: batches whatever is queued into one call.
+async fn deliver(
+    from: u64,
+    to: u64,
+    mut client: RaftServiceClient<tonic::transport::Channel>,
+    cluster_token: Option<Secret>,
+    mut queue: mpsc::Receiver<RaftMessage>,
+    reports: Option<mpsc::Sender<NodeMessage>>,
+    cancel: CancellationToken,
+) {
+    let report = |message: NodeMessage| {
+        if let Some(reports) = &reports {
+            let _ = reports.try_send(message);
+        }
+    };
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return,
+            first = queue.recv() => match first {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < 128 {
+            match queue.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let has_snapshot = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        let messages: Vec<Vec<u8>> = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
+        let mut request = tonic::Request::new(pb::RaftBatch { from, messages });
+        // Heartbeats must not queue behind a dead peer's timeouts; snapshots may be large.
+        request.set_timeout(if has_snapshot {
+            Duration::from_secs(120)
+        } else {
+            Duration::from_secs(2)
+        });
+        if let Some(token) = &cluster_token
+            && let Ok(value) = format!("Bearer {}", token.expose()).parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        match client.deliver(request).await {
+            Ok(_) => {
+                if has_snapshot {
+                    report(NodeMessage::SnapshotSent { to, delivered: true });
+                }
+            }
+            Err(status) => {
+                tracing::debug!(peer = to, %status, "raft delivery failed");
+                report(NodeMessage::Unreachable(to));
+                if has_snapshot {
+                    report(NodeMessage::SnapshotSent { to, delivered: false });
+                }
+                // Drop what queued up meanwhile (raft resends), and do not hammer the peer.
+                while queue.try_recv().is_ok() {}
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! What the cross-process tests (`cluster.rs`, `raft_group.rs`) share: child processes
+//! that die with the test, the `fhirhaul` binary, free ports, output hashing, and a TCP
+//! link that can be cut.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sha2::Digest;
+
+/// A child process that is killed when dropped.
+pub struct Process(pub Child);
+
+impl Process {
+    pub fn kill_hard(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+pub fn fhirhaul() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fhirhaul"));
+    // FHIRHAUL_TEST_LOG=warn shows what the processes say when a test fails.
+    command.env(
+        "RUST_LOG",
+        std::env::var("FHIRHAUL_TEST_LOG").unwrap_or_else(|_| "error".into()),
+    );
+    command
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every file the EHR served for its latest export is under `dir` exactly once,
+/// byte-identical, and nothing else is there. Returns the number of files.
+pub fn assert_output_identical(sim: &fhirhaul_sim::SimEhr, dir: &Path) -> usize {
+    let served = sim.served_files(*sim.jobs().last().expect("the EHR ran an export"));
+    let mut saved = Vec::new();
+    collect_files(dir, &mut saved);
+    let parts: Vec<_> = saved
+        .iter()
+        .filter(|p| p.extension().is_none_or(|e| e != "ndjson"))
+        .collect();
+    assert!(parts.is_empty(), "only finished files are published: {parts:?}");
+    let mut hashes: Vec<String> = saved
+        .iter()
+        .map(|p| hex(&sha2::Sha256::digest(std::fs::read(p).unwrap())))
+        .collect();
+    hashes.sort();
+    let mut expected: Vec<String> = served.iter().map(|f| f.sha256.clone()).collect();
+    expected.sort();
+    assert_eq!(hashes, expected, "the output is exactly the served files");
+    served.len()
+}
+
+/// A one-way TCP link on 127.0.0.1 (one coordinator's route to another) that a test can
+/// cut: a cut link closes its connections and refuses new ones until it is healed.
+pub struct Link {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    /// Bumped on every cut, so connections opened before it end at once.
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Link {
+    pub async fn start(to_port: u16) -> Link {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (epoch, _) = tokio::sync::watch::channel(0u64);
+        let accept_cut = Arc::clone(&cut);
+        let accept_epoch = epoch.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if accept_cut.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cuts = accept_epoch.subscribe();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to_port)).await else {
+                        return;
+                    };
+                    let (mut a, mut b) = (inbound, outbound);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Link { port, cut, epoch }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.epoch.send_modify(|epoch| *epoch += 1);
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}

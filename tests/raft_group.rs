@@ -1,0 +1,495 @@
+//! Three (then four) coordinator processes in one raft group on 127.0.0.1, with workers and
+//! the simulated EHR (in this process, so its observations can be asserted). Each
+//! coordinator reaches each other one through its own cuttable [`Link`], so a test can
+//! isolate one; clients and workers use the coordinators' own addresses.
+
+mod processes;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use fhirhaul_proto::connect::{Connector, Coordinators};
+use fhirhaul_proto::v1 as pb;
+use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
+use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
+use fhirhaul_sim::{SimConfig, SimEhr};
+use processes::{Link, Process, assert_output_identical, fhirhaul, free_port};
+use tonic::transport::Channel;
+
+struct Group {
+    sim: SimEhr,
+    dir: tempfile::TempDir,
+    tenant_toml: String,
+    /// Each coordinator's own gRPC port.
+    ports: BTreeMap<u64, u16>,
+    /// (from, to) → the link `from` reaches `to` through.
+    links: BTreeMap<(u64, u64), Link>,
+    coordinators: BTreeMap<u64, Process>,
+    workers: BTreeMap<String, Process>,
+}
+
+fn address(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+impl Group {
+    async fn start(config: SimConfig, members: u64) -> Group {
+        let sim = SimEhr::start(config).await.unwrap();
+        let credentials = sim.new_client("ES384");
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client.pem");
+        std::fs::write(&key, &credentials.private_key_pem).unwrap();
+        let tenant_toml = format!(
+            r#"
+[[tenant]]
+name = "sim"
+base_url = "{base}"
+client_id = "{client}"
+kid = "{kid}"
+private_key = "{key}"
+[tenant.export]
+concurrency = 6
+[tenant.export.poll]
+min_interval = "100ms"
+max_interval = "500ms"
+[tenant.export.download]
+backoff_min = "50ms"
+backoff_max = "500ms"
+"#,
+            base = sim.base_url(),
+            client = credentials.client_id,
+            kid = credentials.kid,
+            key = key.display()
+        );
+        let mut group = Group {
+            sim,
+            dir,
+            tenant_toml,
+            ports: BTreeMap::new(),
+            links: BTreeMap::new(),
+            coordinators: BTreeMap::new(),
+            workers: BTreeMap::new(),
+        };
+        for id in 1..=members {
+            group.ports.insert(id, free_port());
+        }
+        for from in 1..=members {
+            for to in 1..=members {
+                if from != to {
+                    group.links.insert((from, to), Link::start(group.ports[&to]).await);
+                }
+            }
+        }
+        for id in 1..=members {
+            group.write_config(id, false);
+            group.start_coordinator(id);
+        }
+        group
+    }
+
+    /// Node `id`'s configuration: its own address, and its links to the others.
+    fn write_config(&self, id: u64, join: bool) {
+        let mut toml = self.tenant_toml.clone();
+        toml += &format!("[cluster]\nnode_id = {id}\nsnapshot_every = 20\njoin = {join}\n");
+        for (&peer, &port) in &self.ports {
+            let route = match self.links.get(&(id, peer)) {
+                Some(link) => address(link.port),
+                None => address(port),
+            };
+            toml += &format!("[[cluster.coordinator]]\nid = {peer}\naddress = \"{route}\"\n");
+        }
+        std::fs::write(self.dir.path().join(format!("node-{id}.toml")), toml).unwrap();
+    }
+
+    fn start_coordinator(&mut self, id: u64) {
+        let mut child = fhirhaul()
+            .arg("coordinator")
+            .arg("--config")
+            .arg(self.dir.path().join(format!("node-{id}.toml")))
+            .args(["--listen", &format!("127.0.0.1:{}", self.ports[&id])])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("coordinator-{id}")))
+            .args(["--lease-duration", "3s"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert!(
+            line.contains("coordinator listening on"),
+            "coordinator {id} did not start: {line:?}"
+        );
+        self.coordinators.insert(id, Process(child));
+    }
+
+    fn kill(&mut self, id: u64) {
+        if let Some(mut process) = self.coordinators.remove(&id) {
+            process.kill_hard();
+        }
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.ports.values().map(|port| address(*port)).collect()
+    }
+
+    fn start_worker(&mut self, name: &str) {
+        let child = fhirhaul()
+            .arg("worker")
+            .args([
+                "--coordinator",
+                &self.addresses().join(","),
+                "--name",
+                name,
+                "--concurrency",
+                "2",
+                "--checkpoint-every",
+                "16384",
+            ])
+            .arg("--out")
+            .arg(self.dir.path().join("out"))
+            .arg("--state-dir")
+            .arg(self.dir.path().join("workers").join(name))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.workers.insert(name.to_string(), Process(child));
+    }
+
+    /// Calls that find the leader, as the CLI and workers make them.
+    fn cluster(&self) -> Coordinators {
+        Coordinators::new(&self.addresses(), Connector::default(), None).unwrap()
+    }
+
+    fn direct(&self, id: u64) -> Channel {
+        Connector {
+            timeout: Duration::from_secs(8),
+            ..Connector::default()
+        }
+        .channel(&address(self.ports[&id]))
+        .unwrap()
+    }
+
+    async fn status_of(&self, id: u64) -> Option<pb::ClusterStatusResponse> {
+        AdminServiceClient::new(self.direct(id))
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .ok()
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits until one of `among` says it leads; returns its id.
+    async fn leader_among(&self, among: &[u64]) -> u64 {
+        for _ in 0..300 {
+            for &id in among {
+                if let Some(status) = self.status_of(id).await
+                    && status.role == "leader"
+                {
+                    return id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no leader among {among:?}");
+    }
+
+    async fn submit(&self) -> String {
+        let cluster = self.cluster();
+        cluster
+            .call(|channel| {
+                let request = cluster.request(pb::SubmitExportRequest {
+                    tenant: "sim".into(),
+                    request_json: String::new(),
+                    incremental: false,
+                });
+                async move { AdminServiceClient::new(channel).submit_export(request).await }
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id
+    }
+
+    async fn job(&self, job_id: &str) -> Option<pb::GetJobResponse> {
+        let cluster = self.cluster().with_failover_budget(Duration::from_secs(5));
+        cluster
+            .call(|channel| {
+                let request = cluster.request(pb::GetJobRequest { job_id: job_id.into() });
+                async move { AdminServiceClient::new(channel).get_job(request).await }
+            })
+            .await
+            .ok()
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn wait_for(
+        &self,
+        job_id: &str,
+        what: &str,
+        done: impl Fn(&pb::GetJobResponse) -> bool,
+    ) -> pb::GetJobResponse {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(job) = self.job(job_id).await
+                && done(&job)
+            {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                self.job(job_id).await.map(|j| j.summary)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_completed(&self, job_id: &str) -> pb::GetJobResponse {
+        let job = self
+            .wait_for(job_id, "the export to end", |job| {
+                job.summary.as_ref().is_some_and(|s| {
+                    s.phase == pb::JobPhase::Completed as i32 || s.phase == pb::JobPhase::Failed as i32
+                })
+            })
+            .await;
+        let summary = job.summary.clone().unwrap();
+        assert_eq!(summary.phase, pb::JobPhase::Completed as i32, "{summary:?}");
+        assert_eq!(summary.files_failed, 0, "{summary:?}");
+        job
+    }
+
+    /// Waits until coordinator `id` has applied everything `leader` has.
+    async fn wait_caught_up(&self, id: u64, leader: u64) -> pb::ClusterStatusResponse {
+        for _ in 0..300 {
+            if let (Some(status), Some(leading)) = (self.status_of(id).await, self.status_of(leader).await)
+                && status.commit_index >= leading.commit_index
+                && status.term == leading.term
+                && status.leader_id == Some(leader.to_string())
+            {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "coordinator {id} did not catch up with {leader}: {:?} vs {:?}",
+            self.status_of(id).await,
+            self.status_of(leader).await
+        );
+    }
+}
+
+fn phase(job: &pb::GetJobResponse) -> i32 {
+    job.summary.as_ref().map(|s| s.phase).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_while_polling_and_again_while_downloading_loses_nothing() {
+    let config = SimConfig {
+        patients: 100,
+        max_resources_per_file: 12,
+        job_duration: Duration::from_secs(4),
+        ..SimConfig::default()
+    };
+    let mut group = Group::start(config, 3).await;
+    let first = group.leader_among(&[1, 2, 3]).await;
+    for name in ["w1", "w2", "w3"] {
+        group.start_worker(name);
+    }
+    let job_id = group.submit().await;
+    group
+        .wait_for(&job_id, "polling", |job| phase(job) == pb::JobPhase::Polling as i32)
+        .await;
+    assert_eq!(group.sim.observed().kickoffs.len(), 1);
+
+    // The leader dies while the EHR is still preparing the export.
+    group.kill(first);
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != first).collect();
+    let second = group.leader_among(&others).await;
+    group.start_coordinator(first);
+
+    // And the next one dies in the middle of the downloads.
+    group.sim.set_faults(|f| f.throttle_bytes_per_sec = Some(200_000));
+    group
+        .wait_for(&job_id, "downloads under way", |job| {
+            let summary = job.summary.clone().unwrap_or_default();
+            phase(job) == pb::JobPhase::Downloading as i32 && summary.files_done >= 3
+        })
+        .await;
+    group.kill(second);
+    group.sim.set_faults(|f| f.throttle_bytes_per_sec = None);
+    let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != second).collect();
+    let third = group.leader_among(&survivors).await;
+
+    let job = group.wait_completed(&job_id).await;
+    assert_eq!(
+        group.sim.observed().kickoffs.len(),
+        1,
+        "two leader failures, one kick-off: the new leaders polled the committed status URL"
+    );
+    let files = assert_output_identical(&group.sim, &group.dir.path().join("out").join(&job_id));
+    assert!(files >= 50, "only {files} files");
+    assert_eq!(job.files.len(), files);
+
+    // The coordinator killed second comes back and catches up with the one leading now.
+    group.start_coordinator(second);
+    group.wait_caught_up(second, third).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_coordinator_cannot_grant_leases_or_change_state_and_catches_up() {
+    let config = SimConfig {
+        patients: 30,
+        max_resources_per_file: 10,
+        job_duration: Duration::from_millis(300),
+        ..SimConfig::default()
+    };
+    let group = Group::start(config, 3).await;
+    let isolated = group.leader_among(&[1, 2, 3]).await;
+    // An export with files waiting (there are no workers), and a worker that may lease them.
+    let job_id = group.submit().await;
+    group
+        .wait_for(&job_id, "files waiting", |job| {
+            phase(job) == pb::JobPhase::Downloading as i32
+        })
+        .await;
+    let cluster = group.cluster();
+    cluster
+        .call(|channel| {
+            let request = cluster.request(pb::RegisterRequest {
+                name: "probe".into(),
+                concurrency: 1,
+            });
+            async move { WorkerServiceClient::new(channel).register(request).await }
+        })
+        .await
+        .unwrap();
+
+    // Cut the leader off from both others, both ways.
+    for ((from, to), link) in &group.links {
+        if *from == isolated || *to == isolated {
+            link.cut();
+        }
+    }
+    // Let the links' copy tasks see the cut before anything is asked of the isolated one.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut worker = WorkerServiceClient::new(group.direct(isolated));
+    let lease = worker
+        .acquire_lease(pb::AcquireLeaseRequest {
+            worker_id: "probe".into(),
+            wait_ms: 2_000,
+        })
+        .await;
+    assert!(
+        lease.as_ref().map(|r| r.get_ref().lease.is_none()).unwrap_or(true),
+        "an isolated coordinator granted a lease: {lease:?}"
+    );
+    let submitted = AdminServiceClient::new(group.direct(isolated))
+        .submit_export(pb::SubmitExportRequest {
+            tenant: "sim".into(),
+            request_json: String::new(),
+            incremental: false,
+        })
+        .await;
+    assert!(
+        submitted.is_err(),
+        "an isolated coordinator accepted an export: {submitted:?}"
+    );
+    let isolated_status = group.status_of(isolated).await.unwrap();
+    assert_ne!(isolated_status.role, "leader", "it stepped down without a quorum");
+
+    // The other two elect a leader and go on.
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != isolated).collect();
+    let leader = group.leader_among(&others).await;
+    let second_job = group.submit().await;
+    assert_ne!(second_job, job_id);
+
+    for link in group.links.values() {
+        link.heal();
+    }
+    let caught_up = group.wait_caught_up(isolated, leader).await;
+    assert!(caught_up.term > isolated_status.term || caught_up.term >= 2);
+    let cluster = group.cluster();
+    let jobs = cluster
+        .call(|channel| {
+            let request = cluster.request(pb::ListJobsRequest {});
+            async move { AdminServiceClient::new(channel).list_jobs(request).await }
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [job_id.as_str(), second_job.as_str()],
+        "only the majority's exports exist"
+    );
+    let job = group.job(&job_id).await.unwrap();
+    assert!(
+        job.files.iter().all(|f| f.worker_id.as_deref() != Some("probe")),
+        "no lease from the isolated coordinator survived"
+    );
+    assert_eq!(group.sim.observed().kickoffs.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_added_at_run_time_catches_up_from_a_snapshot_and_can_lead() {
+    let config = SimConfig {
+        patients: 60,
+        max_resources_per_file: 12,
+        job_duration: Duration::from_millis(300),
+        ..SimConfig::default()
+    };
+    let mut group = Group::start(config, 3).await;
+    let leader = group.leader_among(&[1, 2, 3]).await;
+    for name in ["w1", "w2"] {
+        group.start_worker(name);
+    }
+    let first_job = group.submit().await;
+    group.wait_completed(&first_job).await;
+    let before = group.status_of(leader).await.unwrap();
+    assert!(before.snapshot_index > 0, "the log was compacted: {before:?}");
+
+    // Coordinator 4 starts empty, waiting to be added; workers were told only of 1-3.
+    group.ports.insert(4, free_port());
+    group.write_config(4, true);
+    group.start_coordinator(4);
+    let cluster = group.cluster();
+    let members = cluster
+        .call(|channel| {
+            let request = cluster.request(pb::AddCoordinatorRequest {
+                node_id: 4,
+                address: address(group.ports[&4]),
+            });
+            async move { AdminServiceClient::new(channel).add_coordinator(request).await }
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .coordinators;
+    assert!(members.iter().any(|m| m.node_id == 4 && m.voter), "{members:?}");
+    let joined = group.wait_caught_up(4, leader).await;
+    assert!(
+        joined.snapshot_index >= before.snapshot_index,
+        "coordinator 4 started from a snapshot: {joined:?}"
+    );
+    assert_eq!(joined.voters.len(), 4);
+
+    cluster
+        .call(|channel| {
+            let request = cluster.request(pb::TransferLeadershipRequest { node_id: 4 });
+            async move { AdminServiceClient::new(channel).transfer_leadership(request).await }
+        })
+        .await
+        .unwrap();
+    assert_eq!(group.leader_among(&[4]).await, 4);
+
+    // Workers find the new leader through redirects and the next export completes under it.
+    let second_job = group.submit().await;
+    group.wait_completed(&second_job).await;
+    assert_output_identical(&group.sim, &group.dir.path().join("out").join(&second_job));
+    assert_eq!(group.status_of(4).await.unwrap().role, "leader");
+    assert_eq!(group.sim.observed().kickoffs.len(), 2);
+}
