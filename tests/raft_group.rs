@@ -1,284 +1,18 @@
 //! Three (then four) coordinator processes in one raft group on 127.0.0.1, with workers and
-//! the simulated EHR (in this process, so its observations can be asserted). Each
-//! coordinator reaches each other one through its own cuttable [`Link`], so a test can
-//! isolate one; clients and workers use the coordinators' own addresses.
+//! the simulated EHR (in this process, so its observations can be asserted); see
+//! [`processes::group::Group`].
 
 mod processes;
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Duration;
 
-use fhirhaul_proto::connect::{Connector, Coordinators};
 use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
-use fhirhaul_sim::{SimConfig, SimEhr};
-use processes::{Link, Process, assert_output_identical, fhirhaul, free_port};
-use tonic::transport::Channel;
-
-struct Group {
-    sim: SimEhr,
-    dir: tempfile::TempDir,
-    tenant_toml: String,
-    /// Each coordinator's own gRPC port.
-    ports: BTreeMap<u64, u16>,
-    /// (from, to) → the link `from` reaches `to` through.
-    links: BTreeMap<(u64, u64), Link>,
-    coordinators: BTreeMap<u64, Process>,
-    workers: BTreeMap<String, Process>,
-}
-
-fn address(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
-}
-
-impl Group {
-    async fn start(config: SimConfig, members: u64) -> Group {
-        let sim = SimEhr::start(config).await.unwrap();
-        let credentials = sim.new_client("ES384");
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("client.pem");
-        std::fs::write(&key, &credentials.private_key_pem).unwrap();
-        let tenant_toml = format!(
-            r#"
-[[tenant]]
-name = "sim"
-base_url = "{base}"
-client_id = "{client}"
-kid = "{kid}"
-private_key = "{key}"
-[tenant.export]
-concurrency = 6
-[tenant.export.poll]
-min_interval = "100ms"
-max_interval = "500ms"
-[tenant.export.download]
-backoff_min = "50ms"
-backoff_max = "500ms"
-"#,
-            base = sim.base_url(),
-            client = credentials.client_id,
-            kid = credentials.kid,
-            key = key.display()
-        );
-        let mut group = Group {
-            sim,
-            dir,
-            tenant_toml,
-            ports: BTreeMap::new(),
-            links: BTreeMap::new(),
-            coordinators: BTreeMap::new(),
-            workers: BTreeMap::new(),
-        };
-        for id in 1..=members {
-            group.ports.insert(id, free_port());
-        }
-        for from in 1..=members {
-            for to in 1..=members {
-                if from != to {
-                    group.links.insert((from, to), Link::start(group.ports[&to]).await);
-                }
-            }
-        }
-        for id in 1..=members {
-            group.write_config(id, false);
-            group.start_coordinator(id);
-        }
-        group
-    }
-
-    /// Node `id`'s configuration: its own address, and its links to the others.
-    fn write_config(&self, id: u64, join: bool) {
-        let mut toml = self.tenant_toml.clone();
-        toml += &format!("[cluster]\nnode_id = {id}\nsnapshot_every = 20\njoin = {join}\n");
-        for (&peer, &port) in &self.ports {
-            let route = match self.links.get(&(id, peer)) {
-                Some(link) => address(link.port),
-                None => address(port),
-            };
-            toml += &format!("[[cluster.coordinator]]\nid = {peer}\naddress = \"{route}\"\n");
-        }
-        std::fs::write(self.dir.path().join(format!("node-{id}.toml")), toml).unwrap();
-    }
-
-    fn start_coordinator(&mut self, id: u64) {
-        let mut child = fhirhaul()
-            .arg("coordinator")
-            .arg("--config")
-            .arg(self.dir.path().join(format!("node-{id}.toml")))
-            .args(["--listen", &format!("127.0.0.1:{}", self.ports[&id])])
-            .arg("--data-dir")
-            .arg(self.dir.path().join(format!("coordinator-{id}")))
-            .args(["--lease-duration", "3s"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        assert!(
-            line.contains("coordinator listening on"),
-            "coordinator {id} did not start: {line:?}"
-        );
-        self.coordinators.insert(id, Process(child));
-    }
-
-    fn kill(&mut self, id: u64) {
-        if let Some(mut process) = self.coordinators.remove(&id) {
-            process.kill_hard();
-        }
-    }
-
-    fn addresses(&self) -> Vec<String> {
-        self.ports.values().map(|port| address(*port)).collect()
-    }
-
-    fn start_worker(&mut self, name: &str) {
-        let child = fhirhaul()
-            .arg("worker")
-            .args([
-                "--coordinator",
-                &self.addresses().join(","),
-                "--name",
-                name,
-                "--concurrency",
-                "2",
-                "--checkpoint-every",
-                "16384",
-            ])
-            .arg("--out")
-            .arg(self.dir.path().join("out"))
-            .arg("--state-dir")
-            .arg(self.dir.path().join("workers").join(name))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.workers.insert(name.to_string(), Process(child));
-    }
-
-    /// Calls that find the leader, as the CLI and workers make them.
-    fn cluster(&self) -> Coordinators {
-        Coordinators::new(&self.addresses(), Connector::default(), None).unwrap()
-    }
-
-    fn direct(&self, id: u64) -> Channel {
-        Connector {
-            timeout: Duration::from_secs(8),
-            ..Connector::default()
-        }
-        .channel(&address(self.ports[&id]))
-        .unwrap()
-    }
-
-    async fn status_of(&self, id: u64) -> Option<pb::ClusterStatusResponse> {
-        AdminServiceClient::new(self.direct(id))
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .ok()
-            .map(tonic::Response::into_inner)
-    }
-
-    /// Waits until one of `among` says it leads; returns its id.
-    async fn leader_among(&self, among: &[u64]) -> u64 {
-        for _ in 0..300 {
-            for &id in among {
-                if let Some(status) = self.status_of(id).await
-                    && status.role == "leader"
-                {
-                    return id;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("no leader among {among:?}");
-    }
-
-    async fn submit(&self) -> String {
-        let cluster = self.cluster();
-        cluster
-            .call(|channel| {
-                let request = cluster.request(pb::SubmitExportRequest {
-                    tenant: "sim".into(),
-                    request_json: String::new(),
-                    incremental: false,
-                });
-                async move { AdminServiceClient::new(channel).submit_export(request).await }
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id
-    }
-
-    async fn job(&self, job_id: &str) -> Option<pb::GetJobResponse> {
-        let cluster = self.cluster().with_failover_budget(Duration::from_secs(5));
-        cluster
-            .call(|channel| {
-                let request = cluster.request(pb::GetJobRequest { job_id: job_id.into() });
-                async move { AdminServiceClient::new(channel).get_job(request).await }
-            })
-            .await
-            .ok()
-            .map(tonic::Response::into_inner)
-    }
-
-    async fn wait_for(
-        &self,
-        job_id: &str,
-        what: &str,
-        done: impl Fn(&pb::GetJobResponse) -> bool,
-    ) -> pb::GetJobResponse {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(job) = self.job(job_id).await
-                && done(&job)
-            {
-                return job;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}: {:?}",
-                self.job(job_id).await.map(|j| j.summary)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn wait_completed(&self, job_id: &str) -> pb::GetJobResponse {
-        let job = self
-            .wait_for(job_id, "the export to end", |job| {
-                job.summary.as_ref().is_some_and(|s| {
-                    s.phase == pb::JobPhase::Completed as i32 || s.phase == pb::JobPhase::Failed as i32
-                })
-            })
-            .await;
-        let summary = job.summary.clone().unwrap();
-        assert_eq!(summary.phase, pb::JobPhase::Completed as i32, "{summary:?}");
-        assert_eq!(summary.files_failed, 0, "{summary:?}");
-        job
-    }
-
-    /// Waits until coordinator `id` has applied everything `leader` has.
-    async fn wait_caught_up(&self, id: u64, leader: u64) -> pb::ClusterStatusResponse {
-        for _ in 0..300 {
-            if let (Some(status), Some(leading)) = (self.status_of(id).await, self.status_of(leader).await)
-                && status.commit_index >= leading.commit_index
-                && status.term == leading.term
-                && status.leader_id == Some(leader.to_string())
-            {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "coordinator {id} did not catch up with {leader}: {:?} vs {:?}",
-            self.status_of(id).await,
-            self.status_of(leader).await
-        );
-    }
-}
+use fhirhaul_sim::SimConfig;
+use processes::assert_output_identical;
+use processes::free_port;
+use processes::group::{Group, address};
 
 fn phase(job: &pb::GetJobResponse) -> i32 {
     job.summary.as_ref().map(|s| s.phase).unwrap_or_default()
@@ -292,7 +26,7 @@ async fn killing_the_leader_while_polling_and_again_while_downloading_loses_noth
         job_duration: Duration::from_secs(4),
         ..SimConfig::default()
     };
-    let mut group = Group::start(config, 3).await;
+    let mut group = Group::start(config, 3, Some("3s")).await;
     let first = group.leader_among(&[1, 2, 3]).await;
     for name in ["w1", "w2", "w3"] {
         group.start_worker(name);
@@ -345,7 +79,7 @@ async fn an_isolated_coordinator_cannot_grant_leases_or_change_state_and_catches
         job_duration: Duration::from_millis(300),
         ..SimConfig::default()
     };
-    let group = Group::start(config, 3).await;
+    let group = Group::start(config, 3, Some("3s")).await;
     let isolated = group.leader_among(&[1, 2, 3]).await;
     // An export with files waiting (there are no workers), and a worker that may lease them.
     let job_id = group.submit().await;
@@ -442,7 +176,7 @@ async fn a_coordinator_added_at_run_time_catches_up_from_a_snapshot_and_can_lead
         job_duration: Duration::from_millis(300),
         ..SimConfig::default()
     };
-    let mut group = Group::start(config, 3).await;
+    let mut group = Group::start(config, 3, Some("3s")).await;
     let leader = group.leader_among(&[1, 2, 3]).await;
     for name in ["w1", "w2"] {
         group.start_worker(name);

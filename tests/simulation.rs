@@ -1,9 +1,10 @@
 //! fhirhaul on turmoil's simulated network, where only turmoil advances time.
 //!
 //! - A whole export through the client core ([`HyperTransport`] over a turmoil [`Dialer`]).
-//! - The whole cluster (EHR, coordinator with its raft log, workers, an operator over gRPC)
-//!   under seeded faults: cut downloads, 429/5xx, latency, partitions, worker and
-//!   coordinator restarts. Invariants are checked at the end of every run.
+//! - The whole cluster (EHR, a raft group of three coordinators, workers, an operator over
+//!   gRPC) under seeded faults: cut downloads, 429/5xx, latency, partitions of workers and
+//!   of coordinators, worker, coordinator and leader crashes. Invariants are checked at the
+//!   end of every run, among them that every coordinator holds the same committed state.
 //!
 //! A failing seed prints the command that replays it. The sweep size is
 //! `FHIRHAUL_SIM_SEEDS` (default 100); `FHIRHAUL_SIM_SEED=N` runs one seed.
@@ -212,6 +213,8 @@ impl tokio::io::AsyncWrite for Accepted {
 #[derive(Debug, Clone)]
 struct Scenario {
     seed: u64,
+    /// Each coordinator's raft election timeout, in ticks (raft-rs would draw its own).
+    election_ticks: [usize; 3],
     patients: u32,
     per_file: u64,
     max_latency_ms: u64,
@@ -228,17 +231,29 @@ struct Scenario {
 #[derive(Debug, Clone, Copy)]
 enum Disruption {
     BounceWorker(usize),
-    BounceCoordinator,
+    BounceCoordinator(usize),
+    /// Crash and restart whichever coordinator leads at that moment.
+    BounceLeader,
+    /// Cut a worker off from every coordinator.
     Partition(usize),
     Repair(usize),
+    /// Cut a coordinator off from the other two (workers still reach it).
+    IsolateCoordinator(usize),
+    RejoinCoordinator(usize),
 }
 
 const WORKERS: [&str; 2] = ["w1", "w2"];
+const COORDINATORS: [&str; 3] = ["c1", "c2", "c3"];
+
+fn coordinator_addresses() -> Vec<String> {
+    COORDINATORS.iter().map(|host| format!("http://{host}:7400")).collect()
+}
 
 impl Scenario {
     fn quiet(seed: u64) -> Scenario {
         Scenario {
             seed,
+            election_ticks: [10, 13, 16],
             patients: 40,
             per_file: 40,
             max_latency_ms: 20,
@@ -256,11 +271,17 @@ impl Scenario {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut disruptions = Vec::new();
-        for _ in 0..rng.gen_range(0..4) {
+        for _ in 0..rng.gen_range(0..5) {
             let at = rng.gen_range(5..90);
-            let disruption = match rng.gen_range(0..4) {
+            let disruption = match rng.gen_range(0..6) {
                 0 => Disruption::BounceWorker(rng.gen_range(0..WORKERS.len())),
-                1 => Disruption::BounceCoordinator,
+                1 => Disruption::BounceCoordinator(rng.gen_range(0..COORDINATORS.len())),
+                2 => Disruption::BounceLeader,
+                3 => {
+                    let coordinator = rng.gen_range(0..COORDINATORS.len());
+                    disruptions.push((at + rng.gen_range(5..30), Disruption::RejoinCoordinator(coordinator)));
+                    Disruption::IsolateCoordinator(coordinator)
+                }
                 _ => {
                     let worker = rng.gen_range(0..WORKERS.len());
                     disruptions.push((at + rng.gen_range(5..30), Disruption::Repair(worker)));
@@ -270,8 +291,14 @@ impl Scenario {
             disruptions.push((at, disruption));
         }
         disruptions.sort_by_key(|(at, _)| *at);
+        // Distinct timeouts, so elections settle; which node gets which is the seed's.
+        let mut election_ticks = [10, 13, 16];
+        for index in (1..election_ticks.len()).rev() {
+            election_ticks.swap(index, rng.gen_range(0..=index));
+        }
         Scenario {
             seed,
+            election_ticks,
             patients: rng.gen_range(5..60),
             per_file: rng.gen_range(8..80),
             max_latency_ms: rng.gen_range(1..50),
@@ -294,6 +321,8 @@ fn replay_hint(seed: u64) -> String {
 /// hashes and the kick-off count), which must not depend on anything but the seed.
 fn cluster_run(scenario: Scenario) -> String {
     use fhirhaul_coordinator::node::{Coordinator, CoordinatorSettings};
+    use fhirhaul_coordinator::raft_node::RaftSettings;
+    use fhirhaul_proto::connect::{Connector, Coordinators};
     use fhirhaul_proto::v1 as pb;
 
     let seed = scenario.seed;
@@ -344,53 +373,75 @@ fn cluster_run(scenario: Scenario) -> String {
             }
         }
     });
-    let coordinator_slot = Arc::clone(&published);
-    let coordinator_disk = Arc::clone(&disk);
     // Each incarnation of a restarted host draws from its own stream: a node that restarted
     // with the same seed would sign JWTs with the `jti`s it already used, which the EHR
     // rightly refuses as replays (found by seed 17 of the sweep).
     let incarnations = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let coordinator_incarnations = Arc::clone(&incarnations);
-    simulation.host("coordinator", move || {
-        let slot = Arc::clone(&coordinator_slot);
-        let disk = Arc::clone(&coordinator_disk);
-        let incarnation = coordinator_incarnations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        async move {
-            let credentials = loop {
-                if let Some(credentials) = slot.lock().unwrap().credentials.clone() {
-                    break credentials;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            };
-            let key = disk.path().join("key.pem");
-            std::fs::write(&key, &credentials.private_key_pem)?;
-            let tenant = sim_tenant(&credentials, key);
-            let settings = CoordinatorSettings {
-                data_dir: disk.path().join("coordinator"),
-                lease_duration: Duration::from_secs(10),
-                ..CoordinatorSettings::default()
-            };
-            let transport = Arc::new(HyperTransport::new(TurmoilDialer));
-            let entropy = Entropy::from_seed(seed ^ (incarnation << 32) ^ 0xC0);
-            let coordinator = Coordinator::start(
-                settings,
-                vec![tenant],
-                transport,
-                Arc::new(TokioClock::starting_at(base)),
-                entropy,
-                CancellationToken::new(),
-            )
-            .await?;
-            let listener = turmoil::net::TcpListener::bind("0.0.0.0:7400").await?;
-            let incoming = futures_util::stream::unfold(listener, |listener| async move {
-                let accepted = listener.accept().await.map(|(stream, _)| Accepted(stream));
-                Some((accepted, listener))
-            });
-            fhirhaul_coordinator::grpc::serve_incoming(coordinator, incoming, None, None, CancellationToken::new())
+    // The running incarnation of every coordinator, for the harness and the final checks.
+    let handles: Arc<Mutex<std::collections::BTreeMap<u64, Coordinator>>> = Arc::default();
+    for (index, host) in COORDINATORS.into_iter().enumerate() {
+        let node_id = index as u64 + 1;
+        let coordinator_slot = Arc::clone(&published);
+        let coordinator_disk = Arc::clone(&disk);
+        let coordinator_incarnations = Arc::clone(&incarnations);
+        let coordinator_handles = Arc::clone(&handles);
+        let election_tick = scenario.election_ticks[index];
+        simulation.host(host, move || {
+            let slot = Arc::clone(&coordinator_slot);
+            let disk = Arc::clone(&coordinator_disk);
+            let handles = Arc::clone(&coordinator_handles);
+            let incarnation = coordinator_incarnations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let credentials = loop {
+                    if let Some(credentials) = slot.lock().unwrap().credentials.clone() {
+                        break credentials;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                };
+                let key = disk.path().join(format!("key-{node_id}.pem"));
+                std::fs::write(&key, &credentials.private_key_pem)?;
+                let tenant = sim_tenant(&credentials, key);
+                let settings = CoordinatorSettings {
+                    data_dir: disk.path().join(format!("coordinator-{node_id}")),
+                    lease_duration: Duration::from_secs(10),
+                    raft: RaftSettings {
+                        node_id,
+                        election_tick: Some(election_tick),
+                        snapshot_every: 50,
+                        peers: (1..=3).zip(coordinator_addresses()).collect(),
+                        ..RaftSettings::default()
+                    },
+                    peer_connector: Connector {
+                        dialer: Some(Arc::new(TurmoilDialer)),
+                        timeout: Duration::from_secs(10),
+                        connect_timeout: Duration::from_secs(1),
+                        ..Connector::default()
+                    },
+                    ..CoordinatorSettings::default()
+                };
+                let transport = Arc::new(HyperTransport::new(TurmoilDialer));
+                let entropy = Entropy::from_seed(seed ^ (incarnation << 32) ^ (0xC0 + node_id));
+                let coordinator = Coordinator::start(
+                    settings,
+                    vec![tenant],
+                    transport,
+                    Arc::new(TokioClock::starting_at(base)),
+                    entropy,
+                    CancellationToken::new(),
+                )
                 .await?;
-            Ok(())
-        }
-    });
+                handles.lock().unwrap().insert(node_id, coordinator.clone());
+                let listener = turmoil::net::TcpListener::bind("0.0.0.0:7400").await?;
+                let incoming = futures_util::stream::unfold(listener, |listener| async move {
+                    let accepted = listener.accept().await.map(|(stream, _)| Accepted(stream));
+                    Some((accepted, listener))
+                });
+                fhirhaul_coordinator::grpc::serve_incoming(coordinator, incoming, None, None, CancellationToken::new())
+                    .await?;
+                Ok(())
+            }
+        });
+    }
     for (index, name) in WORKERS.into_iter().enumerate() {
         let worker_disk = Arc::clone(&disk);
         let worker_incarnations = Arc::clone(&incarnations);
@@ -399,7 +450,7 @@ fn cluster_run(scenario: Scenario) -> String {
             let incarnation = worker_incarnations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move {
                 let settings = fhirhaul_worker::WorkerSettings {
-                    coordinators: vec!["http://coordinator:7400".into()],
+                    coordinators: coordinator_addresses(),
                     name: name.into(),
                     concurrency: 2,
                     output_dir: disk.path().join("out"),
@@ -431,39 +482,60 @@ fn cluster_run(scenario: Scenario) -> String {
     let client_disk = Arc::clone(&disk);
     let digest: Arc<Mutex<Option<String>>> = Arc::default();
     let client_digest = Arc::clone(&digest);
+    let client_handles = Arc::clone(&handles);
     simulation.client("operator", async move {
-        let connect = || async {
-            let connector = tower::service_fn(|uri: http::Uri| async move {
-                TurmoilDialer
-                    .dial(uri.host().unwrap_or_default(), uri.port_u16().unwrap_or(80))
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            });
-            tonic::transport::Endpoint::from_static("http://coordinator:7400")
-                .connect_with_connector(connector)
-                .await
-                .ok()
+        let connector = Connector {
+            dialer: Some(Arc::new(TurmoilDialer)),
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(1),
+            ..Connector::default()
         };
-        // The operator retries through coordinator restarts, like the CLI's user would.
+        let cluster = Coordinators::new(&coordinator_addresses(), connector, None)?;
+        // The operator retries through leader changes, like the CLI's user would.
         let job_id = loop {
-            if let Some(channel) = connect().await
-                && let Ok(response) = pb::admin_service_client::AdminServiceClient::new(channel)
-                    .submit_export(pb::SubmitExportRequest {
-                        tenant: "sim".into(),
-                        request_json: String::new(),
-                        incremental: false,
-                    })
-                    .await
-            {
-                break response.into_inner().job_id;
+            let submitted = cluster
+                .call(|channel| async move {
+                    pb::admin_service_client::AdminServiceClient::new(channel)
+                        .submit_export(pb::SubmitExportRequest {
+                            tenant: "sim".into(),
+                            request_json: String::new(),
+                            incremental: false,
+                        })
+                        .await
+                })
+                .await;
+            match submitted {
+                Ok(response) => break response.into_inner().job_id,
+                // An uncertain outcome may have committed the job: look before submitting again.
+                Err(status) if status.code() == tonic::Code::Unknown => {
+                    let listed = cluster
+                        .call(|channel| async move {
+                            pb::admin_service_client::AdminServiceClient::new(channel)
+                                .list_jobs(pb::ListJobsRequest {})
+                                .await
+                        })
+                        .await;
+                    if let Ok(listed) = listed
+                        && let Some(job) = listed.into_inner().jobs.first()
+                    {
+                        break job.job_id.clone();
+                    }
+                }
+                Err(_) => {}
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
         let job = loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let Some(channel) = connect().await else { continue };
-            let Ok(job) = pb::admin_service_client::AdminServiceClient::new(channel)
-                .get_job(pb::GetJobRequest { job_id: job_id.clone() })
+            let Ok(job) = cluster
+                .call(|channel| {
+                    let job_id = job_id.clone();
+                    async move {
+                        pb::admin_service_client::AdminServiceClient::new(channel)
+                            .get_job(pb::GetJobRequest { job_id })
+                            .await
+                    }
+                })
                 .await
             else {
                 continue;
@@ -524,6 +596,27 @@ fn cluster_run(scenario: Scenario) -> String {
             expected.len(),
             "nothing else was published: {published_files:?}"
         );
+        // Every coordinator converges on the same committed state (once partitions heal).
+        let mut converged = None;
+        for _ in 0..600 {
+            let coordinators: Vec<Coordinator> = client_handles.lock().unwrap().values().cloned().collect();
+            let mut states = Vec::new();
+            for coordinator in &coordinators {
+                let applied = *coordinator.raft().applied().borrow();
+                if let Ok(state) = coordinator.read(serde_json::to_string).await {
+                    states.push((applied, state?));
+                }
+            }
+            if states.len() == COORDINATORS.len() && states.windows(2).all(|w| w[0] == w[1]) {
+                converged = Some(states.remove(0));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            converged.is_some(),
+            "every coordinator holds the same committed state at the same index"
+        );
         *client_digest.lock().unwrap() = Some(format!("{kickoffs}:{}", saved.join(",")));
         Ok(())
     });
@@ -543,9 +636,38 @@ fn cluster_run(scenario: Scenario) -> String {
             pending.remove(0);
             match disruption {
                 Disruption::BounceWorker(index) => simulation.bounce(WORKERS[index]),
-                Disruption::BounceCoordinator => simulation.bounce("coordinator"),
-                Disruption::Partition(index) => simulation.partition(WORKERS[index], "coordinator"),
-                Disruption::Repair(index) => simulation.repair(WORKERS[index], "coordinator"),
+                Disruption::BounceCoordinator(index) => simulation.bounce(COORDINATORS[index]),
+                Disruption::BounceLeader => {
+                    let leader = handles
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .find(|(_, c)| c.raft().status().is_leader)
+                        .map(|(id, _)| *id);
+                    if let Some(leader) = leader {
+                        simulation.bounce(COORDINATORS[leader as usize - 1]);
+                    }
+                }
+                Disruption::Partition(index) => {
+                    for coordinator in COORDINATORS {
+                        simulation.partition(WORKERS[index], coordinator);
+                    }
+                }
+                Disruption::Repair(index) => {
+                    for coordinator in COORDINATORS {
+                        simulation.repair(WORKERS[index], coordinator);
+                    }
+                }
+                Disruption::IsolateCoordinator(index) => {
+                    for other in COORDINATORS.iter().filter(|c| **c != COORDINATORS[index]) {
+                        simulation.partition(COORDINATORS[index], *other);
+                    }
+                }
+                Disruption::RejoinCoordinator(index) => {
+                    for other in COORDINATORS.iter().filter(|c| **c != COORDINATORS[index]) {
+                        simulation.repair(COORDINATORS[index], *other);
+                    }
+                }
             }
         }
     }
@@ -568,8 +690,8 @@ fn collect(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// The whole cluster on turmoil: the EHR, a coordinator (raft log in sled), two workers,
-/// and an operator submitting over gRPC — every byte on the simulated network.
+/// The whole cluster on turmoil: the EHR, three coordinators (a raft group, logs in sled),
+/// two workers, and an operator submitting over gRPC — every byte on the simulated network.
 #[test]
 fn the_cluster_exports_over_a_simulated_network() {
     cluster_run(Scenario::quiet(3));

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod group;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
