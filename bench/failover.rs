@@ -18,9 +18,11 @@ use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use fhirhaul_sim::SimConfig;
 use processes::group::Group;
 
+/// Asks for a lease and, once granted, gives it straight back (released, not failed), so
+/// the tenant's concurrency limit never runs out over the rounds.
 async fn acquire(group: &Group, wait_ms: u64) -> Option<pb::Lease> {
     let cluster = group.cluster();
-    cluster
+    let lease = cluster
         .call(|channel| {
             let request = cluster.request(pb::AcquireLeaseRequest {
                 worker_id: "bench".into(),
@@ -30,7 +32,22 @@ async fn acquire(group: &Group, wait_ms: u64) -> Option<pb::Lease> {
         })
         .await
         .ok()
-        .and_then(|response| response.into_inner().lease)
+        .and_then(|response| response.into_inner().lease)?;
+    let released = cluster
+        .call(|channel| {
+            let request = cluster.request(pb::FailLeaseRequest {
+                worker_id: "bench".into(),
+                lease_id: lease.lease_id.clone(),
+                generation: lease.generation,
+                category: pb::FailureCategory::Cancelled as i32,
+                reason: "benchmark gives the lease back".into(),
+                released: true,
+            });
+            async move { WorkerServiceClient::new(channel).fail_lease(request).await }
+        })
+        .await;
+    released.expect("giving the lease back");
+    Some(lease)
 }
 
 #[tokio::main]
