@@ -710,13 +710,32 @@ fn seed_sweep() {
             (1..=count).collect()
         }
     };
-    for seed in seeds {
-        let scenario = Scenario::from_seed(seed);
-        let result = std::panic::catch_unwind(|| cluster_run(scenario.clone()));
-        if result.is_err() {
-            panic!("seed {seed} broke an invariant ({scenario:?})\n{}", replay_hint(seed));
-        }
-    }
+    // Seeds are independent simulations: run them on every core.
+    let lanes = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..lanes)
+            .map(|lane| {
+                let mine: Vec<u64> = seeds.iter().copied().skip(lane).step_by(lanes).collect();
+                scope.spawn(move || {
+                    let mut failed = Vec::new();
+                    for seed in mine {
+                        let scenario = Scenario::from_seed(seed);
+                        if std::panic::catch_unwind(|| cluster_run(scenario.clone())).is_err() {
+                            failed.push(format!(
+                                "seed {seed} broke an invariant ({scenario:?})\n{}",
+                                replay_hint(seed)
+                            ));
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .flat_map(|run| run.join().unwrap_or_default())
+            .collect()
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// The outcome depends on the seed alone.
