@@ -317,9 +317,85 @@ fn replay_hint(seed: u64) -> String {
     format!("replay with: FHIRHAUL_SIM_SEED={seed} cargo test --test simulation seed_sweep -- --nocapture")
 }
 
-/// Runs a scenario and checks the invariants; returns a digest of the outcome (sorted file
-/// hashes and the kick-off count), which must not depend on anything but the seed.
+/// Hashes every event fhirhaul's crates log on the simulation's thread, in order, with the
+/// simulated time it happened at: two runs with the same trace hash did the same things
+/// at the same (virtual) moments. Paths under the run's temporary disk are made relative,
+/// since the disk's own name is random.
+struct TraceHash {
+    disk: String,
+    state: Arc<Mutex<(sha2::Sha256, u64)>>,
+}
+
+struct FieldText(String);
+
+impl tracing::field::Visit for FieldText {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        let _ = write!(self.0, " {}={value:?}", field.name());
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for TraceHash {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let metadata = event.metadata();
+        if !metadata.target().starts_with("fhirhaul") {
+            return;
+        }
+        let mut fields = FieldText(String::new());
+        event.record(&mut fields);
+        let line = format!(
+            "{} {} {}{}\n",
+            turmoil::sim_elapsed().unwrap_or_default().as_micros(),
+            metadata.level(),
+            metadata.target(),
+            fields.0.replace(&self.disk, "<disk>")
+        );
+        if let Ok(path) = std::env::var("FHIRHAUL_SIM_TRACE") {
+            use std::io::Write;
+            if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = file.write_all(line.as_bytes());
+            }
+        }
+        let mut state = self.state.lock().unwrap();
+        sha2::Digest::update(&mut state.0, line.as_bytes());
+        state.1 += 1;
+    }
+}
+
+/// What a cluster run leaves to compare: the outcome digest (sorted file hashes and the
+/// kick-off count) and the event trace's hash and length.
+struct RunRecord {
+    outcome: String,
+    trace: String,
+    events: u64,
+}
+
+/// Runs a scenario and checks the invariants.
 fn cluster_run(scenario: Scenario) -> String {
+    cluster_run_traced(scenario).outcome
+}
+
+fn cluster_run_traced(scenario: Scenario) -> RunRecord {
+    use tracing_subscriber::layer::SubscriberExt;
+    let disk = Arc::new(tempfile::tempdir().unwrap());
+    let state: Arc<Mutex<(sha2::Sha256, u64)>> = Arc::default();
+    let layer = TraceHash {
+        disk: disk.path().display().to_string(),
+        state: Arc::clone(&state),
+    };
+    let subscriber = tracing_subscriber::registry().with(layer);
+    let outcome = tracing::subscriber::with_default(subscriber, || cluster_simulation(scenario, disk));
+    let (hasher, events) = std::mem::take(&mut *state.lock().unwrap());
+    let trace = sha2::Digest::finalize(hasher)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    RunRecord { outcome, trace, events }
+}
+
+/// The cluster simulation itself; returns the outcome digest, which must not depend on
+/// anything but the seed.
+fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> String {
     use fhirhaul_coordinator::node::{Coordinator, CoordinatorSettings};
     use fhirhaul_coordinator::raft_node::RaftSettings;
     use fhirhaul_proto::connect::{Connector, Coordinators};
@@ -333,7 +409,6 @@ fn cluster_run(scenario: Scenario) -> String {
         .max_message_latency(Duration::from_millis(scenario.max_latency_ms.max(1)))
         .rng_seed(seed)
         .build();
-    let disk = Arc::new(tempfile::tempdir().unwrap());
     let published: Arc<Mutex<Published>> = Arc::default();
     let ehr_slot = Arc::clone(&published);
     let ehr_scenario = scenario.clone();
@@ -743,4 +818,30 @@ fn seed_sweep() {
 fn a_seed_replays_to_the_same_outcome() {
     let scenario = Scenario::from_seed(42);
     assert_eq!(cluster_run(scenario.clone()), cluster_run(scenario));
+}
+
+/// So should every event, and the moment it happens. Not yet: sled, the download writer
+/// and hashing threads, `tokio::fs` and the simulated EHR's spooling run on real threads,
+/// and how long they take in real time moves events in virtual time (see
+/// docs/simulation.md). `FHIRHAUL_SIM_TRACE=<file>` writes the traced lines to compare.
+#[test]
+#[ignore = "event order is not yet reproducible: real threads (sled, writer, tokio::fs) finish at real-time moments"]
+fn a_seed_replays_to_the_same_event_trace() {
+    let seed = std::env::var("FHIRHAUL_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(42);
+    let first = cluster_run_traced(Scenario::from_seed(seed));
+    let second = cluster_run_traced(Scenario::from_seed(seed));
+    assert_eq!(first.outcome, second.outcome);
+    assert!(
+        first.events > 100,
+        "the trace records the run ({} events)",
+        first.events
+    );
+    assert_eq!(
+        (first.trace, first.events),
+        (second.trace, second.events),
+        "seed {seed}: two runs logged different events or at different moments"
+    );
 }
