@@ -324,31 +324,81 @@ fn replay_hint(seed: u64) -> String {
 struct TraceHash {
     disk: String,
     state: Arc<Mutex<(sha2::Sha256, u64)>>,
+    holdings: Arc<Mutex<Holdings>>,
 }
 
-struct FieldText(String);
+/// Which worker holds which (job, file, generation) right now, from the workers' own
+/// "lease held" / "lease let go" events; a worker that registers again (restarted) holds
+/// nothing. Two live holders of one file in one generation is a broken invariant.
+#[derive(Default)]
+struct Holdings {
+    held: std::collections::BTreeMap<(String, String, String), String>,
+    violations: Vec<String>,
+    /// How many holdings were observed (a run that saw none checked nothing).
+    seen: u64,
+}
+
+impl Holdings {
+    fn observe(&mut self, message: &str, fields: &std::collections::BTreeMap<String, String>) {
+        let field = |name: &str| fields.get(name).cloned().unwrap_or_default();
+        let key = (field("job"), field("file"), field("generation"));
+        match message {
+            "lease held" => {
+                self.seen += 1;
+                if let Some(other) = self.held.insert(key.clone(), field("worker"))
+                    && other != field("worker")
+                {
+                    self.violations
+                        .push(format!("{other} and {} both hold {key:?}", field("worker")));
+                }
+            }
+            "lease let go" => {
+                self.held.remove(&key);
+            }
+            "registered with the coordinator" => {
+                let worker = field("worker");
+                self.held.retain(|_, holder| *holder != worker);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[derive(Default)]
+struct FieldText {
+    text: String,
+    fields: std::collections::BTreeMap<String, String>,
+}
 
 impl tracing::field::Visit for FieldText {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
         use std::fmt::Write;
-        let _ = write!(self.0, " {}={value:?}", field.name());
+        let _ = write!(self.text, " {}={value:?}", field.name());
+        self.fields.insert(field.name().to_string(), format!("{value:?}"));
     }
 }
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for TraceHash {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _: tracing_subscriber::layer::Context<'_, S>) -> bool {
+        metadata.target().starts_with("fhirhaul")
+    }
+
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
         let metadata = event.metadata();
         if !metadata.target().starts_with("fhirhaul") {
             return;
         }
-        let mut fields = FieldText(String::new());
+        let mut fields = FieldText::default();
         event.record(&mut fields);
+        if let Some(message) = fields.fields.get("message") {
+            self.holdings.lock().unwrap().observe(message, &fields.fields);
+        }
         let line = format!(
             "{} {} {}{}\n",
             turmoil::sim_elapsed().unwrap_or_default().as_micros(),
             metadata.level(),
             metadata.target(),
-            fields.0.replace(&self.disk, "<disk>")
+            fields.text.replace(&self.disk, "<disk>")
         );
         if let Ok(path) = std::env::var("FHIRHAUL_SIM_TRACE") {
             use std::io::Write;
@@ -370,7 +420,7 @@ struct RunRecord {
     events: u64,
 }
 
-/// Runs a scenario and checks the invariants.
+/// Runs a scenario and checks the invariants; returns the outcome digest.
 fn cluster_run(scenario: Scenario) -> String {
     cluster_run_traced(scenario).outcome
 }
@@ -379,12 +429,25 @@ fn cluster_run_traced(scenario: Scenario) -> RunRecord {
     use tracing_subscriber::layer::SubscriberExt;
     let disk = Arc::new(tempfile::tempdir().unwrap());
     let state: Arc<Mutex<(sha2::Sha256, u64)>> = Arc::default();
+    let holdings: Arc<Mutex<Holdings>> = Arc::default();
     let layer = TraceHash {
         disk: disk.path().display().to_string(),
         state: Arc::clone(&state),
+        holdings: Arc::clone(&holdings),
     };
     let subscriber = tracing_subscriber::registry().with(layer);
+    let seed = scenario.seed;
     let outcome = tracing::subscriber::with_default(subscriber, || cluster_simulation(scenario, disk));
+    let (violations, seen) = {
+        let mut holdings = holdings.lock().unwrap();
+        (std::mem::take(&mut holdings.violations), holdings.seen)
+    };
+    assert!(seen > 0, "seed {seed}: no worker was seen holding a lease");
+    assert!(
+        violations.is_empty(),
+        "seed {seed}: two live workers held one file in one generation: {violations:?}\n{}",
+        replay_hint(seed)
+    );
     let (hasher, events) = std::mem::take(&mut *state.lock().unwrap());
     let trace = sha2::Digest::finalize(hasher)
         .iter()
@@ -811,6 +874,33 @@ fn seed_sweep() {
             .collect()
     });
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn two_live_holders_of_one_file_generation_are_reported() {
+    let fields = |worker: &str, generation: &str| -> std::collections::BTreeMap<String, String> {
+        [
+            ("worker", worker),
+            ("job", "job-1"),
+            ("file", "job-1/Patient.1.ndjson"),
+            ("generation", generation),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    };
+    let mut holdings = Holdings::default();
+    holdings.observe("lease held", &fields("w1", "1"));
+    holdings.observe("lease held", &fields("w2", "2"));
+    assert!(
+        holdings.violations.is_empty(),
+        "a newer generation may overlap an old holder"
+    );
+    holdings.observe("registered with the coordinator", &fields("w2", ""));
+    holdings.observe("lease held", &fields("w2", "2"));
+    holdings.observe("lease let go", &fields("w1", "1"));
+    holdings.observe("lease held", &fields("w1", "2"));
+    assert_eq!(holdings.violations.len(), 1, "{:?}", holdings.violations);
 }
 
 /// The outcome depends on the seed alone.

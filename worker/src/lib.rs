@@ -264,8 +264,15 @@ impl SlotContext {
             match acquired {
                 Ok(response) => {
                     if let Some(lease) = response.lease {
-                        let span = tracing::info_span!("lease", lease = %lease.lease_id, job = %lease.job_id, file = %lease.relative_path);
+                        let span = tracing::info_span!("lease", lease = %lease.lease_id, job = %lease.job_id, file = %lease.relative_path, generation = lease.generation);
+                        let (job, file, generation) =
+                            (lease.job_id.clone(), lease.relative_path.clone(), lease.generation);
+                        let worker = self.coordinator.worker_id.clone();
+                        // Holding starts and ends are events (not only a span) so a simulation
+                        // can check that no two live workers hold one file in one generation.
+                        tracing::debug!(%worker, %job, %file, generation, "lease held");
                         self.handle(lease, &cancel).instrument(span).await;
+                        tracing::debug!(%worker, %job, %file, generation, "lease let go");
                     }
                 }
                 Err(status) => {
