@@ -61,13 +61,13 @@ pub fn shutdown_on_signal() -> CancellationToken {
 #[derive(clap::Args, Clone)]
 pub struct ClientTls {
     /// CA certificate (PEM) the coordinator's certificate is signed by.
-    #[arg(long, env = "FHIRHAUL_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    #[arg(long, env = "FHIRHAUL_TLS_CA", requires_all = ["tls_cert", "tls_key"], global = true)]
     tls_ca: Option<PathBuf>,
     /// This client's certificate (PEM).
-    #[arg(long, env = "FHIRHAUL_TLS_CERT")]
+    #[arg(long, env = "FHIRHAUL_TLS_CERT", global = true)]
     tls_cert: Option<PathBuf>,
     /// This client's private key (PEM).
-    #[arg(long, env = "FHIRHAUL_TLS_KEY")]
+    #[arg(long, env = "FHIRHAUL_TLS_KEY", global = true)]
     tls_key: Option<PathBuf>,
 }
 
@@ -112,7 +112,8 @@ pub struct CoordinatorList {
         long = "coordinator",
         env = "FHIRHAUL_COORDINATORS",
         value_delimiter = ',',
-        default_value = "http://127.0.0.1:7400"
+        default_value = "http://127.0.0.1:7400",
+        global = true
     )]
     coordinators: Vec<String>,
 }

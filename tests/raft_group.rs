@@ -226,4 +226,34 @@ async fn a_coordinator_added_at_run_time_catches_up_from_a_snapshot_and_can_lead
     assert_output_identical(&group.sim, &group.dir.path().join("out").join(&second_job));
     assert_eq!(group.status_of(4).await.unwrap().role, "leader");
     assert_eq!(group.sim.observed().kickoffs.len(), 2);
+
+    // The operator's view, and retiring coordinator 1 from the group.
+    let output = processes::fhirhaul()
+        .args(["cluster", "status", "--coordinator", &group.addresses().join(",")])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{shown}");
+    assert_eq!(shown.matches("is leader").count(), 1, "{shown}");
+    assert!(shown.contains("coordinator 4 is leader"), "{shown}");
+    let output = processes::fhirhaul()
+        .args([
+            "cluster",
+            "remove",
+            "--node-id",
+            "1",
+            "--coordinator",
+            &address(group.ports[&2]),
+        ])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{shown} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut remaining = group.status_of(4).await.unwrap().voters;
+    remaining.sort();
+    assert_eq!(remaining, ["2", "3", "4"], "{shown}");
 }

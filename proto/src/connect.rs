@@ -209,7 +209,8 @@ impl Coordinators {
 
     /// Runs `call` against the leader: a refusal naming the leader is followed at once; a
     /// coordinator that is down, or a follower that knows no leader yet, sends the call to
-    /// the next address, pausing between rounds, until the failover budget is spent.
+    /// the next address, pausing between rounds (50 ms doubling to 500 ms), until the
+    /// failover budget is spent.
     /// Any other outcome — success or an error from the leader — is returned as it is.
     /// Only calls that are safe to repeat should come through here: an `Unavailable`
     /// from a broken connection may hide a call that reached the coordinator.
@@ -233,7 +234,7 @@ impl Coordinators {
             if !self.reroute(tried, &status) {
                 tracing::debug!(%status, "no coordinator leader reachable yet; pausing");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+                pause = (pause * 2).min(Duration::from_millis(500));
             }
         }
     }
