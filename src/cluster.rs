@@ -343,6 +343,7 @@ pub fn worker_settings(
     WorkerSettings {
         tls: None,
         dialer: None,
+        inline_io: false,
         coordinators,
         name,
         concurrency,

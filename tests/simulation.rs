@@ -485,6 +485,7 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                 max_resources_per_file: scenario.per_file,
                 job_duration: Duration::from_secs(30),
                 wall_clock_base: Some(base),
+                inline_io: true,
                 ..SimConfig::default()
             };
             let sim = SimEhr::new(config, "http://ehr:80", "http://ehr:81")?;
@@ -547,6 +548,7 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                         election_tick: Some(election_tick),
                         snapshot_every: 50,
                         peers: (1..=3).zip(coordinator_addresses()).collect(),
+                        inline_io: true,
                         ..RaftSettings::default()
                     },
                     peer_connector: Connector {
@@ -601,6 +603,7 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                     acquire_wait: Duration::from_secs(5),
                     tls: None,
                     dialer: Some(Arc::new(TurmoilDialer)),
+                    inline_io: true,
                 };
                 let transport = Arc::new(HyperTransport::new(TurmoilDialer));
                 let entropy = Entropy::from_seed(seed ^ (incarnation << 32) ^ (index as u64 + 1));

@@ -131,6 +131,11 @@ pub struct DownloadOptions {
     /// Receives each new durable checkpoint.
     pub checkpoints: Option<watch::Sender<Checkpoint>>,
     pub cancel: CancellationToken,
+    /// Check, hash and write on the calling task instead of the writer and hashing threads
+    /// (and plain `std::fs` instead of `tokio::fs`). Slower; only for a deterministic
+    /// simulation, where a real thread finishing at a real-time moment moves everything
+    /// after it in simulated time.
+    pub inline_io: bool,
 }
 
 /// A completed, verified file.
@@ -170,9 +175,12 @@ pub async fn download_file(
     let url = SafeUrl::from(&file.url);
     let part = part_path(dest);
     if let Some(parent) = dest.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|e| Error::io("creating directory", parent, e))?;
+        let created = if options.inline_io {
+            std::fs::create_dir_all(parent)
+        } else {
+            tokio::fs::create_dir_all(parent).await
+        };
+        created.map_err(|e| Error::io("creating directory", parent, e))?;
     }
     let resume = options.resume.clone().unwrap_or_default();
     let (commands, receiver) = mpsc::channel(16);
@@ -183,17 +191,27 @@ pub async fn download_file(
         settings.checkpoint_every_bytes,
         options.checkpoints.clone(),
         url.clone(),
+        options.inline_io,
     );
-    // The writer gets its own thread rather than the blocking pool: it lives as long as the
-    // download, and a long-running blocking-pool task would also stop a paused tokio clock
-    // (tests, turmoil) from advancing.
     let (finished_tx, writer_task) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("fhirhaul-writer".into())
-        .spawn(move || {
-            let _ = finished_tx.send(writer.and_then(|w| w.run(receiver)));
-        })
-        .map_err(|e| Error::io("starting the writer thread for", &part, e))?;
+    if options.inline_io {
+        tokio::spawn(async move {
+            let _ = finished_tx.send(match writer {
+                Ok(writer) => writer.run_here(receiver).await,
+                Err(error) => Err(error),
+            });
+        });
+    } else {
+        // The writer gets its own thread rather than the blocking pool: it lives as long as
+        // the download, and a long-running blocking-pool task would also stop a paused tokio
+        // clock (tests, turmoil) from advancing.
+        std::thread::Builder::new()
+            .name("fhirhaul-writer".into())
+            .spawn(move || {
+                let _ = finished_tx.send(writer.and_then(|w| w.run(receiver)));
+            })
+            .map_err(|e| Error::io("starting the writer thread for", &part, e))?;
+    }
     let driver = Driver {
         client,
         file,
@@ -234,9 +252,12 @@ pub async fn download_file(
     };
     let _ = writer_task.await;
     debug_assert_eq!(stats.bytes, position.offset);
-    tokio::fs::rename(&part, dest)
-        .await
-        .map_err(|e| Error::io("renaming finished file to", dest, e))?;
+    let renamed = if options.inline_io {
+        std::fs::rename(&part, dest)
+    } else {
+        tokio::fs::rename(&part, dest).await
+    };
+    renamed.map_err(|e| Error::io("renaming finished file to", dest, e))?;
     let count_mismatch = file.count.filter(|count| *count != stats.resources);
     if let Some(count) = count_mismatch {
         tracing::warn!(file = %url, manifest_count = count, resources = stats.resources, "resource count differs from the manifest's count");
@@ -502,6 +523,8 @@ type Decoded = Vec<u8>;
 struct HashPipe {
     sender: Option<std::sync::mpsc::SyncSender<HashMessage>>,
     thread: Option<std::thread::JoinHandle<Sha256>>,
+    /// Hashing on the writer's own thread instead (`inline_io`).
+    here: Option<Sha256>,
 }
 
 enum HashMessage {
@@ -527,10 +550,26 @@ impl HashPipe {
         HashPipe {
             sender: Some(sender),
             thread,
+            here: None,
         }
     }
 
-    fn send(&self, message: HashMessage) -> std::io::Result<()> {
+    fn here(hasher: Sha256) -> HashPipe {
+        HashPipe {
+            sender: None,
+            thread: None,
+            here: Some(hasher),
+        }
+    }
+
+    fn send(&mut self, message: HashMessage) -> std::io::Result<()> {
+        if let Some(hasher) = &mut self.here {
+            match message {
+                HashMessage::Data(bytes) => hasher.update(&bytes),
+                HashMessage::Reset => *hasher = Sha256::new(),
+            }
+            return Ok(());
+        }
         match &self.sender {
             Some(sender) => sender
                 .send(message)
@@ -539,11 +578,18 @@ impl HashPipe {
         }
     }
 
-    fn update(&self, bytes: &[u8]) -> std::io::Result<()> {
+    fn update(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if let Some(hasher) = &mut self.here {
+            hasher.update(bytes);
+            return Ok(());
+        }
         self.send(HashMessage::Data(Bytes::copy_from_slice(bytes)))
     }
 
     fn finish(mut self) -> std::io::Result<String> {
+        if let Some(hasher) = self.here.take() {
+            return Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect());
+        }
         drop(self.sender.take());
         let hasher = self
             .thread
@@ -577,6 +623,7 @@ impl Writer {
         checkpoint_every: u64,
         checkpoints: Option<watch::Sender<Checkpoint>>,
         url: SafeUrl,
+        inline_io: bool,
     ) -> Result<Writer> {
         let mut hasher = Sha256::new();
         let file = if resume.offset > 0 {
@@ -618,7 +665,11 @@ impl Writer {
         Ok(Writer {
             path,
             out: BufWriter::with_capacity(1 << 20, file),
-            hasher: HashPipe::start(hasher),
+            hasher: if inline_io {
+                HashPipe::here(hasher)
+            } else {
+                HashPipe::start(hasher)
+            },
             written: resume.offset,
             checker,
             gzip: None,
@@ -630,28 +681,46 @@ impl Writer {
         })
     }
 
+    /// The writer thread's loop.
     fn run(mut self, mut commands: mpsc::Receiver<Command>) -> Result<()> {
         while let Some(command) = commands.blocking_recv() {
-            match command {
-                Command::Begin {
-                    restart,
-                    gzip,
-                    validator,
-                    reply,
-                } => {
-                    let _ = reply.send(self.begin(restart, gzip, validator));
-                }
-                Command::Data(chunk) => self.data(&chunk)?,
-                Command::EndOfBody { complete, reply } => {
-                    let _ = reply.send(self.end_of_body(complete));
-                }
-                Command::Finish { reply } => {
-                    let _ = reply.send(self.finish());
-                    return Ok(());
-                }
+            if let Some(reply) = self.handle(command)? {
+                let _ = reply.send(self.finish());
+                return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// The same loop as a task on the caller's runtime (`inline_io`).
+    async fn run_here(mut self, mut commands: mpsc::Receiver<Command>) -> Result<()> {
+        while let Some(command) = commands.recv().await {
+            if let Some(reply) = self.handle(command)? {
+                let _ = reply.send(self.finish());
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// One command; the reply to send the finished file's stats to, once it is asked for.
+    fn handle(&mut self, command: Command) -> Result<Option<oneshot::Sender<Result<Stats>>>> {
+        match command {
+            Command::Begin {
+                restart,
+                gzip,
+                validator,
+                reply,
+            } => {
+                let _ = reply.send(self.begin(restart, gzip, validator));
+            }
+            Command::Data(chunk) => self.data(&chunk)?,
+            Command::EndOfBody { complete, reply } => {
+                let _ = reply.send(self.end_of_body(complete));
+            }
+            Command::Finish { reply } => return Ok(Some(reply)),
+        }
+        Ok(None)
     }
 
     fn io_error(&self, action: &'static str, error: std::io::Error) -> Error {

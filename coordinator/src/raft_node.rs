@@ -224,6 +224,10 @@ pub struct RaftSettings {
     pub peers: BTreeMap<u64, String>,
     /// Start with no membership and wait to be added by the group's leader.
     pub join: bool,
+    /// Write the log on the actor's own task instead of tokio's blocking pool. Only for a
+    /// deterministic simulation: a blocking-pool thread finishes at a real-time moment,
+    /// which moves everything after it in simulated time.
+    pub inline_io: bool,
 }
 
 impl Default for RaftSettings {
@@ -235,6 +239,7 @@ impl Default for RaftSettings {
             election_tick: None,
             peers: BTreeMap::new(),
             join: false,
+            inline_io: false,
         }
     }
 }
@@ -323,6 +328,7 @@ pub fn start(
     let mut actor = Actor {
         node,
         log: Arc::new(log),
+        inline_io: settings.inline_io,
         state: loaded.state,
         snapshot_index: loaded.snapshot_index,
         snapshot_every: settings.snapshot_every.max(1),
@@ -349,6 +355,7 @@ pub fn start(
 struct Actor {
     node: RawNode<LogStorage>,
     log: Arc<SledLog>,
+    inline_io: bool,
     state: State,
     snapshot_index: u64,
     snapshot_every: u64,
@@ -658,7 +665,7 @@ impl Actor {
         if !entries.is_empty() || hard_state.is_some() {
             let to_persist = entries.clone();
             let persisted_hs = hard_state.clone();
-            on_log(Arc::clone(&self.log), move |log| {
+            on_log(Arc::clone(&self.log), self.inline_io, move |log| {
                 log.persist(&to_persist, persisted_hs.as_ref())
             })
             .await?;
@@ -676,7 +683,7 @@ impl Actor {
             let mut hard_state = self.node.store().mem.rl().hard_state().clone();
             hard_state.commit = commit;
             let persisted = hard_state.clone();
-            on_log(Arc::clone(&self.log), move |log| log.persist(&[], Some(&persisted))).await?;
+            on_log(Arc::clone(&self.log), self.inline_io, move |log| log.persist(&[], Some(&persisted))).await?;
             self.node.mut_store().mem.wl().set_hardstate(hard_state);
         }
         self.peers.send(light.take_messages());
@@ -701,7 +708,7 @@ impl Actor {
         let index = snapshot.get_metadata().index;
         let state = restore_state(&snapshot)?;
         let to_save = snapshot.clone();
-        on_log(Arc::clone(&self.log), move |log| log.install_snapshot(&to_save)).await?;
+        on_log(Arc::clone(&self.log), self.inline_io, move |log| log.install_snapshot(&to_save)).await?;
         self.node
             .mut_store()
             .mem
@@ -736,7 +743,7 @@ impl Actor {
         metadata.term = term;
         metadata.set_conf_state(self.conf_state.clone());
         let to_save = snapshot.clone();
-        on_log(Arc::clone(&self.log), move |log| log.save_snapshot(&to_save)).await?;
+        on_log(Arc::clone(&self.log), self.inline_io, move |log| log.save_snapshot(&to_save)).await?;
         self.node.mut_store().mem.wl().compact(applied).map_err(storage_error)?;
         self.node.mut_store().set_snapshot(snapshot);
         self.snapshot_index = applied;
@@ -803,7 +810,7 @@ impl Actor {
                     }
                 }
                 let to_save = conf_state.clone();
-                on_log(Arc::clone(&self.log), move |log| log.save_conf_state(&to_save)).await?;
+                on_log(Arc::clone(&self.log), self.inline_io, move |log| log.save_conf_state(&to_save)).await?;
                 self.node.mut_store().mem.wl().set_conf_state(conf_state.clone());
                 self.conf_state = conf_state.clone();
                 self.conf_changed = true;
@@ -827,11 +834,15 @@ impl Actor {
     }
 }
 
-/// Runs sled work off the async threads.
+/// Runs sled work off the async threads (or right here, `inline`).
 async fn on_log<T: Send + 'static>(
     log: Arc<SledLog>,
+    inline: bool,
     work: impl FnOnce(&SledLog) -> Result<T, RaftError> + Send + 'static,
 ) -> Result<T, RaftError> {
+    if inline {
+        return work(&log);
+    }
     tokio::task::spawn_blocking(move || work(&log))
         .await
         .map_err(storage_error)?

@@ -85,6 +85,9 @@ pub struct SimConfig {
     pub compress: bool,
     /// The sim's calendar time at start (default: the wall clock), for reproducible runs.
     pub wall_clock_base: Option<SystemTime>,
+    /// Build exports and read their files on the serving task instead of tokio's blocking
+    /// pool, for a deterministic simulation (a pool thread finishes at a real-time moment).
+    pub inline_io: bool,
 }
 
 impl Default for SimConfig {
@@ -105,6 +108,7 @@ impl Default for SimConfig {
             grant_scope: None,
             spool_dir: None,
             compress: true,
+            inline_io: false,
             wall_clock_base: None,
         }
     }

@@ -776,7 +776,7 @@ fn start_job(shared: &Arc<Shared>, client_id: String, params: ExportParams) -> R
     };
     let build_shared = Arc::clone(shared);
     let kickoff_no_location = faults.kickoff_no_location;
-    tokio::task::spawn_blocking(move || {
+    let build = move || {
         let population = Population::new(build_shared.config.seed, build_shared.config.patients);
         let dir = build_shared.spool_dir.join(format!("job-{id}"));
         let result = spool::build(
@@ -795,7 +795,12 @@ fn start_job(shared: &Arc<Shared>, client_id: String, params: ExportParams) -> R
                 Err(e) => JobState::Failed(format!("export build failed: {e}")),
             };
         }
-    });
+    };
+    if shared.config.inline_io {
+        build();
+    } else {
+        tokio::task::spawn_blocking(build);
+    }
     let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = StatusCode::ACCEPTED;
     if !kickoff_no_location {
@@ -1190,7 +1195,12 @@ async fn serve_file(
         StatusCode::OK
     };
     record_file(shared, job_id, index, storage, headers, status.as_u16());
-    let mut handle = match tokio::fs::File::open(&file.path).await {
+    let opened = if shared.config.inline_io {
+        std::fs::File::open(&file.path).map(SpoolFile::Here)
+    } else {
+        tokio::fs::File::open(&file.path).await.map(SpoolFile::Pool)
+    };
+    let mut handle = match opened {
         Ok(handle) => handle,
         Err(e) => {
             return outcome(
@@ -1200,7 +1210,7 @@ async fn serve_file(
             );
         }
     };
-    if start > 0 && handle.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+    if start > 0 && handle.seek(start).await.is_err() {
         return outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", "seek failed");
     }
     let plan = StreamPlan {
@@ -1248,6 +1258,29 @@ async fn serve_file(
     response
 }
 
+/// An export file being served: read through tokio's blocking pool, or right here
+/// (`SimConfig::inline_io`).
+enum SpoolFile {
+    Pool(tokio::fs::File),
+    Here(std::fs::File),
+}
+
+impl SpoolFile {
+    async fn seek(&mut self, to: u64) -> std::io::Result<u64> {
+        match self {
+            SpoolFile::Pool(file) => file.seek(std::io::SeekFrom::Start(to)).await,
+            SpoolFile::Here(file) => std::io::Seek::seek(file, std::io::SeekFrom::Start(to)),
+        }
+    }
+
+    async fn read_exact(&mut self, buffer: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            SpoolFile::Pool(file) => file.read_exact(buffer).await.map(|_| ()),
+            SpoolFile::Here(file) => std::io::Read::read_exact(file, buffer),
+        }
+    }
+}
+
 struct StreamPlan {
     remaining: u64,
     sent: u64,
@@ -1264,7 +1297,7 @@ struct StreamPlan {
 const CHUNK: usize = 64 * 1024;
 
 impl StreamPlan {
-    async fn next_chunk(&mut self, handle: &mut tokio::fs::File) -> Option<Result<Bytes, std::io::Error>> {
+    async fn next_chunk(&mut self, handle: &mut SpoolFile) -> Option<Result<Bytes, std::io::Error>> {
         use std::io::Write;
         if self.done {
             return None;

@@ -17,10 +17,12 @@ struct Stored {
 #[derive(Clone)]
 pub(crate) struct CheckpointStore {
     tree: sled::Tree,
+    /// Sync on this task rather than on sled's threads (deterministic simulation).
+    inline_io: bool,
 }
 
 impl CheckpointStore {
-    pub(crate) fn open(path: &Path) -> Result<CheckpointStore, WorkerError> {
+    pub(crate) fn open(path: &Path, inline_io: bool) -> Result<CheckpointStore, WorkerError> {
         let failed = |e: sled::Error| WorkerError::Checkpoints {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -28,6 +30,7 @@ impl CheckpointStore {
         let db = sled::open(path).map_err(failed)?;
         Ok(CheckpointStore {
             tree: db.open_tree("checkpoints").map_err(failed)?,
+            inline_io,
         })
     }
 
@@ -59,7 +62,12 @@ impl CheckpointStore {
             tracing::warn!(%error, "could not record a checkpoint");
             return;
         }
-        if let Err(error) = self.tree.flush_async().await {
+        let synced = if self.inline_io {
+            self.tree.flush().map(|_| ())
+        } else {
+            self.tree.flush_async().await.map(|_| ())
+        };
+        if let Err(error) = synced {
             tracing::warn!(%error, "could not sync the checkpoint store");
         }
     }
@@ -77,7 +85,7 @@ mod tests {
     async fn checkpoints_survive_reopening_and_are_tied_to_their_url() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = CheckpointStore::open(dir.path()).unwrap();
+            let store = CheckpointStore::open(dir.path(), false).unwrap();
             let checkpoint = Checkpoint {
                 offset: 4096,
                 lines: 10,
@@ -86,7 +94,7 @@ mod tests {
             };
             store.put("job-1/Patient.1.ndjson", "https://e/f/1", &checkpoint).await;
         }
-        let store = CheckpointStore::open(dir.path()).unwrap();
+        let store = CheckpointStore::open(dir.path(), false).unwrap();
         assert_eq!(
             store.get("job-1/Patient.1.ndjson", "https://e/f/1").unwrap().offset,
             4096

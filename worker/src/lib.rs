@@ -63,6 +63,9 @@ pub struct WorkerSettings {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// How to reach the coordinator; the OS network when `None` (a simulation passes its own).
     pub dialer: Option<Arc<dyn Dialer>>,
+    /// Do file and checkpoint I/O on the worker's own tasks instead of other threads. Only
+    /// for a deterministic simulation (see `DownloadOptions::inline_io`).
+    pub inline_io: bool,
 }
 
 impl std::fmt::Debug for WorkerSettings {
@@ -149,7 +152,7 @@ pub async fn run(
         coordinators: Coordinators::new(&settings.coordinators, connector, settings.cluster_token.clone())?,
         worker_id: settings.name.clone(),
     };
-    let store = CheckpointStore::open(&settings.state_dir.join("checkpoints"))?;
+    let store = CheckpointStore::open(&settings.state_dir.join("checkpoints"), settings.inline_io)?;
     let heartbeat_every = register(&coordinator, &settings, &cancel).await;
     let Some(heartbeat_every) = heartbeat_every else {
         return Ok(());
@@ -382,6 +385,7 @@ impl SlotContext {
             resume,
             checkpoints: Some(checkpoint_tx),
             cancel: download_cancel.clone(),
+            inline_io: self.settings.inline_io,
         };
         let result = download_file(
             &client,
@@ -434,7 +438,7 @@ impl SlotContext {
                     return;
                 }
                 let published = self.settings.output_dir.join(&relative);
-                if let Err(error) = publish(&staging, &published).await {
+                if let Err(error) = publish(&staging, &published, self.settings.inline_io).await {
                     return self
                         .fail(
                             &lease,
@@ -552,7 +556,13 @@ async fn keep_lease(
 
 /// Moves a verified file from staging to its published place (atomically when they share
 /// a filesystem).
-async fn publish(staging: &Path, published: &Path) -> std::io::Result<()> {
+async fn publish(staging: &Path, published: &Path, inline_io: bool) -> std::io::Result<()> {
+    if inline_io {
+        if let Some(parent) = published.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        return std::fs::rename(staging, published);
+    }
     if let Some(parent) = published.parent() {
         tokio::fs::create_dir_all(parent).await?;
     }
