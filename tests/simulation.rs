@@ -913,28 +913,35 @@ fn a_seed_replays_to_the_same_outcome() {
     assert_eq!(cluster_run(scenario.clone()), cluster_run(scenario));
 }
 
-/// So should every event, and the moment it happens. Not yet: sled, the download writer
-/// and hashing threads, `tokio::fs` and the simulated EHR's spooling run on real threads,
-/// and how long they take in real time moves events in virtual time (see
-/// docs/simulation.md). `FHIRHAUL_SIM_TRACE=<file>` writes the traced lines to compare.
+/// So does every event, and the virtual moment it happens: everything that would run on
+/// another thread runs inline in simulation (`inline_io`), and turmoil seeds each host's
+/// runtime (it needs `--cfg tokio_unstable`, set in `.cargo/config.toml`).
+/// `FHIRHAUL_SIM_TRACE=<file>` appends the traced lines, to diff two runs.
 #[test]
-#[ignore = "event order is not yet reproducible: real threads (sled, writer, tokio::fs) finish at real-time moments"]
 fn a_seed_replays_to_the_same_event_trace() {
-    let seed = std::env::var("FHIRHAUL_SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(42);
-    let first = cluster_run_traced(Scenario::from_seed(seed));
-    let second = cluster_run_traced(Scenario::from_seed(seed));
-    assert_eq!(first.outcome, second.outcome);
-    assert!(
-        first.events > 100,
-        "the trace records the run ({} events)",
-        first.events
+    #[cfg(not(tokio_unstable))]
+    panic!(
+        "built without --cfg tokio_unstable (a RUSTFLAGS variable replaces .cargo/config.toml's): \
+         tokio::select! then picks branches at random and no two runs are alike"
     );
-    assert_eq!(
-        (first.trace, first.events),
-        (second.trace, second.events),
-        "seed {seed}: two runs logged different events or at different moments"
-    );
+    let seeds: Vec<u64> = match std::env::var("FHIRHAUL_SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("FHIRHAUL_SIM_SEED is a number")],
+        Err(_) => vec![42, 7, 1234],
+    };
+    for seed in seeds {
+        let first = cluster_run_traced(Scenario::from_seed(seed));
+        let second = cluster_run_traced(Scenario::from_seed(seed));
+        assert_eq!(first.outcome, second.outcome);
+        assert!(
+            first.events > 100,
+            "the trace records the run ({} events)",
+            first.events
+        );
+        assert_eq!(
+            (first.trace, first.events),
+            (second.trace, second.events),
+            "seed {seed}: two runs logged different events or at different moments\n{}",
+            replay_hint(seed)
+        );
+    }
 }

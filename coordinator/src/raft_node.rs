@@ -683,7 +683,10 @@ impl Actor {
             let mut hard_state = self.node.store().mem.rl().hard_state().clone();
             hard_state.commit = commit;
             let persisted = hard_state.clone();
-            on_log(Arc::clone(&self.log), self.inline_io, move |log| log.persist(&[], Some(&persisted))).await?;
+            on_log(Arc::clone(&self.log), self.inline_io, move |log| {
+                log.persist(&[], Some(&persisted))
+            })
+            .await?;
             self.node.mut_store().mem.wl().set_hardstate(hard_state);
         }
         self.peers.send(light.take_messages());
@@ -708,7 +711,10 @@ impl Actor {
         let index = snapshot.get_metadata().index;
         let state = restore_state(&snapshot)?;
         let to_save = snapshot.clone();
-        on_log(Arc::clone(&self.log), self.inline_io, move |log| log.install_snapshot(&to_save)).await?;
+        on_log(Arc::clone(&self.log), self.inline_io, move |log| {
+            log.install_snapshot(&to_save)
+        })
+        .await?;
         self.node
             .mut_store()
             .mem
@@ -743,7 +749,10 @@ impl Actor {
         metadata.term = term;
         metadata.set_conf_state(self.conf_state.clone());
         let to_save = snapshot.clone();
-        on_log(Arc::clone(&self.log), self.inline_io, move |log| log.save_snapshot(&to_save)).await?;
+        on_log(Arc::clone(&self.log), self.inline_io, move |log| {
+            log.save_snapshot(&to_save)
+        })
+        .await?;
         self.node.mut_store().mem.wl().compact(applied).map_err(storage_error)?;
         self.node.mut_store().set_snapshot(snapshot);
         self.snapshot_index = applied;
@@ -810,7 +819,10 @@ impl Actor {
                     }
                 }
                 let to_save = conf_state.clone();
-                on_log(Arc::clone(&self.log), self.inline_io, move |log| log.save_conf_state(&to_save)).await?;
+                on_log(Arc::clone(&self.log), self.inline_io, move |log| {
+                    log.save_conf_state(&to_save)
+                })
+                .await?;
                 self.node.mut_store().mem.wl().set_conf_state(conf_state.clone());
                 self.conf_state = conf_state.clone();
                 self.conf_changed = true;
