@@ -224,6 +224,14 @@ struct Scenario {
     status_500: u32,
     file_500: u32,
     kickoff_429: u32,
+    /// The EHR hands out files while the export is still running (partial manifests).
+    partial_manifests: bool,
+    /// Access token lifetime: short ones expire many times during one export.
+    token_lifetime: Duration,
+    /// The EHR revokes every token after this many uses (early revocation).
+    revoke_token_after_uses: Option<u32>,
+    /// One file changes at the EHR (new ETag) once this many of its bytes were served.
+    change_file_after_bytes: Option<u64>,
     /// (virtual second, action)
     disruptions: Vec<(u64, Disruption)>,
 }
@@ -263,6 +271,10 @@ impl Scenario {
             status_500: 0,
             file_500: 0,
             kickoff_429: 0,
+            partial_manifests: false,
+            token_lifetime: Duration::from_secs(300),
+            revoke_token_after_uses: None,
+            change_file_after_bytes: None,
             disruptions: vec![],
         }
     }
@@ -308,6 +320,10 @@ impl Scenario {
             status_500: rng.gen_range(0..3),
             file_500: rng.gen_range(0..3),
             kickoff_429: rng.gen_range(0..2),
+            partial_manifests: rng.gen_bool(0.3),
+            token_lifetime: Duration::from_secs(if rng.gen_bool(0.3) { rng.gen_range(15..60) } else { 300 }),
+            revoke_token_after_uses: rng.gen_bool(0.2).then(|| rng.gen_range(3..30)),
+            change_file_after_bytes: rng.gen_bool(0.2).then(|| rng.gen_range(1_000..8_000)),
             disruptions,
         }
     }
@@ -486,6 +502,8 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                 job_duration: Duration::from_secs(30),
                 wall_clock_base: Some(base),
                 inline_io: true,
+                partial_manifests: scenario.partial_manifests,
+                token_lifetime: scenario.token_lifetime,
                 ..SimConfig::default()
             };
             let sim = SimEhr::new(config, "http://ehr:80", "http://ehr:81")?;
@@ -496,6 +514,8 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                 f.status_500 = scenario.status_500;
                 f.file_500 = scenario.file_500;
                 f.kickoff_429 = scenario.kickoff_429;
+                f.revoke_token_after_uses = scenario.revoke_token_after_uses;
+                f.change_file_after_bytes = scenario.change_file_after_bytes;
             });
             let handler = sim.handler();
             {

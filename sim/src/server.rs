@@ -1362,7 +1362,8 @@ impl StreamPlan {
     async fn change_file(&mut self) {
         let shared = Arc::clone(&self.shared);
         let (job, index) = (self.job, self.index);
-        let _ = tokio::task::spawn_blocking(move || {
+        let inline = shared.config.inline_io;
+        let respool = move || {
             let (params, members, file) = {
                 let mut state = shared.lock();
                 state.faults.change_file_after_bytes = None;
@@ -1383,7 +1384,11 @@ impl StreamPlan {
             {
                 *slot = next;
             }
-        })
-        .await;
+        };
+        if inline {
+            respool();
+        } else {
+            let _ = tokio::task::spawn_blocking(respool).await;
+        }
     }
 }
