@@ -232,6 +232,8 @@ struct Scenario {
     revoke_token_after_uses: Option<u32>,
     /// One file changes at the EHR (new ETag) once this many of its bytes were served.
     change_file_after_bytes: Option<u64>,
+    /// After the first export, an incremental one (`_since` = its transactionTime).
+    incremental: bool,
     /// (virtual second, action)
     disruptions: Vec<(u64, Disruption)>,
 }
@@ -275,6 +277,7 @@ impl Scenario {
             token_lifetime: Duration::from_secs(300),
             revoke_token_after_uses: None,
             change_file_after_bytes: None,
+            incremental: true,
             disruptions: vec![],
         }
     }
@@ -324,6 +327,7 @@ impl Scenario {
             token_lifetime: Duration::from_secs(if rng.gen_bool(0.3) { rng.gen_range(15..60) } else { 300 }),
             revoke_token_after_uses: rng.gen_bool(0.2).then(|| rng.gen_range(3..30)),
             change_file_after_bytes: rng.gen_bool(0.2).then(|| rng.gen_range(1_000..8_000)),
+            incremental: rng.gen_bool(0.3),
             disruptions,
         }
     }
@@ -478,7 +482,6 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
     use fhirhaul_coordinator::node::{Coordinator, CoordinatorSettings};
     use fhirhaul_coordinator::raft_node::RaftSettings;
     use fhirhaul_proto::connect::{Connector, Coordinators};
-    use fhirhaul_proto::v1 as pb;
 
     let seed = scenario.seed;
     let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000);
@@ -644,6 +647,7 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
     let digest: Arc<Mutex<Option<String>>> = Arc::default();
     let client_digest = Arc::clone(&digest);
     let client_handles = Arc::clone(&handles);
+    let scenario_incremental = scenario.incremental;
     simulation.client("operator", async move {
         let connector = Connector {
             dialer: Some(Arc::new(TurmoilDialer)),
@@ -652,111 +656,34 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
             ..Connector::default()
         };
         let cluster = Coordinators::new(&coordinator_addresses(), connector, None)?;
-        // The operator retries through leader changes, like the CLI's user would.
-        let job_id = loop {
-            let submitted = cluster
-                .call(|channel| async move {
-                    pb::admin_service_client::AdminServiceClient::new(channel)
-                        .submit_export(pb::SubmitExportRequest {
-                            tenant: "sim".into(),
-                            request_json: String::new(),
-                            incremental: false,
-                        })
-                        .await
+        let first = operator_export(&cluster, false).await;
+        let first_saved = check_export(&first, 1, &client_slot, &client_disk)?;
+        let mut exports = 1;
+        if scenario_incremental {
+            // An incremental run: only what changed since the first export's transactionTime.
+            let second = operator_export(&cluster, true).await;
+            check_export(&second, 2, &client_slot, &client_disk)?;
+            exports += 1;
+            let since = {
+                let slot = client_slot.lock().unwrap();
+                let kickoffs = slot.sim.as_ref().unwrap().observed().kickoffs;
+                kickoffs.last().and_then(|k| {
+                    k.params
+                        .iter()
+                        .find(|(name, _)| name == "_since")
+                        .map(|(_, v)| v.clone())
                 })
-                .await;
-            match submitted {
-                Ok(response) => break response.into_inner().job_id,
-                // An uncertain outcome may have committed the job: look before submitting again.
-                Err(status) if status.code() == tonic::Code::Unknown => {
-                    let listed = cluster
-                        .call(|channel| async move {
-                            pb::admin_service_client::AdminServiceClient::new(channel)
-                                .list_jobs(pb::ListJobsRequest {})
-                                .await
-                        })
-                        .await;
-                    if let Ok(listed) = listed
-                        && let Some(job) = listed.into_inner().jobs.first()
-                    {
-                        break job.job_id.clone();
-                    }
-                }
-                Err(_) => {}
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
-        let job = loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let Ok(job) = cluster
-                .call(|channel| {
-                    let job_id = job_id.clone();
-                    async move {
-                        pb::admin_service_client::AdminServiceClient::new(channel)
-                            .get_job(pb::GetJobRequest { job_id })
-                            .await
-                    }
-                })
-                .await
-            else {
-                continue;
             };
-            let job = job.into_inner();
-            let phase = job.summary.as_ref().map(|s| s.phase).unwrap_or_default();
-            if phase == pb::JobPhase::Completed as i32 || phase == pb::JobPhase::Failed as i32 {
-                break job;
-            }
-        };
-        // Invariants, checked from the operator's side.
-        let summary = job.summary.clone().unwrap();
-        assert_eq!(
-            summary.phase,
-            pb::JobPhase::Completed as i32,
-            "the export completed: {summary:?}"
-        );
-        for file in &job.files {
-            assert!(
-                file.phase != pb::FilePhase::Failed as i32 || file.failure.is_some(),
-                "every failed file has a reason"
+            assert_eq!(
+                since,
+                first.summary.as_ref().and_then(|s| s.transaction_time.clone()),
+                "the incremental export asked for what changed since the first one's transactionTime"
             );
         }
-        assert_eq!(
-            summary.files_failed,
-            0,
-            "no file failed: {:?}",
-            job.files.iter().filter_map(|f| f.failure.clone()).collect::<Vec<_>>()
-        );
-        let (served, kickoffs) = {
-            let slot = client_slot.lock().unwrap();
-            let sim = slot.sim.as_ref().unwrap();
-            // Throttled kick-off attempts (429) create nothing; count exports the EHR accepted.
-            (sim.served_files(1), sim.jobs().len())
-        };
-        assert_eq!(kickoffs, 1, "the export was kicked off exactly once");
-        let mut expected: Vec<String> = served.iter().map(|f| f.sha256.clone()).collect();
-        expected.sort();
-        let mut saved = Vec::new();
-        for file in &job.files {
-            let bytes = std::fs::read(file.location.as_ref().expect("a location"))?;
-            let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            assert_eq!(Some(&sha), file.sha256.as_ref(), "the file on disk is the one reported");
-            saved.push(sha);
-        }
-        saved.sort();
-        assert_eq!(
-            saved, expected,
-            "every served file arrived exactly once, byte-identical"
-        );
-        let mut published_files = Vec::new();
-        collect(&client_disk.path().join("out").join(&job_id), &mut published_files);
-        assert_eq!(
-            published_files.len(),
-            expected.len(),
-            "nothing else was published: {published_files:?}"
-        );
+        let kickoffs = client_slot.lock().unwrap().sim.as_ref().unwrap().jobs().len();
+        // Throttled kick-off attempts (429) create nothing; count exports the EHR accepted.
+        assert_eq!(kickoffs, exports, "each export was kicked off exactly once");
+        let saved = first_saved;
         // Every coordinator converges on the same committed state (once partitions heal).
         let mut converged = None;
         for _ in 0..600 {
@@ -837,6 +764,139 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
         .unwrap()
         .take()
         .unwrap_or_else(|| panic!("seed {seed}: the operator did not finish\n{}", replay_hint(seed)))
+}
+
+/// Submits an export through whichever coordinator leads, retrying through leader changes
+/// like the CLI's user would, and waits until it ends.
+async fn operator_export(
+    cluster: &fhirhaul_proto::connect::Coordinators,
+    incremental: bool,
+) -> fhirhaul_proto::v1::GetJobResponse {
+    use fhirhaul_proto::v1 as pb;
+    use pb::admin_service_client::AdminServiceClient;
+    let before: Vec<String> = loop {
+        let listed = cluster
+            .call(|channel| async move { AdminServiceClient::new(channel).list_jobs(pb::ListJobsRequest {}).await })
+            .await;
+        if let Ok(listed) = listed {
+            break listed.into_inner().jobs.into_iter().map(|j| j.job_id).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let job_id = loop {
+        let submitted = cluster
+            .call(|channel| async move {
+                AdminServiceClient::new(channel)
+                    .submit_export(pb::SubmitExportRequest {
+                        tenant: "sim".into(),
+                        request_json: String::new(),
+                        incremental,
+                    })
+                    .await
+            })
+            .await;
+        match submitted {
+            Ok(response) => break response.into_inner().job_id,
+            // An uncertain outcome may have committed the job: look before submitting again.
+            Err(status) if status.code() == tonic::Code::Unknown => {
+                let listed =
+                    cluster
+                        .call(|channel| async move {
+                            AdminServiceClient::new(channel).list_jobs(pb::ListJobsRequest {}).await
+                        })
+                        .await;
+                if let Ok(listed) = listed
+                    && let Some(job) = listed
+                        .into_inner()
+                        .jobs
+                        .into_iter()
+                        .find(|j| !before.contains(&j.job_id))
+                {
+                    break job.job_id;
+                }
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(job) = cluster
+            .call(|channel| {
+                let job_id = job_id.clone();
+                async move {
+                    AdminServiceClient::new(channel)
+                        .get_job(pb::GetJobRequest { job_id })
+                        .await
+                }
+            })
+            .await
+        else {
+            continue;
+        };
+        let job = job.into_inner();
+        let phase = job.summary.as_ref().map(|s| s.phase).unwrap_or_default();
+        if phase == pb::JobPhase::Completed as i32 || phase == pb::JobPhase::Failed as i32 {
+            return job;
+        }
+    }
+}
+
+/// The invariants of one finished export (the EHR's export number `ehr_job`): it completed;
+/// every failed file has a reason; every file the EHR served is published exactly once,
+/// byte-identical to what it served and to what the coordinator recorded, and nothing else
+/// is published. Returns the saved files' SHA-256s, sorted.
+fn check_export(
+    job: &fhirhaul_proto::v1::GetJobResponse,
+    ehr_job: u64,
+    ehr: &Mutex<Published>,
+    disk: &tempfile::TempDir,
+) -> std::io::Result<Vec<String>> {
+    use fhirhaul_proto::v1 as pb;
+    let summary = job.summary.clone().unwrap();
+    assert_eq!(
+        summary.phase,
+        pb::JobPhase::Completed as i32,
+        "the export completed: {summary:?}"
+    );
+    for file in &job.files {
+        assert!(
+            file.phase != pb::FilePhase::Failed as i32 || file.failure.is_some(),
+            "every failed file has a reason"
+        );
+    }
+    assert_eq!(
+        summary.files_failed,
+        0,
+        "no file failed: {:?}",
+        job.files.iter().filter_map(|f| f.failure.clone()).collect::<Vec<_>>()
+    );
+    let served = ehr.lock().unwrap().sim.as_ref().unwrap().served_files(ehr_job);
+    let mut expected: Vec<String> = served.iter().map(|f| f.sha256.clone()).collect();
+    expected.sort();
+    let mut saved = Vec::new();
+    for file in &job.files {
+        let bytes = std::fs::read(file.location.as_ref().expect("a location"))?;
+        let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(Some(&sha), file.sha256.as_ref(), "the file on disk is the one reported");
+        saved.push(sha);
+    }
+    saved.sort();
+    assert_eq!(
+        saved, expected,
+        "every served file arrived exactly once, byte-identical"
+    );
+    let mut published_files = Vec::new();
+    collect(&disk.path().join("out").join(&summary.job_id), &mut published_files);
+    assert_eq!(
+        published_files.len(),
+        expected.len(),
+        "nothing else was published: {published_files:?}"
+    );
+    Ok(saved)
 }
 
 fn collect(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
