@@ -450,11 +450,18 @@ impl Coordinator {
             let cancel = self.inner.cancel.child_token();
             let term = self.inner.raft.term();
             let span = tracing::info_span!("leader", term);
-            if let Err(error) = self.lead(cancel.clone(), &mut leadership).instrument(span).await {
-                tracing::info!(%error, term, "leader work stopped");
-            }
+            let outcome = self.lead(cancel.clone(), &mut leadership).instrument(span).await;
             cancel.cancel();
             *self.inner.leading.write().unwrap_or_else(|p| p.into_inner()) = None;
+            if let Err(error) = outcome {
+                tracing::warn!(%error, term, "leader work stopped; trying again");
+                // Still leader but unable to lead (a tenant's key became unreadable, say):
+                // do not spin.
+                tokio::select! {
+                    _ = self.inner.cancel.cancelled() => break,
+                    _ = tokio::time::sleep(self.inner.settings.tick) => {}
+                }
+            }
         }
     }
 
