@@ -281,12 +281,20 @@ async fn a_killed_workers_leases_expire_and_others_finish_the_export() {
         cluster.start_worker(name);
     }
     let job_id = cluster.submit("").await;
+    // The biggest file (Observation, ~0.5 MB: seconds on this link), so the kill lands
+    // mid-download rather than just after a small file finished.
+    let big_and_started = |job: &pb::GetJobResponse, (index, _, bytes): &(usize, String, u64)| {
+        *bytes > 0 && job.files[*index].resource_type.as_deref() == Some("Observation")
+    };
     let job = cluster
         .wait_for(&job_id, Duration::from_secs(60), |job| {
-            leased_by(job).iter().any(|(_, _, bytes)| *bytes > 0)
+            leased_by(job).iter().any(|leased| big_and_started(job, leased))
         })
         .await;
-    let (file, victim, _) = leased_by(&job).into_iter().find(|(_, _, bytes)| *bytes > 0).unwrap();
+    let (file, victim, _) = leased_by(&job)
+        .into_iter()
+        .find(|leased| big_and_started(&job, leased))
+        .unwrap();
     cluster.workers.get_mut(&victim).unwrap().kill_hard();
     let job = cluster.wait_completed(&job_id, Duration::from_secs(120)).await;
     cluster.assert_output_identical(&job_id);
