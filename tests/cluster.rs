@@ -14,7 +14,7 @@ use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use fhirhaul_sim::{SimConfig, SimEhr};
-use processes::{Process, assert_output_identical, fhirhaul, free_port};
+use processes::{Process, assert_output_identical, fhirhaul, free_port, sim_with_tenant};
 
 struct Cluster {
     sim: SimEhr,
@@ -38,34 +38,9 @@ impl Cluster {
         extra_toml: &str,
         tls: Option<(tonic::transport::ClientTlsConfig, Vec<String>)>,
     ) -> Cluster {
-        let sim = SimEhr::start(config).await.unwrap();
-        let credentials = sim.new_client("ES384");
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("client.pem");
-        std::fs::write(&key, &credentials.private_key_pem).unwrap();
-        let config = format!(
-            r#"
-[[tenant]]
-name = "sim"
-base_url = "{base}"
-client_id = "{client}"
-kid = "{kid}"
-private_key = "{key}"
-[tenant.export]
-concurrency = 6
-[tenant.export.poll]
-min_interval = "100ms"
-max_interval = "500ms"
-[tenant.export.download]
-backoff_min = "50ms"
-backoff_max = "500ms"
-{extra_toml}
-"#,
-            base = sim.base_url(),
-            client = credentials.client_id,
-            kid = credentials.kid,
-            key = key.display()
-        );
+        let (sim, tenant) = sim_with_tenant(config, dir.path()).await;
+        let config = format!("{tenant}{extra_toml}\n");
         std::fs::write(dir.path().join("fhirhaul.toml"), config).unwrap();
         let mut cluster = Cluster {
             sim,

@@ -35,33 +35,8 @@ pub fn address(port: u16) -> String {
 impl Group {
     /// `lease` is the coordinators' `--lease-duration` (their default when `None`).
     pub async fn start(config: SimConfig, members: u64, lease: Option<&'static str>) -> Group {
-        let sim = SimEhr::start(config).await.unwrap();
-        let credentials = sim.new_client("ES384");
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("client.pem");
-        std::fs::write(&key, &credentials.private_key_pem).unwrap();
-        let tenant_toml = format!(
-            r#"
-[[tenant]]
-name = "sim"
-base_url = "{base}"
-client_id = "{client}"
-kid = "{kid}"
-private_key = "{key}"
-[tenant.export]
-concurrency = 6
-[tenant.export.poll]
-min_interval = "100ms"
-max_interval = "500ms"
-[tenant.export.download]
-backoff_min = "50ms"
-backoff_max = "500ms"
-"#,
-            base = sim.base_url(),
-            client = credentials.client_id,
-            kid = credentials.kid,
-            key = key.display()
-        );
+        let (sim, tenant_toml) = super::sim_with_tenant(config, dir.path()).await;
         let mut group = Group {
             sim,
             dir,

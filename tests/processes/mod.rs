@@ -62,6 +62,38 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Starts the simulated EHR, registers a client with a fresh key in `dir`, and returns
+/// the EHR and the `[[tenant]]` TOML (tenant `sim`, test-sized polling and backoff) for it.
+pub async fn sim_with_tenant(config: fhirhaul_sim::SimConfig, dir: &Path) -> (fhirhaul_sim::SimEhr, String) {
+    let sim = fhirhaul_sim::SimEhr::start(config).await.unwrap();
+    let credentials = sim.new_client("ES384");
+    let key = dir.join("client.pem");
+    std::fs::write(&key, &credentials.private_key_pem).unwrap();
+    let tenant = format!(
+        r#"
+[[tenant]]
+name = "sim"
+base_url = "{base}"
+client_id = "{client}"
+kid = "{kid}"
+private_key = "{key}"
+[tenant.export]
+concurrency = 6
+[tenant.export.poll]
+min_interval = "100ms"
+max_interval = "500ms"
+[tenant.export.download]
+backoff_min = "50ms"
+backoff_max = "500ms"
+"#,
+        base = sim.base_url(),
+        client = credentials.client_id,
+        kid = credentials.kid,
+        key = key.display()
+    );
+    (sim, tenant)
+}
+
 /// Every file the EHR served for its latest export is under `dir` exactly once,
 /// byte-identical, and nothing else is there. Returns the number of files.
 pub fn assert_output_identical(sim: &fhirhaul_sim::SimEhr, dir: &Path) -> usize {
