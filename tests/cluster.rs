@@ -14,7 +14,9 @@ use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use fhirhaul_sim::{SimConfig, SimEhr};
-use processes::{Process, assert_output_identical, fhirhaul, free_port, sim_with_tenant};
+use processes::{
+    Process, assert_completed, assert_output_identical, fhirhaul, free_port, has_ended, sim_with_tenant, wait_for_job,
+};
 
 struct Cluster {
     sim: SimEhr,
@@ -162,38 +164,12 @@ impl Cluster {
         limit: Duration,
         done: impl Fn(&pb::GetJobResponse) -> bool,
     ) -> pb::GetJobResponse {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(job) = self.job(job_id).await
-                && done(&job)
-            {
-                return job;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting on {job_id}: {:?}",
-                self.job(job_id).await.map(|j| j.summary)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_job(|| self.job(job_id), &format!("job {job_id}"), limit, done).await
     }
 
     async fn wait_completed(&self, job_id: &str, limit: Duration) -> pb::GetJobResponse {
-        let job = self
-            .wait_for(job_id, limit, |job| {
-                job.summary.as_ref().is_some_and(|s| {
-                    s.phase == pb::JobPhase::Completed as i32 || s.phase == pb::JobPhase::Failed as i32
-                })
-            })
-            .await;
-        let summary = job.summary.clone().unwrap();
-        assert_eq!(summary.phase, pb::JobPhase::Completed as i32, "{summary:?}");
-        assert_eq!(
-            summary.files_failed,
-            0,
-            "failed files: {:?}",
-            job.files.iter().filter_map(|f| f.failure.clone()).collect::<Vec<_>>()
-        );
+        let job = self.wait_for(job_id, limit, has_ended).await;
+        assert_completed(&job);
         job
     }
 

@@ -205,33 +205,12 @@ impl Group {
         what: &str,
         done: impl Fn(&pb::GetJobResponse) -> bool,
     ) -> pb::GetJobResponse {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(job) = self.job(job_id).await
-                && done(&job)
-            {
-                return job;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}: {:?}",
-                self.job(job_id).await.map(|j| j.summary)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        super::wait_for_job(|| self.job(job_id), what, Duration::from_secs(120), done).await
     }
 
     pub async fn wait_completed(&self, job_id: &str) -> pb::GetJobResponse {
-        let job = self
-            .wait_for(job_id, "the export to end", |job| {
-                job.summary.as_ref().is_some_and(|s| {
-                    s.phase == pb::JobPhase::Completed as i32 || s.phase == pb::JobPhase::Failed as i32
-                })
-            })
-            .await;
-        let summary = job.summary.clone().unwrap();
-        assert_eq!(summary.phase, pb::JobPhase::Completed as i32, "{summary:?}");
-        assert_eq!(summary.files_failed, 0, "{summary:?}");
+        let job = self.wait_for(job_id, "the export to end", super::has_ended).await;
+        super::assert_completed(&job);
         job
     }
 

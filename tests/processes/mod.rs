@@ -11,6 +11,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use fhirhaul_proto::v1 as pb;
 use sha2::Digest;
 
 /// A child process that is killed when dropped.
@@ -60,6 +61,56 @@ pub fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Polls `fetch` (the job as the admin API shows it; `None` while unreachable) every 100 ms
+/// until `done` holds; panics after `limit`, naming `what` and the last state seen.
+pub async fn wait_for_job<F, Fut>(
+    mut fetch: F,
+    what: &str,
+    limit: std::time::Duration,
+    done: impl Fn(&pb::GetJobResponse) -> bool,
+) -> pb::GetJobResponse
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<pb::GetJobResponse>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let job = fetch().await;
+        if let Some(job) = &job
+            && done(job)
+        {
+            return job.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            job.map(|j| j.summary)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The job has completed, failed or been cancelled.
+pub fn has_ended(job: &pb::GetJobResponse) -> bool {
+    job.summary.as_ref().is_some_and(|s| {
+        [pb::JobPhase::Completed, pb::JobPhase::Failed, pb::JobPhase::Cancelled]
+            .iter()
+            .any(|phase| s.phase == *phase as i32)
+    })
+}
+
+/// The job completed and no file failed (the failures are named otherwise).
+pub fn assert_completed(job: &pb::GetJobResponse) {
+    let summary = job.summary.clone().expect("a job summary");
+    assert_eq!(summary.phase, pb::JobPhase::Completed as i32, "{summary:?}");
+    assert_eq!(
+        summary.files_failed,
+        0,
+        "failed files: {:?}",
+        job.files.iter().filter_map(|f| f.failure.clone()).collect::<Vec<_>>()
+    );
 }
 
 /// Starts the simulated EHR, registers a client with a fresh key in `dir`, and returns
