@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 use crate::commands::{parse_duration, transport};
 use crate::config::Config;
 
-fn cluster_token() -> Option<Secret> {
+pub(crate) fn cluster_token() -> Option<Secret> {
     std::env::var("FHIRHAUL_CLUSTER_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
@@ -279,7 +279,7 @@ pub async fn start_coordinator(
     .context("starting the coordinator")?;
     let serving = coordinator.clone();
     tokio::spawn(async move {
-        if let Err(error) = fhirhaul_coordinator::grpc::serve(serving, listener, tls, cluster_token(), cancel).await {
+        if let Err(error) = fhirhaul_coordinator::grpc::serve(serving, listener, tls, cancel).await {
             tracing::error!(%error, "gRPC server stopped");
         }
     });

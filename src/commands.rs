@@ -135,6 +135,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cluster = cancel.child_token();
     let settings = fhirhaul_coordinator::node::CoordinatorSettings {
         data_dir: state_dir.join("coordinator"),
+        cluster_token: crate::cluster::cluster_token(),
         ..Default::default()
     };
     // Loopback only, so plaintext.

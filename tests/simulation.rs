@@ -599,7 +599,7 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                     let accepted = listener.accept().await.map(|(stream, _)| Accepted(stream));
                     Some((accepted, listener))
                 });
-                fhirhaul_coordinator::grpc::serve_incoming(coordinator, incoming, None, None, CancellationToken::new())
+                fhirhaul_coordinator::grpc::serve_incoming(coordinator, incoming, None, CancellationToken::new())
                     .await?;
                 Ok(())
             }

@@ -616,14 +616,14 @@ impl RaftService for RaftApi {
     }
 }
 
-/// Serves the worker and admin APIs, gRPC health and reflection on `listener` until
-/// `cancel`, with mutual TLS when `tls` is given. Plaintext is meant for loopback only (a
-/// warning is logged otherwise).
+/// Serves the worker, admin and raft APIs, gRPC health and reflection on `listener` until
+/// `cancel`, with mutual TLS when `tls` is given. Every call must carry the coordinator's
+/// cluster token when it has one (the same one it sends to its peers). Plaintext is meant
+/// for loopback only (a warning is logged otherwise).
 pub async fn serve(
     coordinator: Coordinator,
     listener: TcpListener,
     tls: Option<tonic::transport::ServerTlsConfig>,
-    cluster_token: Option<Secret>,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     if let Ok(address) = listener.local_addr() {
@@ -639,7 +639,6 @@ pub async fn serve(
         coordinator,
         tokio_stream::wrappers::TcpListenerStream::new(listener),
         tls,
-        cluster_token,
         cancel,
     )
     .await
@@ -650,7 +649,6 @@ pub async fn serve_incoming<I, IO, IE>(
     coordinator: Coordinator,
     incoming: I,
     tls: Option<tonic::transport::ServerTlsConfig>,
-    cluster_token: Option<Secret>,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error>
 where
@@ -658,7 +656,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let auth = ClusterAuth::new(cluster_token);
+    let auth = ClusterAuth::new(coordinator.settings().cluster_token.clone());
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
     health_reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
@@ -694,4 +692,51 @@ where
     router
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_authorization(value: Option<&str>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(value) = value {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().expect("ascii"));
+        }
+        request
+    }
+
+    #[test]
+    fn the_cluster_token_is_required_exactly_when_one_is_set() {
+        let open = ClusterAuth::new(None);
+        assert!(open.check(&with_authorization(None)).is_ok());
+        let closed = ClusterAuth::new(Some(Secret::new("s3cret".to_string())));
+        for refused in [None, Some("Bearer wrong"), Some("s3cret"), Some("Basic s3cret")] {
+            let status = closed.check(&with_authorization(refused)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{refused:?}");
+            assert!(!status.message().contains("s3cret"), "the token is never echoed");
+        }
+        assert!(closed.check(&with_authorization(Some("Bearer s3cret"))).is_ok());
+    }
+
+    #[test]
+    fn a_follower_names_the_leader_in_its_refusal() {
+        let status = status_from(CoordinatorError::Raft(RaftError::NotLeader {
+            leader: Some(2),
+            address: Some("http://10.0.0.2:7400".into()),
+        }));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()),
+            Some("http://10.0.0.2:7400")
+        );
+        let uncertain = status_from(CoordinatorError::Raft(RaftError::Uncertain));
+        assert_eq!(
+            uncertain.code(),
+            tonic::Code::Unknown,
+            "an outcome that may have been applied is not presented as retryable"
+        );
+    }
 }
