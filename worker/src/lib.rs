@@ -511,6 +511,11 @@ async fn keep_lease(
     let renew_every = Duration::from_millis(lease.renew_every_ms.max(100));
     let mut renew = tokio::time::interval(renew_every);
     renew.tick().await;
+    // A renewal may spend a while finding a new leader; checkpoints keep being recorded
+    // meanwhile, and the next renewal starts only after this one ended.
+    type Renewal<'a> =
+        std::pin::Pin<Box<dyn Future<Output = Result<pb::RenewLeaseResponse, tonic::Status>> + Send + 'a>>;
+    let mut renewal: Option<Renewal<'_>> = None;
     loop {
         tokio::select! {
             _ = download.cancelled() => return,
@@ -519,7 +524,7 @@ async fn keep_lease(
                 let checkpoint = checkpoints.borrow_and_update().clone();
                 store.put(&key, &lease.file_url, &checkpoint).await;
             }
-            _ = renew.tick() => {
+            _ = renew.tick(), if renewal.is_none() => {
                 let checkpoint = checkpoints.borrow().clone();
                 let request = pb::RenewLeaseRequest {
                     worker_id: coordinator.worker_id.clone(),
@@ -533,13 +538,13 @@ async fn keep_lease(
                         last_modified: None,
                     }),
                 };
-                let renewal = coordinator.call(request, |mut client, request| async move { client.renew_lease(request).await });
-                // A renewal that is still looking for a leader must not hold up checkpoints.
-                let renewal = tokio::select! {
-                    _ = download.cancelled() => return,
-                    renewal = renewal => renewal,
-                };
-                match renewal {
+                renewal = Some(Box::pin(
+                    coordinator.call(request, |mut client, request| async move { client.renew_lease(request).await }),
+                ));
+            }
+            outcome = async { renewal.as_mut().expect("guarded").await }, if renewal.is_some() => {
+                renewal = None;
+                match outcome {
                     Ok(_) => {}
                     Err(status) if status.code() == tonic::Code::Aborted => {
                         tracing::warn!(%status, "lease renewal refused; stopping");
