@@ -236,6 +236,11 @@ struct Scenario {
     incremental: bool,
     /// (virtual second, action)
     disruptions: Vec<(u64, Disruption)>,
+    /// Message loss: each message sent on a link breaks it with this probability; a
+    /// broken link drops everything until it repairs (each later message repairs it
+    /// with probability 0.3). turmoil's TCP does not retransmit, so a connection that
+    /// lost a segment stalls for good and must be noticed and replaced.
+    message_loss: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -279,6 +284,7 @@ impl Scenario {
             change_file_after_bytes: None,
             incremental: true,
             disruptions: vec![],
+            message_loss: None,
         }
     }
 
@@ -311,7 +317,7 @@ impl Scenario {
         for index in (1..election_ticks.len()).rev() {
             election_ticks.swap(index, rng.gen_range(0..=index));
         }
-        Scenario {
+        let mut scenario = Scenario {
             seed,
             election_ticks,
             patients: rng.gen_range(5..60),
@@ -329,7 +335,15 @@ impl Scenario {
             change_file_after_bytes: rng.gen_bool(0.2).then(|| rng.gen_range(1_000..8_000)),
             incremental: rng.gen_bool(0.3),
             disruptions,
+            // Drawn last, so the draws above (and the seeds that exercise them) stay.
+            message_loss: rng.gen_bool(0.25).then(|| rng.gen_range(0.000_2..0.002)),
+        };
+        // Sometimes a few huge files (one per resource type) instead of many small ones.
+        if rng.gen_bool(0.15) {
+            scenario.patients = rng.gen_range(150..300);
+            scenario.per_file = 1_000_000;
         }
+        scenario
     }
 }
 
@@ -489,6 +503,8 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
         .simulation_duration(Duration::from_secs(1_800))
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(scenario.max_latency_ms.max(1)))
+        .fail_rate(scenario.message_loss.unwrap_or(0.0))
+        .repair_rate(0.3)
         .rng_seed(seed)
         .build();
     let published: Arc<Mutex<Published>> = Arc::default();
@@ -935,7 +951,11 @@ fn seed_sweep() {
     if std::env::var_os(CHILD).is_some() {
         // This process is one seed's run, started by `run_isolated`.
         for seed in seeds {
-            let record = cluster_run_traced(Scenario::from_seed(seed));
+            let scenario = Scenario::from_seed(seed);
+            if std::env::var_os("FHIRHAUL_SIM_SHOW").is_some() {
+                eprintln!("{scenario:?}");
+            }
+            let record = cluster_run_traced(scenario);
             println!("{}", record.line(seed));
         }
         return;
@@ -1087,7 +1107,7 @@ fn a_seed_replays_to_the_same_event_trace() {
     );
     let seeds: Vec<u64> = match std::env::var("FHIRHAUL_SIM_SEED") {
         Ok(seed) => vec![seed.parse().expect("FHIRHAUL_SIM_SEED is a number")],
-        Err(_) => vec![42, 7, 5, 1234],
+        Err(_) => vec![42, 7, 5, 1234, 21],
     };
     let twice: Vec<u64> = seeds.iter().flat_map(|&seed| [seed, seed]).collect();
     let runs = run_isolated(&twice);
