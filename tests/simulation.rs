@@ -363,10 +363,13 @@ struct TraceHash {
 
 /// Which worker holds which (job, file, generation) right now, from the workers' own
 /// "lease held" / "lease let go" events; a worker that registers again (restarted) holds
-/// nothing. Two live holders of one file in one generation is a broken invariant.
+/// nothing. Two live holders of one file in one generation is a broken invariant, and so
+/// is a checkpoint that moves backwards ("checkpoint stored" events).
 #[derive(Default)]
 struct Holdings {
     held: std::collections::BTreeMap<(String, String, String), String>,
+    /// The last checkpoint each worker stored for each file: (offset, validator).
+    checkpoints: std::collections::BTreeMap<(String, String, String), (u64, String)>,
     violations: Vec<String>,
     /// How many holdings were observed (a run that saw none checked nothing).
     seen: u64,
@@ -377,6 +380,22 @@ impl Holdings {
         let field = |name: &str| fields.get(name).cloned().unwrap_or_default();
         let key = (field("job"), field("file"), field("generation"));
         match message {
+            "checkpoint stored" => {
+                // A worker's stored checkpoint for a file only moves forward, across its
+                // restarts too; it goes back only to restart from zero, or when the file
+                // changed at the EHR (a new validator).
+                let offset: u64 = field("offset").parse().unwrap_or_default();
+                let stored = (field("worker"), field("job"), field("file"));
+                let now = (offset, field("validator"));
+                if let Some((before, validator)) = self.checkpoints.insert(stored.clone(), now.clone())
+                    && offset < before
+                    && offset != 0
+                    && validator == now.1
+                {
+                    self.violations
+                        .push(format!("{stored:?}: checkpoint moved back from {before} to {offset}"));
+                }
+            }
             "lease held" => {
                 self.seen += 1;
                 if let Some(other) = self.held.insert(key.clone(), field("worker"))
@@ -479,7 +498,7 @@ fn cluster_run_traced(scenario: Scenario) -> RunRecord {
     assert!(seen > 0, "seed {seed}: no worker was seen holding a lease");
     assert!(
         violations.is_empty(),
-        "seed {seed}: two live workers held one file in one generation: {violations:?}\n{}",
+        "seed {seed}: what the workers did broke an invariant: {violations:?}\n{}",
         replay_hint(seed)
     );
     let (hasher, events) = std::mem::take(&mut *state.lock().unwrap());
@@ -1082,6 +1101,36 @@ fn two_live_holders_of_one_file_generation_are_reported() {
     holdings.observe("lease held", &fields("w2", "2"));
     holdings.observe("lease let go", &fields("w1", "1"));
     holdings.observe("lease held", &fields("w1", "2"));
+    assert_eq!(holdings.violations.len(), 1, "{:?}", holdings.violations);
+}
+
+#[test]
+fn a_checkpoint_moving_backwards_is_reported() {
+    let stored = |worker: &str, offset: u64, validator: &str| -> std::collections::BTreeMap<String, String> {
+        [
+            ("worker", worker.to_string()),
+            ("job", "job-1".to_string()),
+            ("file", "job-1/Patient.1.ndjson".to_string()),
+            ("offset", offset.to_string()),
+            ("validator", validator.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    };
+    let mut holdings = Holdings::default();
+    holdings.observe("checkpoint stored", &stored("w1", 4096, "a"));
+    holdings.observe("checkpoint stored", &stored("w1", 8192, "a"));
+    holdings.observe("checkpoint stored", &stored("w2", 4096, "a"));
+    holdings.observe("checkpoint stored", &stored("w1", 0, "a"));
+    holdings.observe("checkpoint stored", &stored("w1", 4096, "a"));
+    holdings.observe("checkpoint stored", &stored("w1", 2048, "b"));
+    assert!(
+        holdings.violations.is_empty(),
+        "other workers, restarts from zero and a changed file are not moving back: {:?}",
+        holdings.violations
+    );
+    holdings.observe("checkpoint stored", &stored("w1", 1024, "b"));
     assert_eq!(holdings.violations.len(), 1, "{:?}", holdings.violations);
 }
 

@@ -523,6 +523,15 @@ async fn keep_lease(
                 if changed.is_err() { return }
                 let checkpoint = checkpoints.borrow_and_update().clone();
                 store.put(&key, &lease.file_url, &checkpoint).await;
+                // An event, so a simulation can check that checkpoints never move backwards.
+                tracing::debug!(
+                    worker = %coordinator.worker_id,
+                    job = %lease.job_id,
+                    file = %lease.relative_path,
+                    offset = checkpoint.offset,
+                    validator = ?checkpoint.validator,
+                    "checkpoint stored"
+                );
             }
             _ = renew.tick(), if renewal.is_none() => {
                 let checkpoint = checkpoints.borrow().clone();
