@@ -6,8 +6,9 @@
 //!   of coordinators, worker, coordinator and leader crashes. Invariants are checked at the
 //!   end of every run, among them that every coordinator holds the same committed state.
 //!
-//! A failing seed prints the command that replays it. The sweep size is
-//! `FHIRHAUL_SIM_SEEDS` (default 100); `FHIRHAUL_SIM_SEED=N` runs one seed.
+//! Each seed of the sweep runs in a process of its own ([`run_isolated`]), which is what
+//! makes it replay exactly. A failing seed prints the command that replays it. The sweep
+//! size is `FHIRHAUL_SIM_SEEDS` (default 100); `FHIRHAUL_SIM_SEED=N` runs one seed.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -964,7 +965,9 @@ fn seed_sweep() {
                 .ok()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(100);
-            (1..=count).collect()
+            let mut seeds: Vec<u64> = (1..=count).collect();
+            seeds.extend(FOUND_BUGS.iter().filter(|seed| **seed > count));
+            seeds
         }
     };
     if std::env::var_os(CHILD).is_some() {
@@ -993,6 +996,10 @@ fn seed_sweep() {
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Seeds beyond the default sweep that once broke an invariant; every sweep runs them
+/// (`docs/simulation.md` says what each found).
+const FOUND_BUGS: [u64; 5] = [116, 156, 360, 384, 387];
 
 /// Set in the environment of a process that runs one seed for [`run_isolated`].
 const CHILD: &str = "FHIRHAUL_SIM_CHILD";

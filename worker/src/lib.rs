@@ -358,16 +358,31 @@ impl SlotContext {
         );
         let staging = self.settings.state_dir.join("staging").join(&relative);
         let key = lease.relative_path.clone();
-        // Our own partial file from before a restart, if it is for this URL and still there.
+        // Our own partial file from before a restart, if it is for this URL and still holds
+        // every byte its checkpoint counts.
+        let part = fhirhaul_common::download::part_path(&staging);
         let resume = self
             .store
             .get(&key, &lease.file_url)
-            .filter(|c| c.offset > 0 && fhirhaul_common::download::part_path(&staging).exists());
-        if let Some(checkpoint) = &resume {
-            tracing::info!(
+            .filter(|c| c.offset > 0 && std::fs::metadata(&part).is_ok_and(|m| m.len() >= c.offset));
+        match &resume {
+            Some(checkpoint) => tracing::info!(
                 offset = checkpoint.offset,
                 "resuming a partial download from its checkpoint"
-            );
+            ),
+            // Starting from zero: forget any older checkpoint first (its partial file is
+            // gone, or was finished but not published), so a crash before the first new
+            // checkpoint cannot resume the new partial file at the old offset.
+            None => {
+                store_checkpoint(
+                    &self.store,
+                    &self.coordinator.worker_id,
+                    &lease,
+                    &key,
+                    &Checkpoint::default(),
+                )
+                .await
+            }
         }
         let (checkpoint_tx, checkpoint_rx) = watch::channel(resume.clone().unwrap_or_default());
         let download_cancel = shutdown.child_token();
@@ -499,6 +514,26 @@ impl SlotContext {
 
 /// While a download runs: record each checkpoint, renew the lease with progress, and stop
 /// the download if the coordinator says the lease is no longer ours.
+/// Records a download's checkpoint durably, with an event (so a simulation can check that
+/// checkpoints never move backwards).
+async fn store_checkpoint(
+    store: &CheckpointStore,
+    worker: &str,
+    lease: &pb::Lease,
+    key: &str,
+    checkpoint: &Checkpoint,
+) {
+    store.put(key, &lease.file_url, checkpoint).await;
+    tracing::debug!(
+        worker,
+        job = %lease.job_id,
+        file = %lease.relative_path,
+        offset = checkpoint.offset,
+        validator = ?checkpoint.validator,
+        "checkpoint stored"
+    );
+}
+
 async fn keep_lease(
     coordinator: Coordinator,
     lease: pb::Lease,
@@ -522,16 +557,7 @@ async fn keep_lease(
             changed = checkpoints.changed() => {
                 if changed.is_err() { return }
                 let checkpoint = checkpoints.borrow_and_update().clone();
-                store.put(&key, &lease.file_url, &checkpoint).await;
-                // An event, so a simulation can check that checkpoints never move backwards.
-                tracing::debug!(
-                    worker = %coordinator.worker_id,
-                    job = %lease.job_id,
-                    file = %lease.relative_path,
-                    offset = checkpoint.offset,
-                    validator = ?checkpoint.validator,
-                    "checkpoint stored"
-                );
+                store_checkpoint(&store, &coordinator.worker_id, &lease, &key, &checkpoint).await;
             }
             _ = renew.tick(), if renewal.is_none() => {
                 let checkpoint = checkpoints.borrow().clone();
