@@ -113,18 +113,22 @@ impl Shared {
             return Some(queue.clone());
         }
         let address = self.addresses.get(&to)?.clone();
-        let channel = match self.connector.channel(&address) {
-            Ok(channel) => channel,
+        let peer = Peer {
+            to,
+            address,
+            connector: self.connector.clone(),
+        };
+        let client = match peer.client() {
+            Ok(client) => client,
             Err(error) => {
                 tracing::warn!(peer = to, %error, "cannot reach raft peer");
                 return None;
             }
         };
         let (sender, receiver) = mpsc::channel(256);
-        let client = RaftServiceClient::new(channel).max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES);
         tokio::spawn(deliver(
             self.node_id,
-            to,
+            peer,
             client,
             self.cluster_token.clone(),
             receiver,
@@ -136,16 +140,31 @@ impl Shared {
     }
 }
 
+/// Where one peer is, and how to open a connection to it.
+struct Peer {
+    to: u64,
+    address: String,
+    connector: Connector,
+}
+
+impl Peer {
+    fn client(&self) -> Result<RaftServiceClient<tonic::transport::Channel>, fhirhaul_proto::connect::ConnectError> {
+        let channel = self.connector.channel(&self.address)?;
+        Ok(RaftServiceClient::new(channel).max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES))
+    }
+}
+
 /// One peer's sender: batches whatever is queued into one call.
 async fn deliver(
     from: u64,
-    to: u64,
+    peer: Peer,
     mut client: RaftServiceClient<tonic::transport::Channel>,
     cluster_token: Option<Secret>,
     mut queue: mpsc::Receiver<RaftMessage>,
     reports: Option<mpsc::Sender<NodeMessage>>,
     cancel: CancellationToken,
 ) {
+    let to = peer.to;
     let report = |message: NodeMessage| {
         if let Some(reports) = &reports {
             let _ = reports.try_send(message);
@@ -188,6 +207,11 @@ async fn deliver(
             }
             Err(status) => {
                 tracing::debug!(peer = to, %status, "raft delivery failed");
+                if fhirhaul_proto::connect::timed_out(&status)
+                    && let Ok(fresh) = peer.client()
+                {
+                    client = fresh;
+                }
                 report(NodeMessage::Unreachable(to));
                 if has_snapshot {
                     report(NodeMessage::SnapshotSent { to, delivered: false });

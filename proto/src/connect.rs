@@ -180,6 +180,12 @@ impl Coordinators {
     /// the next member. Returns `true` when the next attempt may follow at once.
     fn reroute(&self, tried: usize, status: &Status) -> bool {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if timed_out(status)
+            && let Ok(fresh) = pool.connector.channel(&pool.members[tried].0)
+        {
+            // Its connection may have stopped delivering while still answering pings.
+            pool.members[tried].1 = fresh;
+        }
         if pool.current != tried {
             // Another call already moved on.
             return true;
@@ -240,6 +246,16 @@ impl Coordinators {
     }
 }
 
+/// Our own deadline ran out on a call. The connection it used may have silently stopped
+/// delivering — a lost segment, a middlebox that dropped its state — while the other side
+/// keeps it alive with pings, so HTTP/2 keep-alive never notices: the next call should
+/// open a fresh one.
+pub fn timed_out(status: &Status) -> bool {
+    let from_transport = std::error::Error::source(status)
+        .is_some_and(|source| source.downcast_ref::<tonic::transport::Error>().is_some());
+    status.code() == Code::DeadlineExceeded || (status.code() == Code::Cancelled && from_transport)
+}
+
 /// A follower's refusal, or a call that never got an answer from the coordinator (it is
 /// down, or the connection broke): the next coordinator may do better. A coordinator's own
 /// answers — including `Unknown` for "leadership changed, outcome uncertain" — are final.
@@ -272,6 +288,15 @@ mod tests {
     fn three() -> Coordinators {
         let addresses = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"].map(String::from);
         Coordinators::new(&addresses, Connector::default(), None).unwrap()
+    }
+
+    #[test]
+    fn only_our_own_deadline_counts_as_a_silent_connection() {
+        assert!(timed_out(&Status::deadline_exceeded("ours")));
+        // A coordinator's own answers say nothing about the connection.
+        assert!(!timed_out(&Status::cancelled("the coordinator cancelled it")));
+        assert!(!timed_out(&Status::unavailable("not the leader")));
+        assert!(!timed_out(&Status::unknown("leadership changed")));
     }
 
     #[tokio::test]
