@@ -19,9 +19,9 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::node::{Coordinator, CoordinatorError, LeasedFile};
+use crate::node::{Coordinator, CoordinatorError, KickoffOutcome, LeasedFile};
 use crate::peers::MAX_RAFT_MESSAGE_BYTES;
-use crate::raft_node::{RaftError, RaftHandle};
+use crate::raft_node::RaftError;
 use crate::state::{Command, FilePhase, Job, JobPhase};
 
 /// Maps every coordinator error to a gRPC status. A follower's refusal is `Unavailable`
@@ -589,7 +589,7 @@ fn members_to_pb(status: &crate::raft_node::RaftStatus) -> Vec<pb::CoordinatorIn
 
 /// Raft messages from other coordinators.
 pub struct RaftApi {
-    raft: RaftHandle,
+    coordinator: Coordinator,
     auth: ClusterAuth,
 }
 
@@ -607,12 +607,28 @@ impl RaftService for RaftApi {
                     message.from, batch.from
                 )));
             }
-            self.raft
+            self.coordinator
+                .raft()
                 .step(message)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
         }
         Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn kickoff_outcome(&self, request: Request<pb::KickoffQuery>) -> Result<Response<pb::KickoffAnswer>, Status> {
+        use pb::kickoff_answer::Outcome;
+        self.auth.check(&request)?;
+        let (outcome, status_url) = match self.coordinator.kickoff_outcome(&request.into_inner().job_id) {
+            KickoffOutcome::Unknown => (Outcome::Unknown, String::new()),
+            KickoffOutcome::InProgress => (Outcome::InProgress, String::new()),
+            KickoffOutcome::Accepted { status_url } => (Outcome::Accepted, status_url),
+            KickoffOutcome::NotAccepted => (Outcome::NotAccepted, String::new()),
+        };
+        Ok(Response::new(pb::KickoffAnswer {
+            outcome: outcome.into(),
+            status_url,
+        }))
     }
 }
 
@@ -680,7 +696,7 @@ where
         }))
         .add_service(
             RaftServiceServer::new(RaftApi {
-                raft: coordinator.raft().clone(),
+                coordinator: coordinator.clone(),
                 auth: auth.clone(),
             })
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES),

@@ -113,8 +113,27 @@ struct Inner {
     entropy: Entropy,
     /// The current term's work while this node leads.
     leading: std::sync::RwLock<Option<Arc<LeaderTerm>>>,
+    /// What came of each kick-off this node sent, kept past its terms so a later leader can
+    /// ask ([`Coordinator::kickoff_outcome`]).
+    kickoffs: std::sync::Mutex<BTreeMap<String, KickoffOutcome>>,
     cancel: CancellationToken,
 }
+
+/// What came of a kick-off this node sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KickoffOutcome {
+    /// Never sent from here (or sent before this process started).
+    Unknown,
+    InProgress,
+    Accepted {
+        status_url: String,
+    },
+    NotAccepted,
+}
+
+/// How long a new leader keeps asking an unreachable former leader what came of its
+/// kick-off before sending one itself (and risking a second export at the EHR).
+const KICKOFF_HANDOVER_WAIT: Duration = Duration::from_secs(30);
 
 /// Handle to a running coordinator. Cheap to clone.
 #[derive(Clone)]
@@ -164,6 +183,7 @@ impl Coordinator {
                 clock,
                 entropy,
                 leading: std::sync::RwLock::new(None),
+                kickoffs: std::sync::Mutex::default(),
                 cancel,
             }),
         };
@@ -302,6 +322,102 @@ impl Coordinator {
     }
 
     /// The job in this node's applied state (for the leader's own work).
+    /// What came of the kick-off of `job_id` that this node sent while it led.
+    pub fn kickoff_outcome(&self, job_id: &str) -> KickoffOutcome {
+        let kickoffs = self.inner.kickoffs.lock().unwrap_or_else(|p| p.into_inner());
+        kickoffs.get(job_id).cloned().unwrap_or(KickoffOutcome::Unknown)
+    }
+
+    fn record_kickoff(&self, job_id: &str, outcome: KickoffOutcome) {
+        let mut kickoffs = self.inner.kickoffs.lock().unwrap_or_else(|p| p.into_inner());
+        if outcome == KickoffOutcome::Unknown {
+            kickoffs.remove(job_id);
+        } else {
+            kickoffs.insert(job_id.to_string(), outcome);
+        }
+    }
+
+    /// The status URL of the export that coordinator `node` kicked off for `job_id` as an
+    /// earlier leader, if the EHR accepted it. Asks that node (this one answers from its own
+    /// record) until it answers, for as long as its kick-off is still running, and for at
+    /// most [`KICKOFF_HANDOVER_WAIT`] while it cannot be reached.
+    async fn kickoff_handed_over(&self, node: u64, job_id: &str, cancel: &CancellationToken) -> Option<String> {
+        let address = {
+            let node_addresses = self.read(move |state| state.coordinators.get(&node).cloned()).await;
+            node_addresses
+                .ok()
+                .flatten()
+                .or_else(|| self.inner.settings.raft.peers.get(&node).cloned())
+        };
+        let mut give_up = tokio::time::Instant::now() + KICKOFF_HANDOVER_WAIT;
+        loop {
+            let answer = if node == self.inner.settings.raft.node_id {
+                Ok(self.kickoff_outcome(job_id))
+            } else {
+                self.ask_kickoff_outcome(address.as_deref(), job_id).await
+            };
+            match answer {
+                Ok(KickoffOutcome::Accepted { status_url }) => {
+                    tracing::info!(node, %status_url, "adopting the export a former leader kicked off");
+                    return Some(status_url);
+                }
+                Ok(KickoffOutcome::NotAccepted | KickoffOutcome::Unknown) => return None,
+                Ok(KickoffOutcome::InProgress) => {
+                    give_up = tokio::time::Instant::now() + KICKOFF_HANDOVER_WAIT;
+                }
+                Err(error) => {
+                    if tokio::time::Instant::now() >= give_up {
+                        tracing::warn!(
+                            node,
+                            %error,
+                            "the former leader that kicked this export off cannot say what came of it; kicking off again (the EHR may end up with two exports)"
+                        );
+                        return None;
+                    }
+                    tracing::debug!(node, %error, "asking a former leader about its kick-off");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn ask_kickoff_outcome(&self, address: Option<&str>, job_id: &str) -> Result<KickoffOutcome, String> {
+        use fhirhaul_proto::v1::kickoff_answer::Outcome;
+        use fhirhaul_proto::v1::raft_service_client::RaftServiceClient;
+        let address = address.ok_or("its address is not known")?;
+        let channel = self
+            .inner
+            .settings
+            .peer_connector
+            .channel(address)
+            .map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(fhirhaul_proto::v1::KickoffQuery {
+            job_id: job_id.to_string(),
+        });
+        request.set_timeout(Duration::from_secs(2));
+        if let Some(token) = &self.inner.settings.cluster_token
+            && let Ok(value) = format!("Bearer {}", token.expose()).parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        let answer = RaftServiceClient::new(channel)
+            .kickoff_outcome(request)
+            .await
+            .map_err(|status| status.to_string())?
+            .into_inner();
+        Ok(match answer.outcome() {
+            Outcome::Unknown => KickoffOutcome::Unknown,
+            Outcome::InProgress => KickoffOutcome::InProgress,
+            Outcome::Accepted => KickoffOutcome::Accepted {
+                status_url: answer.status_url,
+            },
+            Outcome::NotAccepted => KickoffOutcome::NotAccepted,
+        })
+    }
+
     async fn applied_job(&self, job_id: &str) -> Result<Job, CoordinatorError> {
         let id = job_id.to_string();
         self.read(move |state| state.jobs.get(&id).cloned())
@@ -681,6 +797,70 @@ impl Coordinator {
         }
     }
 
+    /// Marks the kick-off as sent by this node, then sends it. The request runs to its end
+    /// even if leadership is lost meanwhile, and its outcome is recorded here for the next
+    /// leader to ask about.
+    async fn send_kickoff(
+        &self,
+        client: &FhirClient,
+        job: &Job,
+        tenant: &TenantConfig,
+        cancel: &CancellationToken,
+    ) -> Result<String, CoordinatorError> {
+        match self
+            .propose(Command::KickoffStarting {
+                job_id: job.id.clone(),
+                node_id: self.inner.settings.raft.node_id,
+            })
+            .await?
+        {
+            Applied::Done => {}
+            Applied::Refused { reason } => return Err(CoordinatorError::Refused(reason)),
+            other => return Err(CoordinatorError::Refused(format!("{other:?}"))),
+        }
+        self.record_kickoff(&job.id, KickoffOutcome::InProgress);
+        let settings = tenant.export.clone();
+        let (client, request, profile) = (client.clone(), job.request.clone(), tenant.profile);
+        let node = self.clone();
+        let job_id = job.id.clone();
+        let sending = tokio::spawn(
+            async move {
+                let mut backoff = Backoff::new(
+                    settings.poll.min_interval,
+                    settings.poll.max_interval,
+                    client.entropy().clone(),
+                );
+                let sent = kick_off(
+                    &client,
+                    &request,
+                    &profile,
+                    settings.kickoff_attempts.max(1),
+                    &mut backoff,
+                )
+                .await;
+                node.record_kickoff(
+                    &job_id,
+                    match &sent {
+                        Ok(accepted) => KickoffOutcome::Accepted {
+                            status_url: accepted.status_url.to_string(),
+                        },
+                        Err(_) => KickoffOutcome::NotAccepted,
+                    },
+                );
+                sent
+            }
+            .in_current_span(),
+        );
+        tokio::select! {
+            sent = sending => match sent {
+                Ok(sent) => Ok(sent?.status_url.to_string()),
+                Err(panicked) => Err(CoordinatorError::Refused(format!("the kick-off task failed: {panicked}"))),
+            },
+            // Leadership lost: the request finishes on its own and its outcome is recorded.
+            _ = cancel.cancelled() => Err(CoordinatorError::Raft(RaftError::Stopped)),
+        }
+    }
+
     async fn drive_inner(
         &self,
         term: &LeaderTerm,
@@ -698,27 +878,28 @@ impl Coordinator {
                     .map_err(|e| CoordinatorError::Refused(format!("committed status URL is not a URL: {e}")))?
             }
             None => {
-                let mut backoff = Backoff::new(
-                    settings.poll.min_interval,
-                    settings.poll.max_interval,
-                    client.entropy().clone(),
-                );
-                let accepted = kick_off(
-                    client,
-                    &job.request,
-                    &tenant.profile,
-                    settings.kickoff_attempts.max(1),
-                    &mut backoff,
-                )
-                .await?;
+                let adopted = match job.kickoff_by {
+                    // An earlier leader (maybe this node, in an earlier term) sent the
+                    // kick-off; the EHR may have accepted it without the status URL being
+                    // committed.
+                    Some(node) => self.kickoff_handed_over(node, job_id, cancel).await,
+                    None => None,
+                };
+                let status_url = match adopted {
+                    Some(url) => url,
+                    None => self.send_kickoff(client, &job, tenant, cancel).await?,
+                };
                 // Committed before the first poll, so a restarted coordinator polls this
                 // export instead of starting another.
                 self.propose(Command::KickedOff {
                     job_id: job_id.to_string(),
-                    status_url: accepted.status_url.to_string(),
+                    status_url: status_url.clone(),
                 })
                 .await?;
-                accepted.status_url
+                self.record_kickoff(job_id, KickoffOutcome::Unknown);
+                status_url
+                    .parse()
+                    .map_err(|e| CoordinatorError::Refused(format!("status URL is not a URL: {e}")))?
             }
         };
         let (partial_tx, mut partial_rx) = mpsc::channel(16);

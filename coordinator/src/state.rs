@@ -32,6 +32,12 @@ pub enum Command {
         max_file_attempts: u32,
         at_ms: u64,
     },
+    /// The leader `node_id` is about to send the job's kick-off. A later leader that finds
+    /// this and no status URL asks that node what came of it before kicking off itself.
+    KickoffStarting {
+        job_id: String,
+        node_id: u64,
+    },
     /// The EHR accepted the kick-off: from now on the job is polled, never kicked off again.
     KickedOff {
         job_id: String,
@@ -167,6 +173,9 @@ pub struct Job {
     pub submitted_ms: u64,
     pub phase: JobPhase,
     pub status_url: Option<String>,
+    /// The coordinator that last started the kick-off, while no status URL is committed.
+    #[serde(default)]
+    pub kickoff_by: Option<u64>,
     pub requires_access_token: bool,
     pub manifest_complete: bool,
     pub transaction_time: Option<String>,
@@ -332,6 +341,7 @@ impl State {
                         submitted_ms: at_ms,
                         phase: JobPhase::Submitted,
                         status_url: None,
+                        kickoff_by: None,
                         requires_access_token: true,
                         manifest_complete: false,
                         transaction_time: None,
@@ -343,6 +353,14 @@ impl State {
                 );
                 Applied::JobSubmitted { job_id: id }
             }
+            Command::KickoffStarting { job_id, node_id } => match self.jobs.get_mut(&job_id) {
+                Some(job) if job.phase == JobPhase::Submitted => {
+                    job.kickoff_by = Some(node_id);
+                    Applied::Done
+                }
+                Some(job) => refused(format!("{job_id} is {:?}, not waiting for a kick-off", job.phase)),
+                None => refused(format!("unknown job {job_id}")),
+            },
             Command::KickedOff { job_id, status_url } => match self.jobs.get_mut(&job_id) {
                 Some(job) if job.phase == JobPhase::Submitted => {
                     job.status_url = Some(status_url);
@@ -718,7 +736,8 @@ mod tests {
         }
     }
 
-    fn state_with_job(files: u32) -> (State, String) {
+    /// A state with one job, submitted and not yet kicked off.
+    fn state_with_submitted_job() -> (State, String) {
         let mut state = State::default();
         let Applied::JobSubmitted { job_id } = state.apply(Command::SubmitJob {
             tenant: "t".into(),
@@ -728,6 +747,11 @@ mod tests {
         }) else {
             panic!()
         };
+        (state, job_id)
+    }
+
+    fn state_with_job(files: u32) -> (State, String) {
+        let (mut state, job_id) = state_with_submitted_job();
         state.apply(Command::KickedOff {
             job_id: job_id.clone(),
             status_url: "https://ehr.example/status/1".into(),
@@ -769,6 +793,32 @@ mod tests {
             location: "out/x".into(),
             issues: vec![],
         }
+    }
+
+    #[test]
+    fn a_kickoff_is_marked_with_its_sender_until_the_status_url_is_committed() {
+        let (mut state, job_id) = state_with_submitted_job();
+        let starting = |node_id| Command::KickoffStarting {
+            job_id: job_id.clone(),
+            node_id,
+        };
+        assert_eq!(state.apply(starting(2)), Applied::Done);
+        // A later leader that gave up asking node 2 marks its own attempt.
+        assert_eq!(state.apply(starting(3)), Applied::Done);
+        assert_eq!(state.jobs[&job_id].kickoff_by, Some(3));
+        state.apply(Command::KickedOff {
+            job_id: job_id.clone(),
+            status_url: "https://ehr.example/status/1".into(),
+        });
+        assert!(
+            matches!(state.apply(starting(1)), Applied::Refused { .. }),
+            "a job with a committed status URL is never kicked off again"
+        );
+        // Snapshots written before the field existed still load.
+        let mut json: serde_json::Value = serde_json::to_value(&state).unwrap();
+        json["jobs"][&job_id].as_object_mut().unwrap().remove("kickoff_by");
+        let old: State = serde_json::from_value(json).unwrap();
+        assert_eq!(old.jobs[&job_id].kickoff_by, None);
     }
 
     #[test]
