@@ -89,23 +89,20 @@ impl Peers {
             let to = message.to;
             let Some(queue) = shared.queue(to) else {
                 tracing::debug!(peer = to, "no address for raft peer; message dropped");
-                shared.report(NodeMessage::Unreachable(to));
+                report_dropped(&shared.reports, &message);
                 continue;
             };
-            if queue.try_send(message).is_err() {
-                shared.report(NodeMessage::Unreachable(to));
+            if let Err(full) = queue.try_send(message) {
+                let message = match full {
+                    mpsc::error::TrySendError::Full(message) | mpsc::error::TrySendError::Closed(message) => message,
+                };
+                report_dropped(&shared.reports, &message);
             }
         }
     }
 }
 
 impl Shared {
-    fn report(&self, message: NodeMessage) {
-        if let Some(reports) = &self.reports {
-            let _ = reports.try_send(message);
-        }
-    }
-
     fn queue(&mut self, to: u64) -> Option<mpsc::Sender<RaftMessage>> {
         if let Some(queue) = self.queues.get(&to)
             && !queue.is_closed()
@@ -140,6 +137,29 @@ impl Shared {
     }
 }
 
+fn report_to(reports: &Option<mpsc::Sender<NodeMessage>>, message: NodeMessage) {
+    if let Some(reports) = reports {
+        let _ = reports.try_send(message);
+    }
+}
+
+/// Tells raft a message to `message.to` was not delivered. A dropped snapshot must be
+/// reported as failed: raft-rs sends nothing more to a follower whose snapshot is in
+/// flight until it hears how that went, so an unreported loss leaves it behind for good.
+fn report_dropped(reports: &Option<mpsc::Sender<NodeMessage>>, message: &RaftMessage) {
+    report_to(reports, NodeMessage::Unreachable(message.to));
+    if message.get_msg_type() == MessageType::MsgSnapshot {
+        tracing::debug!(peer = message.to, "raft snapshot not delivered; reported as failed");
+        report_to(
+            reports,
+            NodeMessage::SnapshotSent {
+                to: message.to,
+                delivered: false,
+            },
+        );
+    }
+}
+
 /// Where one peer is, and how to open a connection to it.
 struct Peer {
     to: u64,
@@ -165,11 +185,7 @@ async fn deliver(
     cancel: CancellationToken,
 ) {
     let to = peer.to;
-    let report = |message: NodeMessage| {
-        if let Some(reports) = &reports {
-            let _ = reports.try_send(message);
-        }
-    };
+    let report = |message: NodeMessage| report_to(&reports, message);
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -217,7 +233,9 @@ async fn deliver(
                     report(NodeMessage::SnapshotSent { to, delivered: false });
                 }
                 // Drop what queued up meanwhile (raft resends), and do not hammer the peer.
-                while queue.try_recv().is_ok() {}
+                while let Ok(dropped) = queue.try_recv() {
+                    report_dropped(&reports, &dropped);
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
