@@ -8,7 +8,8 @@
 //!
 //! Each seed of the sweep runs in a process of its own ([`run_isolated`]), which is what
 //! makes it replay exactly. A failing seed prints the command that replays it. The sweep
-//! size is `FHIRHAUL_SIM_SEEDS` (default 100); `FHIRHAUL_SIM_SEED=N` runs one seed.
+//! size is `FHIRHAUL_SIM_SEEDS` (default 100) from `FHIRHAUL_SIM_FIRST` (default 1);
+//! `FHIRHAUL_SIM_SEED=N` runs one seed.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -1005,12 +1006,12 @@ fn seed_sweep() {
     let seeds: Vec<u64> = match std::env::var("FHIRHAUL_SIM_SEED") {
         Ok(seed) => vec![seed.parse().expect("FHIRHAUL_SIM_SEED is a number")],
         Err(_) => {
-            let count: u64 = std::env::var("FHIRHAUL_SIM_SEEDS")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(100);
-            let mut seeds: Vec<u64> = (1..=count).collect();
-            seeds.extend(FOUND_BUGS.iter().filter(|seed| **seed > count));
+            let number = |name: &str| std::env::var(name).ok().and_then(|n| n.parse::<u64>().ok());
+            let count = number("FHIRHAUL_SIM_SEEDS").unwrap_or(100);
+            let first = number("FHIRHAUL_SIM_FIRST").unwrap_or(1);
+            let mut seeds: Vec<u64> = (first..first + count).collect();
+            let range = first..first + count;
+            seeds.extend(FOUND_BUGS.iter().filter(|seed| !range.contains(*seed)));
             seeds
         }
     };
