@@ -114,7 +114,7 @@ struct Inner {
     /// The current term's work while this node leads.
     leading: std::sync::RwLock<Option<Arc<LeaderTerm>>>,
     /// What came of each kick-off this node sent, kept past its terms so a later leader can
-    /// ask ([`Coordinator::kickoff_outcome`]).
+    /// ask ([`Coordinator::kickoff_outcome`]); accepted ones are on disk too.
     kickoffs: std::sync::Mutex<BTreeMap<String, KickoffOutcome>>,
     cancel: CancellationToken,
 }
@@ -323,12 +323,46 @@ impl Coordinator {
 
     /// The job in this node's applied state (for the leader's own work).
     /// What came of the kick-off of `job_id` that this node sent while it led.
+    /// An accepted export's status URL is also on disk until it is committed, so a restart
+    /// does not lose it.
     pub fn kickoff_outcome(&self, job_id: &str) -> KickoffOutcome {
         let kickoffs = self.inner.kickoffs.lock().unwrap_or_else(|p| p.into_inner());
-        kickoffs.get(job_id).cloned().unwrap_or(KickoffOutcome::Unknown)
+        if let Some(outcome) = kickoffs.get(job_id) {
+            return outcome.clone();
+        }
+        match std::fs::read_to_string(self.accepted_kickoff_path(job_id)) {
+            Ok(status_url) if !status_url.is_empty() => KickoffOutcome::Accepted { status_url },
+            _ => KickoffOutcome::Unknown,
+        }
+    }
+
+    /// `<data_dir>/kickoffs/<job id, hex>`: the status URL of an export this node kicked off
+    /// that is not committed yet.
+    fn accepted_kickoff_path(&self, job_id: &str) -> PathBuf {
+        let name: String = job_id.bytes().map(|b| format!("{b:02x}")).collect();
+        self.inner.settings.data_dir.join("kickoffs").join(name)
     }
 
     fn record_kickoff(&self, job_id: &str, outcome: KickoffOutcome) {
+        let path = self.accepted_kickoff_path(job_id);
+        match &outcome {
+            KickoffOutcome::Accepted { status_url } => {
+                // Synchronously, before anything else can happen: the EHR has an export
+                // now, and only this node knows where.
+                let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+                    let mut file = std::fs::File::create(&path)?;
+                    std::io::Write::write_all(&mut file, status_url.as_bytes())?;
+                    file.sync_all()
+                });
+                if let Err(error) = written {
+                    tracing::warn!(path = %path.display(), %error, "could not record an accepted kick-off on disk");
+                }
+            }
+            KickoffOutcome::Unknown => {
+                let _ = std::fs::remove_file(&path);
+            }
+            KickoffOutcome::InProgress | KickoffOutcome::NotAccepted => {}
+        }
         let mut kickoffs = self.inner.kickoffs.lock().unwrap_or_else(|p| p.into_inner());
         if outcome == KickoffOutcome::Unknown {
             kickoffs.remove(job_id);
