@@ -919,6 +919,10 @@ impl Coordinator {
                     Some(node) => self.kickoff_handed_over(node, job_id, cancel).await,
                     None => None,
                 };
+                if cancel.is_cancelled() {
+                    // Leadership lost (or shutting down) while asking: not ours to kick off.
+                    return Err(CoordinatorError::Raft(RaftError::Stopped));
+                }
                 let status_url = match adopted {
                     Some(url) => url,
                     None => self.send_kickoff(client, &job, tenant, cancel).await?,
