@@ -428,15 +428,13 @@ impl Coordinator {
             .peer_connector
             .channel(address)
             .map_err(|e| e.to_string())?;
-        let mut request = tonic::Request::new(fhirhaul_proto::v1::KickoffQuery {
-            job_id: job_id.to_string(),
-        });
+        let mut request = fhirhaul_proto::connect::with_cluster_token(
+            fhirhaul_proto::v1::KickoffQuery {
+                job_id: job_id.to_string(),
+            },
+            self.inner.settings.cluster_token.as_ref(),
+        );
         request.set_timeout(Duration::from_secs(2));
-        if let Some(token) = &self.inner.settings.cluster_token
-            && let Ok(value) = format!("Bearer {}", token.expose()).parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
         let answer = RaftServiceClient::new(channel)
             .kickoff_outcome(request)
             .await

@@ -203,18 +203,14 @@ async fn deliver(
         }
         let has_snapshot = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
         let messages: Vec<Vec<u8>> = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
-        let mut request = tonic::Request::new(pb::RaftBatch { from, messages });
+        let mut request =
+            fhirhaul_proto::connect::with_cluster_token(pb::RaftBatch { from, messages }, cluster_token.as_ref());
         // Heartbeats must not queue behind a dead peer's timeouts; snapshots may be large.
         request.set_timeout(if has_snapshot {
             Duration::from_secs(120)
         } else {
             Duration::from_secs(2)
         });
-        if let Some(token) = &cluster_token
-            && let Ok(value) = format!("Bearer {}", token.expose()).parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
         match client.deliver(request).await {
             Ok(_) => {
                 if has_snapshot {

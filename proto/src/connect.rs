@@ -167,13 +167,7 @@ impl Coordinators {
 
     /// Wraps `message` with the cluster token.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(token) = &self.cluster_token
-            && let Ok(value) = format!("Bearer {}", token.expose()).parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
+        with_cluster_token(message, self.cluster_token.as_ref())
     }
 
     /// After a failed call on member `tried`: go to the leader a follower named, or on to
@@ -244,6 +238,17 @@ impl Coordinators {
             }
         }
     }
+}
+
+/// A request carrying the cluster's token (when it has one) as a bearer credential.
+pub fn with_cluster_token<T>(message: T, token: Option<&Secret>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token
+        && let Ok(value) = format!("Bearer {}", token.expose()).parse()
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
 }
 
 /// Our own deadline ran out on a call. The connection it used may have silently stopped
