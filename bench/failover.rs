@@ -42,6 +42,7 @@ async fn acquire(group: &Group, wait_ms: u64) -> Option<pb::Lease> {
                 category: pb::FailureCategory::Cancelled as i32,
                 reason: "benchmark gives the lease back".into(),
                 released: true,
+                retryable: Some(true),
             });
             async move { WorkerServiceClient::new(channel).fail_lease(request).await }
         })

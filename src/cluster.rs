@@ -343,7 +343,7 @@ pub fn worker_settings(
     WorkerSettings {
         tls: None,
         dialer: None,
-        inline_io: false,
+        offload: fhirhaul_common::offload::Offload::Threads,
         coordinators,
         name,
         concurrency,

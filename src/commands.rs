@@ -201,7 +201,10 @@ async fn write_summary(
         .iter()
         .filter(|f| f.phase == fhirhaul_coordinator::state::FilePhase::Failed)
         .map(|f| {
-            let (category, error) = f.failure.clone().unwrap_or_default();
+            let (category, error) = match &f.failure {
+                Some((category, error)) => (Some(*category), error.clone()),
+                None => (None, String::new()),
+            };
             serde_json::json!({ "url": fhirhaul_common::url_util::SafeUrl::from(f.url.as_str()).to_string(), "category": category, "error": error })
         })
         .collect();

@@ -18,6 +18,7 @@ use fhirhaul_common::clock::{Entropy, TokioClock};
 use fhirhaul_common::config::TenantConfig;
 use fhirhaul_common::export::run_export;
 use fhirhaul_common::http::{Connection, Dialer, HyperTransport};
+use fhirhaul_common::offload::Offload;
 use fhirhaul_common::status::PollSettings;
 use fhirhaul_sim::{ClientCredentials, ServedFile, SimConfig, SimEhr};
 use tokio_util::sync::CancellationToken;
@@ -547,7 +548,7 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                 max_resources_per_file: scenario.per_file,
                 job_duration: Duration::from_secs(30),
                 wall_clock_base: Some(base),
-                inline_io: true,
+                file_io: fhirhaul_sim::FileIo::Inline,
                 partial_manifests: scenario.partial_manifests,
                 token_lifetime: scenario.token_lifetime,
                 ..SimConfig::default()
@@ -614,9 +615,9 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                         election_tick: Some(election_tick),
                         snapshot_every: 50,
                         peers: (1..=3).zip(coordinator_addresses()).collect(),
-                        inline_io: true,
                         ..RaftSettings::default()
                     },
+                    offload: Offload::Inline,
                     peer_connector: Connector {
                         dialer: Some(Arc::new(TurmoilDialer)),
                         timeout: Duration::from_secs(10),
@@ -669,7 +670,7 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                     acquire_wait: Duration::from_secs(5),
                     tls: None,
                     dialer: Some(Arc::new(TurmoilDialer)),
-                    inline_io: true,
+                    offload: Offload::Inline,
                 };
                 let transport = Arc::new(HyperTransport::new(TurmoilDialer));
                 let entropy = Entropy::from_seed(seed ^ (incarnation << 32) ^ (index as u64 + 1));
@@ -1194,7 +1195,7 @@ fn a_seed_replays_to_the_same_outcome() {
 }
 
 /// So should every event, and the virtual moment it happens: everything that would run on
-/// another thread runs inline in simulation (`inline_io`), turmoil seeds each host's
+/// another thread runs inline in simulation (`Offload::Inline`, `FileIo::Inline`), turmoil seeds each host's
 /// runtime (it needs `--cfg tokio_unstable`, set in `.cargo/config.toml`), and each run has
 /// a process of its own ([`run_isolated`] says why). The seeds crash workers, coordinators
 /// and the leader. `FHIRHAUL_SIM_TRACE=<path>` writes each run's traced lines to `<path>.<seed>.<run>`,

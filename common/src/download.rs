@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::http::{HttpRequest, HttpResponse};
 use crate::manifest::ManifestFile;
 use crate::ndjson::{Expect, FeedError, LineChecker};
+use crate::offload::Offload;
 use crate::retry::Backoff;
 use crate::url_util::SafeUrl;
 
@@ -131,11 +132,10 @@ pub struct DownloadOptions {
     /// Receives each new durable checkpoint.
     pub checkpoints: Option<watch::Sender<Checkpoint>>,
     pub cancel: CancellationToken,
-    /// Check, hash and write on the calling task instead of the writer and hashing threads
-    /// (and plain `std::fs` instead of `tokio::fs`). Slower; only for a deterministic
-    /// simulation, where a real thread finishing at a real-time moment moves everything
-    /// after it in simulated time.
-    pub inline_io: bool,
+    /// Where checking, hashing and writing run: the writer and hashing threads, or (only for
+    /// a deterministic simulation, where a real thread finishing at a real-time moment moves
+    /// everything after it in simulated time) the calling task.
+    pub offload: Offload,
 }
 
 /// A completed, verified file.
@@ -175,11 +175,8 @@ pub async fn download_file(
     let url = SafeUrl::from(&file.url);
     let part = part_path(dest);
     if let Some(parent) = dest.parent() {
-        let created = if options.inline_io {
-            std::fs::create_dir_all(parent)
-        } else {
-            tokio::fs::create_dir_all(parent).await
-        };
+        let directory = parent.to_path_buf();
+        let created = options.offload.run(move || std::fs::create_dir_all(directory)).await;
         created.map_err(|e| Error::io("creating directory", parent, e))?;
     }
     let resume = options.resume.clone().unwrap_or_default();
@@ -191,10 +188,10 @@ pub async fn download_file(
         settings.checkpoint_every_bytes,
         options.checkpoints.clone(),
         url.clone(),
-        options.inline_io,
+        options.offload,
     );
     let (finished_tx, writer_task) = oneshot::channel();
-    if options.inline_io {
+    if options.offload.is_inline() {
         tokio::spawn(async move {
             let _ = finished_tx.send(match writer {
                 Ok(writer) => writer.run_here(receiver).await,
@@ -252,11 +249,8 @@ pub async fn download_file(
     };
     let _ = writer_task.await;
     debug_assert_eq!(stats.bytes, position.offset);
-    let renamed = if options.inline_io {
-        std::fs::rename(&part, dest)
-    } else {
-        tokio::fs::rename(&part, dest).await
-    };
+    let (from, to) = (part.clone(), dest.to_path_buf());
+    let renamed = options.offload.run(move || std::fs::rename(from, to)).await;
     renamed.map_err(|e| Error::io("renaming finished file to", dest, e))?;
     let count_mismatch = file.count.filter(|count| *count != stats.resources);
     if let Some(count) = count_mismatch {
@@ -523,7 +517,7 @@ type Decoded = Vec<u8>;
 struct HashPipe {
     sender: Option<std::sync::mpsc::SyncSender<HashMessage>>,
     thread: Option<std::thread::JoinHandle<Sha256>>,
-    /// Hashing on the writer's own thread instead (`inline_io`).
+    /// Hashing on the writer's own thread instead ([`Offload::Inline`]).
     here: Option<Sha256>,
 }
 
@@ -623,7 +617,7 @@ impl Writer {
         checkpoint_every: u64,
         checkpoints: Option<watch::Sender<Checkpoint>>,
         url: SafeUrl,
-        inline_io: bool,
+        offload: Offload,
     ) -> Result<Writer> {
         let mut hasher = Sha256::new();
         let file = if resume.offset > 0 {
@@ -665,7 +659,7 @@ impl Writer {
         Ok(Writer {
             path,
             out: BufWriter::with_capacity(1 << 20, file),
-            hasher: if inline_io {
+            hasher: if offload.is_inline() {
                 HashPipe::here(hasher)
             } else {
                 HashPipe::start(hasher)
@@ -692,7 +686,7 @@ impl Writer {
         Ok(())
     }
 
-    /// The same loop as a task on the caller's runtime (`inline_io`).
+    /// The same loop as a task on the caller's runtime ([`Offload::Inline`]).
     async fn run_here(mut self, mut commands: mpsc::Receiver<Command>) -> Result<()> {
         while let Some(command) = commands.recv().await {
             if let Some(reply) = self.handle(command)? {

@@ -10,8 +10,10 @@ use crate::url_util::SafeUrl;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What kind of failure this is, for counting in status displays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// What kind of failure this is, for counting in status displays. Stored and shown by its
+/// lowercase name ([`Category::as_str`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Category {
     /// Connection refused or reset, timeouts, a body cut mid-stream.
     Network,
@@ -122,6 +124,76 @@ pub enum Error {
 
     #[error("{component} has stopped")]
     Unavailable { component: &'static str },
+
+    /// A failure another fhirhaul component reported over the wire (the coordinator
+    /// answering a worker's token request, say), with the category and retryability it had
+    /// where it happened.
+    #[error("{from}: {message}")]
+    Relayed {
+        from: &'static str,
+        category: Category,
+        retryable: bool,
+        message: String,
+    },
+}
+
+impl Category {
+    pub const ALL: [Category; 11] = [
+        Category::Network,
+        Category::Throttled,
+        Category::Server,
+        Category::Rejected,
+        Category::Auth,
+        Category::Protocol,
+        Category::Content,
+        Category::Timeout,
+        Category::Storage,
+        Category::Config,
+        Category::Cancelled,
+    ];
+
+    /// The lowercase name used in status displays, summaries and replicated state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Network => "network",
+            Category::Throttled => "throttled",
+            Category::Server => "server",
+            Category::Rejected => "rejected",
+            Category::Auth => "auth",
+            Category::Protocol => "protocol",
+            Category::Content => "content",
+            Category::Timeout => "timeout",
+            Category::Storage => "storage",
+            Category::Config => "config",
+            Category::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether a failure of this category may succeed if tried again, when nothing more
+    /// specific is known (a worker that reported only a category).
+    pub fn usually_retryable(self) -> bool {
+        matches!(
+            self,
+            Category::Network | Category::Throttled | Category::Server | Category::Storage
+        )
+    }
+}
+
+impl std::fmt::Display for Category {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Category {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Category::ALL
+            .into_iter()
+            .find(|c| c.as_str() == text)
+            .ok_or_else(|| format!("`{text}` is not a failure category"))
+    }
 }
 
 fn retry_hint(retry_after: &Option<Duration>) -> String {
@@ -150,6 +222,7 @@ impl Error {
             Error::Io { .. } => Category::Storage,
             Error::Config { .. } | Error::InvalidRequest { .. } => Category::Config,
             Error::Cancelled | Error::Unavailable { .. } => Category::Cancelled,
+            Error::Relayed { category, .. } => *category,
         }
     }
 
@@ -160,6 +233,7 @@ impl Error {
             Error::Http { status, message, .. } => *status >= 500 || message.transient,
             // A token endpoint that is down (5xx) can come back; a refusal cannot.
             Error::OAuth { status, .. } => *status >= 500,
+            Error::Relayed { retryable, .. } => *retryable,
             _ => false,
         }
     }

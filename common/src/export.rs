@@ -16,7 +16,7 @@ use url::Url;
 
 use crate::client::FhirClient;
 use crate::download::{DownloadOptions, DownloadSettings, FileOutcome, download_file};
-use crate::error::{Category, Error, Result};
+use crate::error::{Error, Result};
 use crate::kickoff::{ExportRequest, ServerProfile, kick_off};
 use crate::manifest::{FileKind, ManifestFile};
 use crate::retry::Backoff;
@@ -289,9 +289,4 @@ pub async fn run_export(
         tracing::warn!(%error, "could not DELETE the finished export; the EHR will expire it");
     }
     Ok(report)
-}
-
-/// Counts failures by category (for status displays).
-pub fn category_name(category: Category) -> String {
-    format!("{category:?}").to_lowercase()
 }

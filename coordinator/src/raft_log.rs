@@ -30,13 +30,52 @@ pub enum RaftError {
     #[error("membership change refused: {0}")]
     Membership(String),
     #[error("raft storage failed: {0}")]
-    Storage(String),
+    Storage(#[from] LogError),
     #[error("the raft node has stopped")]
     Stopped,
 }
 
-pub(crate) fn storage_error(error: impl std::fmt::Display) -> RaftError {
-    RaftError::Storage(error.to_string())
+/// What went wrong under the raft log: the disk store, an encoding, or raft-rs itself.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    #[error("sled: {0}")]
+    Sled(Arc<sled::Error>),
+    #[error("protobuf encoding: {0}")]
+    Protobuf(Arc<protobuf::ProtobufError>),
+    #[error("raft-rs: {0}")]
+    Raft(Arc<raft::Error>),
+    #[error("JSON encoding: {0}")]
+    Json(Arc<serde_json::Error>),
+    #[error("log entry {index} is not a command: {reason}")]
+    BadEntry { index: u64, reason: String },
+}
+
+impl From<sled::Error> for LogError {
+    fn from(error: sled::Error) -> Self {
+        LogError::Sled(Arc::new(error))
+    }
+}
+
+impl From<protobuf::ProtobufError> for LogError {
+    fn from(error: protobuf::ProtobufError) -> Self {
+        LogError::Protobuf(Arc::new(error))
+    }
+}
+
+impl From<raft::Error> for LogError {
+    fn from(error: raft::Error) -> Self {
+        LogError::Raft(Arc::new(error))
+    }
+}
+
+impl From<serde_json::Error> for LogError {
+    fn from(error: serde_json::Error) -> Self {
+        LogError::Json(Arc::new(error))
+    }
+}
+
+pub(crate) fn storage_error(error: impl Into<LogError>) -> RaftError {
+    RaftError::Storage(error.into())
 }
 
 fn entry_key(index: u64) -> Vec<u8> {
@@ -193,7 +232,7 @@ impl SledLog {
 
 /// The state machine a snapshot carries.
 pub(crate) fn restore_state(snapshot: &Snapshot) -> Result<State, RaftError> {
-    serde_json::from_slice(&snapshot.data).map_err(|e| storage_error(format!("snapshot state: {e}")))
+    serde_json::from_slice(&snapshot.data).map_err(storage_error)
 }
 
 /// raft-rs's view of the log: `MemStorage` for entries and hard state, and the latest sled

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fhirhaul_common::offload::Offload;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message as RaftMessage, Snapshot};
 use raft::{Config, RawNode, SnapshotStatus, StateRole};
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::peers::Peers;
 pub use crate::raft_log::RaftError;
-use crate::raft_log::{LogStorage, SledLog, restore_state, storage_error};
+use crate::raft_log::{LogError, LogStorage, SledLog, restore_state, storage_error};
 use crate::state::{Applied, Command, State};
 
 /// How long a linearizable read waits for the leader to confirm it still leads.
@@ -224,10 +225,6 @@ pub struct RaftSettings {
     pub peers: BTreeMap<u64, String>,
     /// Start with no membership and wait to be added by the group's leader.
     pub join: bool,
-    /// Write the log on the actor's own task instead of tokio's blocking pool. Only for a
-    /// deterministic simulation: a blocking-pool thread finishes at a real-time moment,
-    /// which moves everything after it in simulated time.
-    pub inline_io: bool,
 }
 
 impl Default for RaftSettings {
@@ -239,7 +236,6 @@ impl Default for RaftSettings {
             election_tick: None,
             peers: BTreeMap::new(),
             join: false,
-            inline_io: false,
         }
     }
 }
@@ -279,9 +275,12 @@ fn parse_context(context: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// Starts the raft node actor over the log in `dir`, talking to peers through `peers`.
+/// Starts the raft node on the log in `dir`. Log writes run where `offload` says (the
+/// blocking pool, or the actor's own task in a deterministic simulation).
 pub fn start(
     dir: &Path,
     settings: RaftSettings,
+    offload: Offload,
     peers: Peers,
     cancel: CancellationToken,
 ) -> Result<RaftHandle, RaftError> {
@@ -328,7 +327,7 @@ pub fn start(
     let mut actor = Actor {
         node,
         log: Arc::new(log),
-        inline_io: settings.inline_io,
+        offload,
         state: loaded.state,
         snapshot_index: loaded.snapshot_index,
         snapshot_every: settings.snapshot_every.max(1),
@@ -355,7 +354,7 @@ pub fn start(
 struct Actor {
     node: RawNode<LogStorage>,
     log: Arc<SledLog>,
-    inline_io: bool,
+    offload: Offload,
     state: State,
     snapshot_index: u64,
     snapshot_every: u64,
@@ -665,7 +664,7 @@ impl Actor {
         if !entries.is_empty() || hard_state.is_some() {
             let to_persist = entries.clone();
             let persisted_hs = hard_state.clone();
-            on_log(Arc::clone(&self.log), self.inline_io, move |log| {
+            on_log(Arc::clone(&self.log), self.offload, move |log| {
                 log.persist(&to_persist, persisted_hs.as_ref())
             })
             .await?;
@@ -683,7 +682,7 @@ impl Actor {
             let mut hard_state = self.node.store().mem.rl().hard_state().clone();
             hard_state.commit = commit;
             let persisted = hard_state.clone();
-            on_log(Arc::clone(&self.log), self.inline_io, move |log| {
+            on_log(Arc::clone(&self.log), self.offload, move |log| {
                 log.persist(&[], Some(&persisted))
             })
             .await?;
@@ -711,7 +710,7 @@ impl Actor {
         let index = snapshot.get_metadata().index;
         let state = restore_state(&snapshot)?;
         let to_save = snapshot.clone();
-        on_log(Arc::clone(&self.log), self.inline_io, move |log| {
+        on_log(Arc::clone(&self.log), self.offload, move |log| {
             log.install_snapshot(&to_save)
         })
         .await?;
@@ -749,7 +748,7 @@ impl Actor {
         metadata.term = term;
         metadata.set_conf_state(self.conf_state.clone());
         let to_save = snapshot.clone();
-        on_log(Arc::clone(&self.log), self.inline_io, move |log| {
+        on_log(Arc::clone(&self.log), self.offload, move |log| {
             log.save_snapshot(&to_save)
         })
         .await?;
@@ -785,10 +784,10 @@ impl Actor {
         }
         let result = match serde_json::from_slice::<Command>(&entry.data) {
             Ok(command) => Ok(self.state.apply(command)),
-            Err(error) => Err(storage_error(format!(
-                "entry {} is not a command: {error}",
-                entry.index
-            ))),
+            Err(error) => Err(storage_error(LogError::BadEntry {
+                index: entry.index,
+                reason: error.to_string(),
+            })),
         };
         if let Some((node, request)) = parse_context(&entry.context)
             && node == self.node.raft.id
@@ -819,7 +818,7 @@ impl Actor {
                     }
                 }
                 let to_save = conf_state.clone();
-                on_log(Arc::clone(&self.log), self.inline_io, move |log| {
+                on_log(Arc::clone(&self.log), self.offload, move |log| {
                     log.save_conf_state(&to_save)
                 })
                 .await?;
@@ -849,15 +848,10 @@ impl Actor {
 /// Runs sled work off the async threads (or right here, `inline`).
 async fn on_log<T: Send + 'static>(
     log: Arc<SledLog>,
-    inline: bool,
+    offload: Offload,
     work: impl FnOnce(&SledLog) -> Result<T, RaftError> + Send + 'static,
 ) -> Result<T, RaftError> {
-    if inline {
-        return work(&log);
-    }
-    tokio::task::spawn_blocking(move || work(&log))
-        .await
-        .map_err(storage_error)?
+    offload.run(move || work(&log)).await
 }
 
 #[cfg(test)]
@@ -875,6 +869,7 @@ mod tests {
                 snapshot_every: 10,
                 ..RaftSettings::default()
             },
+            Offload::Threads,
             Peers::new(1, Default::default(), None, cancel.clone()),
             cancel.clone(),
         )

@@ -7,12 +7,17 @@
 //!   worker and cluster status, and change the coordinator group's membership.
 //! - `RaftService`: coordinators deliver raft messages to each other.
 //! - [`connect`]: channels to coordinators, and calls that find the raft leader.
+//! - [`convert`]: the one place protobuf meets the client core's types (categories, file
+//!   kinds, checkpoints, and errors that keep their category and retryability on the wire).
+//! - [`auth`]: the cluster-token interceptor every service sits behind.
 //!
 //! Coordinators and workers meet only through these types.
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod auth;
 pub mod connect;
+pub mod convert;
 
 pub mod v1 {
     tonic::include_proto!("fhirhaul.v1");

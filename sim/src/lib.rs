@@ -85,9 +85,18 @@ pub struct SimConfig {
     pub compress: bool,
     /// The sim's calendar time at start (default: the wall clock), for reproducible runs.
     pub wall_clock_base: Option<SystemTime>,
-    /// Build exports and read their files on the serving task instead of tokio's blocking
-    /// pool, for a deterministic simulation (a pool thread finishes at a real-time moment).
-    pub inline_io: bool,
+    /// Where exports are built and their files read: tokio's blocking pool, or (for a
+    /// deterministic simulation, where a pool thread finishes at a real-time moment) the
+    /// serving task.
+    pub file_io: FileIo,
+}
+
+/// Where the simulated EHR does its blocking file work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FileIo {
+    #[default]
+    Threads,
+    Inline,
 }
 
 impl Default for SimConfig {
@@ -108,7 +117,7 @@ impl Default for SimConfig {
             grant_scope: None,
             spool_dir: None,
             compress: true,
-            inline_io: false,
+            file_io: FileIo::Threads,
             wall_clock_base: None,
         }
     }

@@ -796,7 +796,7 @@ fn start_job(shared: &Arc<Shared>, client_id: String, params: ExportParams) -> R
             };
         }
     };
-    if shared.config.inline_io {
+    if shared.config.file_io == crate::FileIo::Inline {
         build();
     } else {
         tokio::task::spawn_blocking(build);
@@ -1195,7 +1195,7 @@ async fn serve_file(
         StatusCode::OK
     };
     record_file(shared, job_id, index, storage, headers, status.as_u16());
-    let opened = if shared.config.inline_io {
+    let opened = if shared.config.file_io == crate::FileIo::Inline {
         std::fs::File::open(&file.path).map(SpoolFile::Here)
     } else {
         tokio::fs::File::open(&file.path).await.map(SpoolFile::Pool)
@@ -1259,7 +1259,7 @@ async fn serve_file(
 }
 
 /// An export file being served: read through tokio's blocking pool, or right here
-/// (`SimConfig::inline_io`).
+/// (`SimConfig::file_io`).
 enum SpoolFile {
     Pool(tokio::fs::File),
     Here(std::fs::File),
@@ -1362,7 +1362,7 @@ impl StreamPlan {
     async fn change_file(&mut self) {
         let shared = Arc::clone(&self.shared);
         let (job, index) = (self.job, self.index);
-        let inline = shared.config.inline_io;
+        let inline = shared.config.file_io == crate::FileIo::Inline;
         let respool = move || {
             let (params, members, file) = {
                 let mut state = shared.lock();

@@ -1,0 +1,218 @@
+//! `AdminService`: submit, cancel, list and watch exports; workers and cluster status;
+//! membership changes.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use fhirhaul_common::kickoff::ExportRequest;
+use fhirhaul_proto::v1 as pb;
+use fhirhaul_proto::v1::admin_service_server::AdminService;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{job_to_pb, summary_to_pb};
+use crate::node::Coordinator;
+
+/// What operators and the CLI call.
+pub struct AdminApi {
+    pub(super) coordinator: Coordinator,
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<pb::GetJobResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn submit_export(
+        &self,
+        request: Request<pb::SubmitExportRequest>,
+    ) -> Result<Response<pb::SubmitExportResponse>, Status> {
+        let request = request.into_inner();
+        let export = if request.request_json.trim().is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_str::<ExportRequest>(&request.request_json)
+                    .map_err(|e| Status::invalid_argument(format!("request_json: {e}")))?,
+            )
+        };
+        let job_id = self
+            .coordinator
+            .submit(&request.tenant, export, request.incremental)
+            .await
+            .map_err(Status::from)?;
+        tracing::info!(job = %job_id, tenant = %request.tenant, "export submitted");
+        Ok(Response::new(pb::SubmitExportResponse { job_id }))
+    }
+
+    async fn cancel_export(
+        &self,
+        request: Request<pb::CancelExportRequest>,
+    ) -> Result<Response<pb::CancelExportResponse>, Status> {
+        self.coordinator
+            .cancel(&request.into_inner().job_id)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::CancelExportResponse {}))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self
+            .coordinator
+            .read_linearizable(|state| state.jobs.values().map(summary_to_pb).collect())
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::GetJobResponse>, Status> {
+        let job = self
+            .coordinator
+            .job(&request.into_inner().job_id)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let job_id = request.into_inner().job_id;
+        let first = self.coordinator.job(&job_id).await.map_err(Status::from)?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(8);
+        let coordinator = self.coordinator.clone();
+        tokio::spawn(async move {
+            let mut applied = coordinator.raft().applied();
+            let mut last = job_to_pb(&first);
+            if sender.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            let mut phase = first.phase;
+            while !phase.is_final() {
+                tokio::select! {
+                    _ = sender.closed() => return,
+                    changed = applied.changed() => if changed.is_err() { return },
+                }
+                // Coalesce bursts of commits into one update.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let Ok(job) = coordinator.job(&job_id).await else {
+                    return;
+                };
+                phase = job.phase;
+                let now = job_to_pb(&job);
+                if now != last {
+                    last = now.clone();
+                    if sender.send(Ok(now)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        ))))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self
+            .coordinator
+            .read_linearizable(|state| {
+                state
+                    .workers
+                    .values()
+                    .map(|w| pb::WorkerState {
+                        worker_id: w.id.clone(),
+                        name: w.id.clone(),
+                        concurrency: w.concurrency,
+                        leases: state.leases_held(&w.id) as u32,
+                        last_heartbeat_unix_ms: w.last_seen_ms,
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let status = self.coordinator.raft().status();
+        Ok(Response::new(pb::ClusterStatusResponse {
+            node_id: status.node_id.to_string(),
+            leader_id: (status.leader_id != 0).then(|| status.leader_id.to_string()),
+            leader_address: status.leader_address.clone(),
+            term: status.term,
+            commit_index: status.applied,
+            voters: status.voters.iter().map(u64::to_string).collect(),
+            coordinators: members_to_pb(&status),
+            snapshot_index: status.snapshot_index,
+            role: status.role.to_string(),
+        }))
+    }
+
+    async fn add_coordinator(
+        &self,
+        request: Request<pb::AddCoordinatorRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let request = request.into_inner();
+        let voters = self
+            .coordinator
+            .add_coordinator(request.node_id, request.address.clone())
+            .await
+            .map_err(Status::from)?;
+        tracing::info!(node = request.node_id, address = %request.address, "coordinator added");
+        let status = self.coordinator.raft().status_when(|s| s.voters == voters).await;
+        Ok(Response::new(pb::MembershipResponse {
+            coordinators: members_to_pb(&status),
+        }))
+    }
+
+    async fn remove_coordinator(
+        &self,
+        request: Request<pb::RemoveCoordinatorRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let node_id = request.into_inner().node_id;
+        let voters = self
+            .coordinator
+            .remove_coordinator(node_id)
+            .await
+            .map_err(Status::from)?;
+        tracing::info!(node = node_id, "coordinator removed");
+        let status = self.coordinator.raft().status_when(|s| s.voters == voters).await;
+        Ok(Response::new(pb::MembershipResponse {
+            coordinators: members_to_pb(&status),
+        }))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<pb::TransferLeadershipRequest>,
+    ) -> Result<Response<pb::TransferLeadershipResponse>, Status> {
+        let node_id = request.into_inner().node_id;
+        self.coordinator
+            .transfer_leadership(node_id)
+            .await
+            .map_err(Status::from)?;
+        tracing::info!(node = node_id, "leadership transfer started");
+        Ok(Response::new(pb::TransferLeadershipResponse {}))
+    }
+}
+
+fn members_to_pb(status: &crate::raft_node::RaftStatus) -> Vec<pb::CoordinatorInfo> {
+    let mut ids: std::collections::BTreeSet<u64> = status.voters.iter().copied().collect();
+    ids.extend(status.addresses.keys());
+    ids.into_iter()
+        .map(|node_id| pb::CoordinatorInfo {
+            node_id,
+            address: status.addresses.get(&node_id).cloned().unwrap_or_default(),
+            voter: status.voters.contains(&node_id),
+        })
+        .collect()
+}

@@ -1,0 +1,144 @@
+//! Conversions between the coordinator's replicated state and its protobuf form. The
+//! client core's types (categories, file kinds, checkpoints, errors) convert in
+//! `fhirhaul_proto::convert`; this module covers only what the coordinator owns.
+
+use std::time::Duration;
+
+use fhirhaul_common::url_util::SafeUrl;
+use fhirhaul_proto::convert::category_to_wire;
+use fhirhaul_proto::v1 as pb;
+use tonic::Status;
+
+use crate::leader::leases::LeasedFile;
+use crate::state::{FilePhase, FileRecord, Job, JobPhase};
+
+impl From<JobPhase> for pb::JobPhase {
+    fn from(phase: JobPhase) -> Self {
+        match phase {
+            JobPhase::Submitted => pb::JobPhase::Submitted,
+            JobPhase::Polling => pb::JobPhase::Polling,
+            JobPhase::Downloading => pb::JobPhase::Downloading,
+            JobPhase::Completed => pb::JobPhase::Completed,
+            JobPhase::Failed => pb::JobPhase::Failed,
+            JobPhase::Cancelled => pb::JobPhase::Cancelled,
+        }
+    }
+}
+
+impl From<&FilePhase> for pb::FilePhase {
+    fn from(phase: &FilePhase) -> Self {
+        match phase {
+            FilePhase::Pending => pb::FilePhase::Pending,
+            FilePhase::Leased { .. } => pb::FilePhase::Leased,
+            FilePhase::Done => pb::FilePhase::Done,
+            FilePhase::Failed => pb::FilePhase::Failed,
+        }
+    }
+}
+
+/// The lease as a worker receives it.
+pub fn lease_to_pb(leased: LeasedFile, renew_every: Duration) -> pb::Lease {
+    pb::Lease {
+        lease_id: leased.grant.lease_id.to_string(),
+        generation: leased.grant.generation,
+        job_id: leased.grant.job_id,
+        tenant: leased.tenant,
+        file_url: leased.file.url,
+        kind: pb::FileKind::from(leased.file.kind) as i32,
+        resource_type: leased.file.resource_type,
+        expected_count: leased.file.count,
+        requires_access_token: leased.requires_access_token,
+        relative_path: leased.file.relative_path,
+        expires_at_unix_ms: leased.grant.expires_at_ms,
+        fhir_base_url: leased.fhir_base_url,
+        token_allow_list: leased.token_allow_list,
+        renew_every_ms: renew_every.as_millis() as u64,
+    }
+}
+
+pub fn summary_to_pb(job: &Job) -> pb::JobSummary {
+    pb::JobSummary {
+        job_id: job.id.clone(),
+        tenant: job.tenant.clone(),
+        phase: pb::JobPhase::from(job.phase) as i32,
+        files_total: job.files.len() as u32,
+        files_done: job.files_done() as u32,
+        files_failed: job.files_failed() as u32,
+        bytes_done: job.bytes_done(),
+        progress: None,
+        error: job.error.clone(),
+        transaction_time: job.transaction_time.clone(),
+    }
+}
+
+fn file_to_pb(file: &FileRecord) -> pb::FileState {
+    pb::FileState {
+        // A signed storage URL keeps its credentials in the query.
+        url: SafeUrl::from(file.url.as_str()).to_string(),
+        kind: pb::FileKind::from(file.kind) as i32,
+        resource_type: file.resource_type.clone(),
+        phase: pb::FilePhase::from(&file.phase) as i32,
+        bytes: file.progress.offset,
+        resources: file.progress.resources,
+        sha256: file.sha256.clone(),
+        location: file.location.clone(),
+        worker_id: match &file.phase {
+            FilePhase::Leased { worker_id, .. } => Some(worker_id.clone()),
+            _ => None,
+        },
+        attempts: file.attempts,
+        failure_category: file.failure.as_ref().map(|(category, _)| category_to_wire(*category)),
+        failure: file.failure.as_ref().map(|(_, reason)| reason.clone()),
+    }
+}
+
+pub fn job_to_pb(job: &Job) -> pb::GetJobResponse {
+    pb::GetJobResponse {
+        summary: Some(summary_to_pb(job)),
+        files: job.files.iter().map(file_to_pb).collect(),
+    }
+}
+
+pub fn parse_lease_id(text: &str) -> Result<u64, Status> {
+    text.parse()
+        .map_err(|_| Status::invalid_argument(format!("lease_id `{text}` is not a lease id")))
+}
+
+#[cfg(test)]
+mod tests {
+    use fhirhaul_common::Category;
+    use fhirhaul_common::download::Checkpoint;
+    use fhirhaul_common::manifest::FileKind;
+    use fhirhaul_proto::convert::category_from_wire;
+
+    use super::*;
+
+    #[test]
+    fn a_file_shows_its_failure_and_never_its_signed_query() {
+        let file = FileRecord {
+            url: "https://storage.example/f/1?sig=SECRET".into(),
+            kind: FileKind::Error,
+            resource_type: Some("OperationOutcome".into()),
+            count: Some(2),
+            relative_path: "job-1/error/OperationOutcome.1.ndjson".into(),
+            phase: FilePhase::Failed,
+            generation: 2,
+            attempts: 2,
+            progress: Checkpoint::default(),
+            sha256: None,
+            location: None,
+            failure: Some((Category::Content, "line 3 is not JSON".into())),
+            issues: Vec::new(),
+            preferred_worker: None,
+        };
+        let shown = file_to_pb(&file);
+        assert!(!shown.url.contains("SECRET"), "{}", shown.url);
+        assert_eq!(shown.kind, pb::FileKind::Error as i32);
+        assert_eq!(shown.phase, pb::FilePhase::Failed as i32);
+        assert_eq!(
+            category_from_wire(shown.failure_category.unwrap()),
+            Ok(Category::Content)
+        );
+        assert_eq!(shown.failure.as_deref(), Some("line 3 is not JSON"));
+    }
+}

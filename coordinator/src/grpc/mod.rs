@@ -1,0 +1,117 @@
+//! The gRPC services: thin adapters that convert, call the [`Coordinator`], and convert
+//! back. Every fhirhaul service sits behind one cluster-token interceptor
+//! ([`ClusterAuth`]); errors become `tonic::Status` in one place
+//! (`From<CoordinatorError> for Status`, in `error.rs`), carrying their category and
+//! retryability.
+//!
+//! - [`worker`] serves `WorkerService`.
+//! - [`admin`] serves `AdminService`.
+//! - [`raft`] serves `RaftService`.
+//! - [`convert`] puts the coordinator's state in protobuf form.
+
+pub mod admin;
+pub mod convert;
+pub mod raft;
+pub mod worker;
+
+use fhirhaul_proto::auth::ClusterAuth;
+use fhirhaul_proto::v1 as pb;
+use fhirhaul_proto::v1::admin_service_server::AdminServiceServer;
+use fhirhaul_proto::v1::raft_service_server::RaftServiceServer;
+use fhirhaul_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+
+use self::admin::AdminApi;
+use self::raft::RaftApi;
+use self::worker::WorkerApi;
+use crate::node::Coordinator;
+use crate::peers::MAX_RAFT_MESSAGE_BYTES;
+
+/// Serves the worker, admin and raft APIs, gRPC health and reflection on `listener` until
+/// `cancel`, with mutual TLS when `tls` is given. Every call must carry the coordinator's
+/// cluster token when it has one (the same one it sends to its peers). Plaintext is meant
+/// for loopback only (a warning is logged otherwise).
+pub async fn serve(
+    coordinator: Coordinator,
+    listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    cancel: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    if let Ok(address) = listener.local_addr() {
+        match (&tls, address.ip().is_loopback()) {
+            (Some(_), _) => tracing::info!(%address, "serving gRPC with mutual TLS"),
+            (None, true) => tracing::info!(%address, "serving plaintext gRPC on loopback"),
+            (None, false) => {
+                tracing::warn!(%address, "serving gRPC WITHOUT TLS on a non-loopback address; configure [cluster.tls]")
+            }
+        }
+    }
+    serve_incoming(
+        coordinator,
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        tls,
+        cancel,
+    )
+    .await
+}
+
+/// [`serve`] over any stream of accepted connections (a simulated network's, say).
+pub async fn serve_incoming<I, IO, IE>(
+    coordinator: Coordinator,
+    incoming: I,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    cancel: CancellationToken,
+) -> Result<(), tonic::transport::Error>
+where
+    I: Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let auth = ClusterAuth::new(coordinator.settings().cluster_token.clone());
+    if !auth.is_required() {
+        tracing::info!("no cluster token configured: calls are not authenticated");
+    }
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    health_reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
+    health_reporter.set_serving::<RaftServiceServer<RaftApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| {
+            tracing::error!(%e, "reflection service unavailable");
+            e
+        });
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let mut router = builder
+        .add_service(health)
+        .add_service(InterceptedService::new(
+            WorkerServiceServer::new(WorkerApi {
+                coordinator: coordinator.clone(),
+            }),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            RaftServiceServer::new(RaftApi {
+                coordinator: coordinator.clone(),
+            })
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            AdminServiceServer::new(AdminApi { coordinator }),
+            auth,
+        ));
+    if let Ok(reflection) = reflection {
+        router = router.add_service(reflection);
+    }
+    router
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await
+}

@@ -1,0 +1,303 @@
+//! What the leader does next, decided without I/O: [`plan`] looks at committed state and
+//! at what this term already runs, and returns [`Action`]s for the leader term to carry
+//! out (start or stop a job driver, DELETE a status URL, expire a lease, let files of an
+//! absent worker go to anyone). Run on every tick; each action it returns is either
+//! idempotent or guarded by `running`, so planning twice never does a thing twice.
+
+use std::collections::BTreeSet;
+
+use crate::state::{FilePhase, JobPhase, State};
+
+/// One thing for the leader to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Kick off (or resume polling) the job.
+    StartDriver { job_id: String },
+    /// The job no longer needs its driver (it finished, failed or was cancelled).
+    StopDriver { job_id: String },
+    /// DELETE the job's status URL at the EHR.
+    DeleteStatus { job_id: String },
+    /// The lease ran out: its file goes back to pending.
+    ExpireLease { lease_id: u64, generation: u64 },
+    /// Files waiting for a worker not seen since then may go to anyone.
+    ForgetAbsentWorkers { stale_before_ms: u64 },
+}
+
+/// What this term runs already.
+#[derive(Debug, Default, Clone)]
+pub struct Running {
+    /// Jobs with a live driver.
+    pub drivers: BTreeSet<String>,
+    /// Jobs whose status URL DELETE was started this term.
+    pub deleting: BTreeSet<String>,
+}
+
+/// The leader's fixed inputs for a term.
+#[derive(Debug, Clone)]
+pub struct PlanSettings {
+    /// A lease not renewed for this long goes back to pending.
+    pub lease_ms: u64,
+    /// When this node took over: it cannot know when an inherited lease was last renewed,
+    /// so every lease gets a full period of grace from here.
+    pub term_since_ms: u64,
+    /// Tenants whose status URL is DELETEd once their export completes.
+    pub delete_when_done: BTreeSet<String>,
+}
+
+/// Decides what the leader does now.
+pub fn plan(state: &State, running: &Running, now_ms: u64, settings: &PlanSettings) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let mut wanted_drivers = BTreeSet::new();
+    for job in state.jobs.values() {
+        let deletable = job.status_url.is_some() && !job.status_deleted && !running.deleting.contains(&job.id);
+        match job.phase {
+            JobPhase::Submitted | JobPhase::Polling => {
+                wanted_drivers.insert(job.id.as_str());
+                if !running.drivers.contains(&job.id) {
+                    actions.push(Action::StartDriver { job_id: job.id.clone() });
+                }
+            }
+            JobPhase::Cancelled => {
+                if deletable {
+                    actions.push(Action::DeleteStatus { job_id: job.id.clone() });
+                }
+            }
+            JobPhase::Completed => {
+                if deletable && settings.delete_when_done.contains(&job.tenant) {
+                    actions.push(Action::DeleteStatus { job_id: job.id.clone() });
+                }
+            }
+            JobPhase::Downloading | JobPhase::Failed => {}
+        }
+    }
+    for job_id in &running.drivers {
+        if !wanted_drivers.contains(job_id.as_str()) {
+            actions.push(Action::StopDriver { job_id: job_id.clone() });
+        }
+    }
+    // Lease expiry, with a full lease period of grace after this node took over.
+    if now_ms >= settings.term_since_ms.saturating_add(settings.lease_ms) {
+        for (lease_id, generation) in state.expired_leases(now_ms) {
+            actions.push(Action::ExpireLease { lease_id, generation });
+        }
+        let stale_before_ms = now_ms.saturating_sub(settings.lease_ms);
+        let waits_for_absent_worker = state.jobs.values().flat_map(|j| j.files.iter()).any(|f| {
+            f.phase == FilePhase::Pending
+                && f.preferred_worker
+                    .as_ref()
+                    .is_some_and(|w| state.workers.get(w).is_none_or(|w| w.last_seen_ms < stale_before_ms))
+        });
+        if waits_for_absent_worker {
+            actions.push(Action::ForgetAbsentWorkers { stale_before_ms });
+        }
+    }
+    actions
+}
+
+#[cfg(test)]
+mod tests {
+    use fhirhaul_common::kickoff::ExportRequest;
+    use fhirhaul_common::manifest::{FileKind, ManifestFile};
+
+    use super::*;
+    use crate::state::{Applied, Command};
+
+    const LEASE_MS: u64 = 30_000;
+
+    fn settings(delete_when_done: &[&str]) -> PlanSettings {
+        PlanSettings {
+            lease_ms: LEASE_MS,
+            term_since_ms: 1_000,
+            delete_when_done: delete_when_done.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    fn submit(state: &mut State, tenant: &str) -> String {
+        match state.apply(Command::SubmitJob {
+            tenant: tenant.into(),
+            request: ExportRequest::default(),
+            max_file_attempts: 3,
+            at_ms: 0,
+        }) {
+            Applied::JobSubmitted { job_id } => job_id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn kicked_off(state: &mut State, job_id: &str) {
+        state.apply(Command::KickedOff {
+            job_id: job_id.into(),
+            status_url: format!("https://ehr.example/status/{job_id}"),
+        });
+    }
+
+    fn with_file(state: &mut State, job_id: &str) {
+        state.apply(Command::AddFiles {
+            job_id: job_id.into(),
+            files: vec![ManifestFile {
+                kind: FileKind::Output,
+                resource_type: Some("Patient".into()),
+                url: format!("https://ehr.example/files/{job_id}").parse().unwrap(),
+                count: None,
+            }],
+            requires_access_token: true,
+        });
+    }
+
+    fn running(drivers: &[&str], deleting: &[&str]) -> Running {
+        Running {
+            drivers: drivers.iter().map(|d| d.to_string()).collect(),
+            deleting: deleting.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    fn start(job_id: &str) -> Action {
+        Action::StartDriver { job_id: job_id.into() }
+    }
+
+    #[test]
+    fn a_submitted_or_polling_job_gets_one_driver() {
+        let mut state = State::default();
+        let submitted = submit(&mut state, "t");
+        let polling = submit(&mut state, "t");
+        kicked_off(&mut state, &polling);
+        let actions = plan(&state, &Running::default(), 2_000, &settings(&[]));
+        assert_eq!(actions, [start(&submitted), start(&polling)]);
+        let actions = plan(&state, &running(&[&submitted, &polling], &[]), 2_000, &settings(&[]));
+        assert!(actions.is_empty(), "a running driver is not started twice: {actions:?}");
+    }
+
+    #[test]
+    fn a_driver_stops_when_its_job_leaves_polling() {
+        let mut state = State::default();
+        let cancelled = submit(&mut state, "t");
+        state.apply(Command::CancelJob {
+            job_id: cancelled.clone(),
+        });
+        let failed = submit(&mut state, "t");
+        state.apply(Command::JobFailed {
+            job_id: failed.clone(),
+            reason: "refused".into(),
+        });
+        let actions = plan(
+            &state,
+            &running(&[&cancelled, &failed, "job-99"], &[]),
+            2_000,
+            &settings(&[]),
+        );
+        assert_eq!(
+            actions,
+            [
+                Action::StopDriver { job_id: cancelled },
+                Action::StopDriver { job_id: failed },
+                Action::StopDriver {
+                    job_id: "job-99".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cancelled_export_is_deleted_at_the_ehr_once() {
+        let mut state = State::default();
+        let job = submit(&mut state, "t");
+        kicked_off(&mut state, &job);
+        state.apply(Command::CancelJob { job_id: job.clone() });
+        let delete = [Action::DeleteStatus { job_id: job.clone() }];
+        assert_eq!(plan(&state, &Running::default(), 2_000, &settings(&[])), delete);
+        assert!(plan(&state, &running(&[], &[&job]), 2_000, &settings(&[])).is_empty());
+        state.apply(Command::StatusDeleted { job_id: job.clone() });
+        assert!(plan(&state, &Running::default(), 2_000, &settings(&[])).is_empty());
+        // Cancelled before the kick-off: there is nothing to DELETE.
+        let never_sent = submit(&mut state, "t");
+        state.apply(Command::CancelJob { job_id: never_sent });
+        assert!(plan(&state, &Running::default(), 2_000, &settings(&[])).is_empty());
+    }
+
+    #[test]
+    fn a_completed_export_is_deleted_only_where_the_tenant_asks() {
+        let mut state = State::default();
+        let keeps = submit(&mut state, "keeps");
+        let deletes = submit(&mut state, "deletes");
+        for job in [&keeps, &deletes] {
+            kicked_off(&mut state, job);
+            state.apply(Command::ManifestComplete {
+                job_id: job.to_string(),
+                transaction_time: "2024-01-01T00:00:00Z".into(),
+            });
+            assert_eq!(state.jobs[job.as_str()].phase, JobPhase::Completed);
+        }
+        assert_eq!(
+            plan(&state, &Running::default(), 2_000, &settings(&["deletes"])),
+            [Action::DeleteStatus { job_id: deletes }]
+        );
+    }
+
+    #[test]
+    fn leases_expire_only_after_a_full_period_of_this_term() {
+        let mut state = State::default();
+        let job = submit(&mut state, "t");
+        kicked_off(&mut state, &job);
+        with_file(&mut state, &job);
+        state.apply(Command::RegisterWorker {
+            worker_id: "w1".into(),
+            concurrency: 1,
+            at_ms: 0,
+        });
+        let Applied::LeaseGranted(grant) = state.apply(Command::GrantLease {
+            job_id: job.clone(),
+            file: 0,
+            worker_id: "w1".into(),
+            expires_at_ms: 500,
+        }) else {
+            panic!("granted");
+        };
+        let drivers = running(&[&job], &[]);
+        // Expired by its own clock, but this leader took over at 1 000 ms and cannot know
+        // when the lease was last renewed.
+        assert!(plan(&state, &drivers, 1_000 + LEASE_MS - 1, &settings(&[])).is_empty());
+        assert_eq!(
+            plan(&state, &drivers, 1_000 + LEASE_MS, &settings(&[])),
+            [Action::ExpireLease {
+                lease_id: grant.lease_id,
+                generation: grant.generation
+            }]
+        );
+    }
+
+    #[test]
+    fn files_kept_for_an_absent_worker_are_let_go() {
+        let mut state = State::default();
+        let job = submit(&mut state, "t");
+        kicked_off(&mut state, &job);
+        with_file(&mut state, &job);
+        state.apply(Command::RegisterWorker {
+            worker_id: "w1".into(),
+            concurrency: 1,
+            at_ms: 0,
+        });
+        state.apply(Command::GrantLease {
+            job_id: job.clone(),
+            file: 0,
+            worker_id: "w1".into(),
+            expires_at_ms: 100_000,
+        });
+        // w1 restarts: its lease goes back to pending, kept for it.
+        state.apply(Command::RegisterWorker {
+            worker_id: "w1".into(),
+            concurrency: 1,
+            at_ms: 40_000,
+        });
+        let drivers = running(&[&job], &[]);
+        assert!(
+            plan(&state, &drivers, 40_000 + LEASE_MS - 1, &settings(&[])).is_empty(),
+            "w1 was seen within a lease period"
+        );
+        assert_eq!(
+            plan(&state, &drivers, 40_001 + LEASE_MS, &settings(&[])),
+            [Action::ForgetAbsentWorkers {
+                stale_before_ms: 40_001
+            }]
+        );
+    }
+}

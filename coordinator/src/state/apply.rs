@@ -1,0 +1,411 @@
+use std::collections::BTreeMap;
+
+use fhirhaul_common::Category;
+use fhirhaul_common::download::Checkpoint;
+
+use super::{
+    Applied, Command, FilePhase, FileRecord, Job, JobPhase, LeaseGrant, LeaseIndex, Refusal, State, WorkerRecord,
+};
+
+fn refused(refusal: Refusal) -> Applied {
+    Applied::Refused(refusal)
+}
+
+impl State {
+    /// Applies one committed command.
+    pub fn apply(&mut self, command: Command) -> Applied {
+        match command {
+            Command::RegisterWorker {
+                worker_id,
+                concurrency,
+                at_ms,
+            } => {
+                // A re-registration means the worker restarted: whatever it held is not being
+                // worked on any more. Give it back, preferring this worker for a resume.
+                let held: Vec<u64> = self
+                    .leases
+                    .iter()
+                    .filter(|(_, at)| {
+                        self.file(at).is_some_and(
+                            |f| matches!(&f.phase, FilePhase::Leased { worker_id: w, .. } if *w == worker_id),
+                        )
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for lease_id in held {
+                    self.release(lease_id, Some(worker_id.clone()));
+                }
+                self.workers.insert(
+                    worker_id.clone(),
+                    WorkerRecord {
+                        id: worker_id,
+                        concurrency,
+                        last_seen_ms: at_ms,
+                    },
+                );
+                Applied::Done
+            }
+            Command::Heartbeat { worker_id, at_ms } => match self.workers.get_mut(&worker_id) {
+                Some(worker) => {
+                    worker.last_seen_ms = worker.last_seen_ms.max(at_ms);
+                    Applied::Done
+                }
+                None => refused(Refusal::UnknownWorker(worker_id)),
+            },
+            Command::SubmitJob {
+                tenant,
+                request,
+                max_file_attempts,
+                at_ms,
+            } => {
+                self.next_job += 1;
+                let id = format!("job-{}", self.next_job);
+                self.jobs.insert(
+                    id.clone(),
+                    Job {
+                        id: id.clone(),
+                        tenant,
+                        request,
+                        max_file_attempts: max_file_attempts.max(1),
+                        submitted_ms: at_ms,
+                        phase: JobPhase::Submitted,
+                        status_url: None,
+                        kickoff_by: None,
+                        requires_access_token: true,
+                        manifest_complete: false,
+                        transaction_time: None,
+                        error: None,
+                        status_deleted: false,
+                        files: Vec::new(),
+                        names: BTreeMap::new(),
+                    },
+                );
+                Applied::JobSubmitted { job_id: id }
+            }
+            Command::KickoffStarting { job_id, node_id } => match self.jobs.get_mut(&job_id) {
+                Some(job) if job.phase == JobPhase::Submitted => {
+                    job.kickoff_by = Some(node_id);
+                    Applied::Done
+                }
+                Some(job) => refused(Refusal::NotAwaitingKickoff {
+                    job_id,
+                    phase: job.phase,
+                }),
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
+            Command::KickedOff { job_id, status_url } => match self.jobs.get_mut(&job_id) {
+                Some(job) if job.phase == JobPhase::Submitted => {
+                    job.status_url = Some(status_url);
+                    job.phase = JobPhase::Polling;
+                    Applied::Done
+                }
+                Some(job) => refused(Refusal::NotAwaitingKickoff {
+                    job_id,
+                    phase: job.phase,
+                }),
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
+            Command::AddFiles {
+                job_id,
+                files,
+                requires_access_token,
+            } => match self.jobs.get_mut(&job_id) {
+                Some(job) if !job.phase.is_final() => {
+                    job.requires_access_token = requires_access_token;
+                    for file in files {
+                        let url = file.url.to_string();
+                        if job.files.iter().any(|f| f.url == url) {
+                            continue;
+                        }
+                        let relative_path = job.relative_path(&file);
+                        job.files.push(FileRecord {
+                            url,
+                            kind: file.kind,
+                            resource_type: file.resource_type,
+                            count: file.count,
+                            relative_path,
+                            phase: FilePhase::Pending,
+                            generation: 0,
+                            attempts: 0,
+                            progress: Checkpoint::default(),
+                            sha256: None,
+                            location: None,
+                            failure: None,
+                            issues: Vec::new(),
+                            preferred_worker: None,
+                        });
+                    }
+                    Applied::Done
+                }
+                Some(_) => refused(Refusal::JobEnded(job_id)),
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
+            Command::ManifestComplete {
+                job_id,
+                transaction_time,
+            } => match self.jobs.get_mut(&job_id) {
+                Some(job) if !job.phase.is_final() => {
+                    job.manifest_complete = true;
+                    job.transaction_time = Some(transaction_time.clone());
+                    job.phase = JobPhase::Downloading;
+                    self.tenant_since.insert(job.tenant.clone(), transaction_time);
+                    job.settle();
+                    Applied::Done
+                }
+                Some(_) => refused(Refusal::JobEnded(job_id)),
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
+            Command::JobFailed { job_id, reason } => match self.jobs.get_mut(&job_id) {
+                Some(job) if !job.phase.is_final() => {
+                    job.phase = JobPhase::Failed;
+                    job.error = Some(reason);
+                    Applied::Done
+                }
+                Some(_) => refused(Refusal::JobEnded(job_id)),
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
+            Command::CancelJob { job_id } => match self.jobs.get_mut(&job_id) {
+                Some(job) if !job.phase.is_final() => {
+                    job.phase = JobPhase::Cancelled;
+                    let leased: Vec<u64> = job
+                        .files
+                        .iter()
+                        .filter_map(|f| match &f.phase {
+                            FilePhase::Leased { lease_id, .. } => Some(*lease_id),
+                            _ => None,
+                        })
+                        .collect();
+                    for file in &mut job.files {
+                        if matches!(file.phase, FilePhase::Leased { .. } | FilePhase::Pending) {
+                            file.phase = FilePhase::Failed;
+                            file.failure = Some((Category::Cancelled, "the export was cancelled".into()));
+                        }
+                    }
+                    for lease in leased {
+                        self.leases.remove(&lease);
+                    }
+                    Applied::Done
+                }
+                Some(_) => refused(Refusal::JobEnded(job_id)),
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
+            Command::GrantLease {
+                job_id,
+                file,
+                worker_id,
+                expires_at_ms,
+            } => {
+                if !self.workers.contains_key(&worker_id) {
+                    return refused(Refusal::UnknownWorker(worker_id));
+                }
+                let Some(job) = self.jobs.get_mut(&job_id) else {
+                    return refused(Refusal::UnknownJob(job_id));
+                };
+                if job.phase.is_final() {
+                    return refused(Refusal::JobEnded(job_id));
+                }
+                let Some(record) = job.files.get_mut(file as usize) else {
+                    return refused(Refusal::NoSuchFile { job_id, file });
+                };
+                if record.phase != FilePhase::Pending {
+                    return refused(Refusal::FileNotPending { job_id, file });
+                }
+                self.next_lease += 1;
+                let lease_id = self.next_lease;
+                record.generation += 1;
+                record.attempts += 1;
+                record.phase = FilePhase::Leased {
+                    lease_id,
+                    worker_id,
+                    expires_at_ms,
+                };
+                self.leases.insert(
+                    lease_id,
+                    LeaseIndex {
+                        job_id: job_id.clone(),
+                        file,
+                    },
+                );
+                Applied::LeaseGranted(LeaseGrant {
+                    lease_id,
+                    generation: record.generation,
+                    job_id,
+                    file,
+                    expires_at_ms,
+                })
+            }
+            Command::RenewLease {
+                lease_id,
+                generation,
+                progress,
+                expires_at_ms,
+            } => {
+                let record = match self.current_lease(lease_id, generation) {
+                    Ok(record) => record,
+                    Err(refusal) => return refusal,
+                };
+                if let FilePhase::Leased {
+                    expires_at_ms: expiry, ..
+                } = &mut record.phase
+                {
+                    *expiry = expires_at_ms;
+                }
+                record.progress = progress;
+                Applied::Done
+            }
+            Command::CompleteLease {
+                lease_id,
+                generation,
+                bytes,
+                resources,
+                sha256,
+                location,
+                issues,
+            } => {
+                let record = match self.current_lease(lease_id, generation) {
+                    Ok(record) => record,
+                    Err(refusal) => return refusal,
+                };
+                record.phase = FilePhase::Done;
+                record.progress.offset = bytes;
+                record.progress.resources = resources;
+                record.sha256 = Some(sha256);
+                record.location = Some(location);
+                record.issues = issues;
+                record.preferred_worker = None;
+                self.finish_lease(lease_id);
+                Applied::Done
+            }
+            Command::FailLease {
+                lease_id,
+                generation,
+                category,
+                reason,
+                retryable,
+                released,
+            } => {
+                let record = match self.current_lease(lease_id, generation) {
+                    Ok(record) => record,
+                    Err(refusal) => return refusal,
+                };
+                if released {
+                    record.attempts = record.attempts.saturating_sub(1);
+                }
+                record.failure = Some((category, reason));
+                let worker = match &record.phase {
+                    FilePhase::Leased { worker_id, .. } => Some(worker_id.clone()),
+                    _ => None,
+                };
+                let attempts = record.attempts;
+                let job_max = self
+                    .leases
+                    .get(&lease_id)
+                    .and_then(|at| self.jobs.get(&at.job_id))
+                    .map(|j| j.max_file_attempts)
+                    .unwrap_or(1);
+                if released || (retryable && attempts < job_max) {
+                    self.release(lease_id, if released { worker } else { None });
+                } else {
+                    if let Some(record) = self.lease_file_mut(lease_id) {
+                        record.phase = FilePhase::Failed;
+                    }
+                    self.finish_lease(lease_id);
+                }
+                Applied::Done
+            }
+            Command::ExpireLease { lease_id, generation } => {
+                if let Err(refusal) = self.current_lease(lease_id, generation) {
+                    return refusal;
+                }
+                // The worker may be alive but cut off; its partial file is not reachable.
+                self.release(lease_id, None);
+                Applied::Done
+            }
+            Command::ReturnLease { lease_id, generation } => {
+                let record = match self.current_lease(lease_id, generation) {
+                    Ok(record) => record,
+                    Err(refusal) => return refusal,
+                };
+                record.attempts = record.attempts.saturating_sub(1);
+                self.release(lease_id, None);
+                Applied::Done
+            }
+            Command::ForgetAbsentWorkers { stale_before_ms } => {
+                self.forget_preferences_of_absent_workers(stale_before_ms);
+                Applied::Done
+            }
+            Command::SetCoordinatorAddress { node_id, address } => {
+                self.coordinators.insert(node_id, address);
+                Applied::Done
+            }
+            Command::StatusDeleted { job_id } => match self.jobs.get_mut(&job_id) {
+                Some(job) => {
+                    job.status_deleted = true;
+                    Applied::Done
+                }
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
+        }
+    }
+
+    pub(super) fn file(&self, at: &LeaseIndex) -> Option<&FileRecord> {
+        self.jobs.get(&at.job_id)?.files.get(at.file as usize)
+    }
+
+    fn lease_file_mut(&mut self, lease_id: u64) -> Option<&mut FileRecord> {
+        let at = self.leases.get(&lease_id)?;
+        self.jobs.get_mut(&at.job_id)?.files.get_mut(at.file as usize)
+    }
+
+    /// The file a live lease is on, if `generation` is its current one (fencing).
+    fn current_lease(&mut self, lease_id: u64, generation: u64) -> Result<&mut FileRecord, Applied> {
+        let Some(record) = self.lease_file_mut(lease_id) else {
+            return Err(refused(Refusal::LeaseNotLive { lease_id }));
+        };
+        match &record.phase {
+            FilePhase::Leased { lease_id: current, .. } if *current == lease_id && record.generation == generation => {
+                Ok(record)
+            }
+            _ => Err(refused(Refusal::StaleGeneration {
+                lease_id,
+                generation,
+                current: record.generation,
+            })),
+        }
+    }
+
+    /// Puts a leased file back to pending.
+    fn release(&mut self, lease_id: u64, preferred_worker: Option<String>) {
+        if let Some(record) = self.lease_file_mut(lease_id) {
+            record.phase = FilePhase::Pending;
+            record.preferred_worker = preferred_worker;
+        }
+        self.leases.remove(&lease_id);
+    }
+
+    fn finish_lease(&mut self, lease_id: u64) {
+        if let Some(at) = self.leases.remove(&lease_id)
+            && let Some(job) = self.jobs.get_mut(&at.job_id)
+        {
+            job.settle();
+        }
+    }
+
+    /// Lets files that prefer a worker which has not been seen since `stale_before_ms` go
+    /// to anyone.
+    fn forget_preferences_of_absent_workers(&mut self, stale_before_ms: u64) {
+        let absent: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| w.last_seen_ms < stale_before_ms)
+            .map(|w| w.id.clone())
+            .collect();
+        for job in self.jobs.values_mut() {
+            for file in &mut job.files {
+                if file.preferred_worker.as_ref().is_some_and(|w| absent.contains(w)) {
+                    file.preferred_worker = None;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The replicated state machine: tenants' incremental cursors, export jobs, their files,
+//! file leases and workers. It changes only by [`State::apply`]ing committed [`Command`]s,
+//! a pure function over ordered maps: the same log gives the same state on every node.
+//! Times and ids inside commands come from the proposer, never from the applier's clock.
+
+use std::collections::BTreeMap;
+
+use fhirhaul_common::Category;
+use fhirhaul_common::download::Checkpoint;
+use fhirhaul_common::kickoff::ExportRequest;
+use fhirhaul_common::manifest::{FileKind, ManifestFile};
+use serde::{Deserialize, Serialize};
+
+/// A change to replicated state. Proposed by the leader, applied by every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A worker joined (or re-joined after a restart: its old leases go back to pending,
+    /// marked as preferring it so it can resume its own partial files).
+    RegisterWorker {
+        worker_id: String,
+        concurrency: u32,
+        at_ms: u64,
+    },
+    /// A worker is alive.
+    Heartbeat {
+        worker_id: String,
+        at_ms: u64,
+    },
+    /// A new export job; nothing has been sent to the EHR yet.
+    SubmitJob {
+        tenant: String,
+        request: ExportRequest,
+        max_file_attempts: u32,
+        at_ms: u64,
+    },
+    /// The leader `node_id` is about to send the job's kick-off. A later leader that finds
+    /// this and no status URL asks that node what came of it before kicking off itself.
+    KickoffStarting {
+        job_id: String,
+        node_id: u64,
+    },
+    /// The EHR accepted the kick-off: from now on the job is polled, never kicked off again.
+    KickedOff {
+        job_id: String,
+        status_url: String,
+    },
+    /// Files from a (partial or final) manifest page. Already-known URLs are ignored.
+    AddFiles {
+        job_id: String,
+        files: Vec<ManifestFile>,
+        requires_access_token: bool,
+    },
+    /// The final manifest (every page) has been added.
+    ManifestComplete {
+        job_id: String,
+        transaction_time: String,
+    },
+    /// Kick-off or polling failed for good.
+    JobFailed {
+        job_id: String,
+        reason: String,
+    },
+    CancelJob {
+        job_id: String,
+    },
+    /// Give a pending file to a worker.
+    GrantLease {
+        job_id: String,
+        file: u32,
+        worker_id: String,
+        expires_at_ms: u64,
+    },
+    RenewLease {
+        lease_id: u64,
+        generation: u64,
+        progress: Checkpoint,
+        expires_at_ms: u64,
+    },
+    CompleteLease {
+        lease_id: u64,
+        generation: u64,
+        bytes: u64,
+        resources: u64,
+        sha256: String,
+        location: String,
+        issues: Vec<String>,
+    },
+    FailLease {
+        lease_id: u64,
+        generation: u64,
+        category: Category,
+        reason: String,
+        retryable: bool,
+        /// Given back unfinished (worker shutting down): not counted as an attempt.
+        released: bool,
+    },
+    /// The lease ran out without renewal: the file goes back to pending.
+    ExpireLease {
+        lease_id: u64,
+        generation: u64,
+    },
+    /// A grant whose answer reached nobody (the worker stopped waiting): the file goes
+    /// back to pending, and the attempt is not counted.
+    ReturnLease {
+        lease_id: u64,
+        generation: u64,
+    },
+    /// The EHR's status URL was DELETEd after completion.
+    StatusDeleted {
+        job_id: String,
+    },
+    /// Files waiting for a worker not seen since this time may go to anyone.
+    ForgetAbsentWorkers {
+        stale_before_ms: u64,
+    },
+    /// Records where a coordinator listens, so the address book is in the log (and in
+    /// snapshots) and not only in each node's configuration.
+    SetCoordinatorAddress {
+        node_id: u64,
+        address: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobPhase {
+    Submitted,
+    Polling,
+    Downloading,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobPhase {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobPhase::Completed | JobPhase::Failed | JobPhase::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilePhase {
+    Pending,
+    Leased {
+        lease_id: u64,
+        worker_id: String,
+        expires_at_ms: u64,
+    },
+    Done,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub url: String,
+    pub kind: FileKind,
+    pub resource_type: Option<String>,
+    pub count: Option<u64>,
+    /// Where the file goes under the output root: `<job>/<Type>.<n>.ndjson`, `…/deleted/…`.
+    pub relative_path: String,
+    pub phase: FilePhase,
+    /// Bumped on every grant; a lease call must carry the current one (fencing).
+    pub generation: u64,
+    pub attempts: u32,
+    pub progress: Checkpoint,
+    pub sha256: Option<String>,
+    pub location: Option<String>,
+    /// Why the last attempt failed: its category and the reason, in the EHR's words.
+    pub failure: Option<(Category, String)>,
+    pub issues: Vec<String>,
+    /// The worker that last held it, while its partial download may still be on that
+    /// worker's disk.
+    pub preferred_worker: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub tenant: String,
+    pub request: ExportRequest,
+    pub max_file_attempts: u32,
+    pub submitted_ms: u64,
+    pub phase: JobPhase,
+    pub status_url: Option<String>,
+    /// The coordinator that last started the kick-off, while no status URL is committed.
+    #[serde(default)]
+    pub kickoff_by: Option<u64>,
+    pub requires_access_token: bool,
+    pub manifest_complete: bool,
+    pub transaction_time: Option<String>,
+    pub error: Option<String>,
+    pub status_deleted: bool,
+    pub files: Vec<FileRecord>,
+    names: BTreeMap<String, u32>,
+}
+
+impl Job {
+    pub fn files_done(&self) -> usize {
+        self.files.iter().filter(|f| f.phase == FilePhase::Done).count()
+    }
+
+    pub fn files_failed(&self) -> usize {
+        self.files.iter().filter(|f| f.phase == FilePhase::Failed).count()
+    }
+
+    pub fn bytes_done(&self) -> u64 {
+        self.files.iter().map(|f| f.progress.offset).sum()
+    }
+
+    fn relative_path(&mut self, file: &ManifestFile) -> String {
+        let kind = file.resource_type.clone().unwrap_or_else(|| "Organized".into());
+        let folder = match file.kind {
+            FileKind::Output => "",
+            FileKind::Deleted => "deleted/",
+            FileKind::Error => "error/",
+        };
+        let counter = self.names.entry(format!("{folder}{kind}")).or_default();
+        *counter += 1;
+        format!("{}/{folder}{kind}.{counter}.ndjson", self.id)
+    }
+
+    fn settle(&mut self) {
+        if self.phase.is_final() || !self.manifest_complete {
+            return;
+        }
+        if self
+            .files
+            .iter()
+            .all(|f| matches!(f.phase, FilePhase::Done | FilePhase::Failed))
+        {
+            self.phase = JobPhase::Completed;
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub concurrency: u32,
+    pub last_seen_ms: u64,
+}
+
+/// A lease as handed to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub lease_id: u64,
+    pub generation: u64,
+    pub job_id: String,
+    pub file: u32,
+    pub expires_at_ms: u64,
+}
+
+/// What applying a command produced, for the proposer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    Done,
+    JobSubmitted {
+        job_id: String,
+    },
+    LeaseGranted(LeaseGrant),
+    /// The command was valid when proposed but not when applied (a stale lease, a job
+    /// already finished); state is unchanged.
+    Refused(Refusal),
+}
+
+/// Why the state machine refused a command. Each kind maps to its own gRPC code (see
+/// `error.rs`), so a caller can tell a stale lease from an unknown job.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("unknown job {0}")]
+    UnknownJob(String),
+    #[error("unknown worker {0}: register first")]
+    UnknownWorker(String),
+    #[error("{job_id} is {phase:?}, not waiting for a kick-off")]
+    NotAwaitingKickoff { job_id: String, phase: JobPhase },
+    #[error("{0} has ended")]
+    JobEnded(String),
+    #[error("{job_id} has no file {file}")]
+    NoSuchFile { job_id: String, file: u32 },
+    #[error("file {file} of {job_id} is not pending")]
+    FileNotPending { job_id: String, file: u32 },
+    #[error("lease {lease_id} is not live (expired, finished or unknown)")]
+    LeaseNotLive { lease_id: u64 },
+    #[error("lease {lease_id} generation {generation} is stale (the file is at generation {current})")]
+    StaleGeneration {
+        lease_id: u64,
+        generation: u64,
+        current: u64,
+    },
+}
+
+impl Refusal {
+    /// A lease call from a worker that no longer owns the lease (fencing): it must stop.
+    pub fn is_fencing(&self) -> bool {
+        matches!(self, Refusal::LeaseNotLive { .. } | Refusal::StaleGeneration { .. })
+    }
+}
+
+/// Where a lease lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseIndex {
+    pub job_id: String,
+    pub file: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub jobs: BTreeMap<String, Job>,
+    pub workers: BTreeMap<String, WorkerRecord>,
+    pub leases: BTreeMap<u64, LeaseIndex>,
+    /// Each tenant's last `transactionTime`: the `_since` of its next incremental export.
+    pub tenant_since: BTreeMap<String, String>,
+    /// Each coordinator's gRPC address, by raft node id (from membership changes and
+    /// [`Command::SetCoordinatorAddress`]).
+    #[serde(default)]
+    pub coordinators: BTreeMap<u64, String>,
+    next_job: u64,
+    next_lease: u64,
+}
+
+mod apply;
+mod queries;
+#[cfg(test)]
+mod tests;

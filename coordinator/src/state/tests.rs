@@ -1,0 +1,307 @@
+use super::*;
+
+fn manifest_file(n: u32) -> ManifestFile {
+    ManifestFile {
+        kind: FileKind::Output,
+        resource_type: Some("Patient".into()),
+        url: format!("https://ehr.example/files/{n}").parse().unwrap(),
+        count: Some(10),
+    }
+}
+
+/// A state with one job, submitted and not yet kicked off.
+fn state_with_submitted_job() -> (State, String) {
+    let mut state = State::default();
+    let Applied::JobSubmitted { job_id } = state.apply(Command::SubmitJob {
+        tenant: "t".into(),
+        request: ExportRequest::default(),
+        max_file_attempts: 3,
+        at_ms: 0,
+    }) else {
+        panic!()
+    };
+    (state, job_id)
+}
+
+fn state_with_job(files: u32) -> (State, String) {
+    let (mut state, job_id) = state_with_submitted_job();
+    state.apply(Command::KickedOff {
+        job_id: job_id.clone(),
+        status_url: "https://ehr.example/status/1".into(),
+    });
+    state.apply(Command::AddFiles {
+        job_id: job_id.clone(),
+        files: (0..files).map(manifest_file).collect(),
+        requires_access_token: true,
+    });
+    for worker in ["w1", "w2"] {
+        state.apply(Command::RegisterWorker {
+            worker_id: worker.into(),
+            concurrency: 2,
+            at_ms: 0,
+        });
+    }
+    (state, job_id)
+}
+
+fn grant(state: &mut State, job_id: &str, file: u32, worker: &str) -> LeaseGrant {
+    match state.apply(Command::GrantLease {
+        job_id: job_id.into(),
+        file,
+        worker_id: worker.into(),
+        expires_at_ms: 1000,
+    }) {
+        Applied::LeaseGranted(grant) => grant,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn complete(lease: &LeaseGrant) -> Command {
+    Command::CompleteLease {
+        lease_id: lease.lease_id,
+        generation: lease.generation,
+        bytes: 10,
+        resources: 10,
+        sha256: "abc".into(),
+        location: "out/x".into(),
+        issues: vec![],
+    }
+}
+
+#[test]
+fn a_kickoff_is_marked_with_its_sender_until_the_status_url_is_committed() {
+    let (mut state, job_id) = state_with_submitted_job();
+    let starting = |node_id| Command::KickoffStarting {
+        job_id: job_id.clone(),
+        node_id,
+    };
+    assert_eq!(state.apply(starting(2)), Applied::Done);
+    // A later leader that gave up asking node 2 marks its own attempt.
+    assert_eq!(state.apply(starting(3)), Applied::Done);
+    assert_eq!(state.jobs[&job_id].kickoff_by, Some(3));
+    state.apply(Command::KickedOff {
+        job_id: job_id.clone(),
+        status_url: "https://ehr.example/status/1".into(),
+    });
+    assert!(
+        matches!(
+            state.apply(starting(1)),
+            Applied::Refused(Refusal::NotAwaitingKickoff {
+                phase: JobPhase::Polling,
+                ..
+            })
+        ),
+        "a job with a committed status URL is never kicked off again"
+    );
+    // Snapshots written before the field existed still load.
+    let mut json: serde_json::Value = serde_json::to_value(&state).unwrap();
+    json["jobs"][&job_id].as_object_mut().unwrap().remove("kickoff_by");
+    let old: State = serde_json::from_value(json).unwrap();
+    assert_eq!(old.jobs[&job_id].kickoff_by, None);
+}
+
+#[test]
+fn files_get_stable_names_and_duplicates_are_ignored() {
+    let (mut state, job_id) = state_with_job(2);
+    state.apply(Command::AddFiles {
+        job_id: job_id.clone(),
+        files: vec![manifest_file(1), manifest_file(2)],
+        requires_access_token: true,
+    });
+    let job = &state.jobs[&job_id];
+    let names: Vec<&str> = job.files.iter().map(|f| f.relative_path.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "job-1/Patient.1.ndjson",
+            "job-1/Patient.2.ndjson",
+            "job-1/Patient.3.ndjson"
+        ]
+    );
+}
+
+#[test]
+fn a_stale_generation_cannot_complete_or_renew() {
+    let (mut state, job_id) = state_with_job(1);
+    let first = grant(&mut state, &job_id, 0, "w1");
+    assert_eq!(
+        state.apply(Command::ExpireLease {
+            lease_id: first.lease_id,
+            generation: first.generation
+        }),
+        Applied::Done
+    );
+    let second = grant(&mut state, &job_id, 0, "w2");
+    assert_eq!(second.generation, first.generation + 1);
+    assert_eq!(
+        state.apply(complete(&first)),
+        Applied::Refused(Refusal::LeaseNotLive {
+            lease_id: first.lease_id
+        }),
+        "the presumed-dead worker is fenced off"
+    );
+    let renew = Command::RenewLease {
+        lease_id: first.lease_id,
+        generation: first.generation,
+        progress: Checkpoint::default(),
+        expires_at_ms: 5000,
+    };
+    assert!(matches!(state.apply(renew), Applied::Refused(refusal) if refusal.is_fencing()));
+    // The same lease with an older generation (a grant the worker never heard of, say).
+    let stale = complete(&LeaseGrant {
+        generation: second.generation - 1,
+        ..second.clone()
+    });
+    assert_eq!(
+        state.apply(stale),
+        Applied::Refused(Refusal::StaleGeneration {
+            lease_id: second.lease_id,
+            generation: second.generation - 1,
+            current: second.generation,
+        })
+    );
+    assert_eq!(state.apply(complete(&second)), Applied::Done);
+    assert_eq!(state.jobs[&job_id].files[0].phase, FilePhase::Done);
+}
+
+#[test]
+fn job_completes_when_the_manifest_is_complete_and_every_file_is_settled() {
+    let (mut state, job_id) = state_with_job(2);
+    let a = grant(&mut state, &job_id, 0, "w1");
+    let b = grant(&mut state, &job_id, 1, "w2");
+    state.apply(complete(&a));
+    state.apply(Command::FailLease {
+        lease_id: b.lease_id,
+        generation: b.generation,
+        category: Category::Content,
+        reason: "line 3 is not JSON".into(),
+        retryable: false,
+        released: false,
+    });
+    assert_eq!(
+        state.jobs[&job_id].phase,
+        JobPhase::Polling,
+        "the manifest is not complete yet"
+    );
+    state.apply(Command::ManifestComplete {
+        job_id: job_id.clone(),
+        transaction_time: "2024-01-01T00:00:00Z".into(),
+    });
+    let job = &state.jobs[&job_id];
+    assert_eq!(job.phase, JobPhase::Completed);
+    assert_eq!(job.files[1].phase, FilePhase::Failed);
+    assert_eq!(job.files[1].failure.as_ref().unwrap().0, Category::Content);
+    assert_eq!(state.tenant_since["t"], "2024-01-01T00:00:00Z");
+}
+
+#[test]
+fn retryable_failures_are_bounded() {
+    let (mut state, job_id) = state_with_job(1);
+    for attempt in 1..=3 {
+        let lease = grant(&mut state, &job_id, 0, "w1");
+        state.apply(Command::FailLease {
+            lease_id: lease.lease_id,
+            generation: lease.generation,
+            category: Category::Network,
+            reason: "reset".into(),
+            retryable: true,
+            released: false,
+        });
+        let phase = &state.jobs[&job_id].files[0].phase;
+        if attempt < 3 {
+            assert_eq!(*phase, FilePhase::Pending);
+        } else {
+            assert_eq!(*phase, FilePhase::Failed, "three attempts and it is recorded as failed");
+        }
+    }
+}
+
+#[test]
+fn a_restarted_worker_gets_its_own_files_back_first() {
+    let (mut state, job_id) = state_with_job(3);
+    grant(&mut state, &job_id, 2, "w1");
+    state.apply(Command::RegisterWorker {
+        worker_id: "w1".into(),
+        concurrency: 2,
+        at_ms: 50,
+    });
+    assert_eq!(state.jobs[&job_id].files[2].phase, FilePhase::Pending);
+    assert_eq!(state.next_file_for("w1", |_| 10), Some((job_id.clone(), 2)));
+    assert_eq!(
+        state.next_file_for("w2", |_| 10),
+        Some((job_id.clone(), 0)),
+        "others take other files"
+    );
+    state.apply(Command::ForgetAbsentWorkers { stale_before_ms: 100 });
+    assert_eq!(state.jobs[&job_id].files[2].preferred_worker, None);
+}
+
+#[test]
+fn per_tenant_limit_and_expiry() {
+    let (mut state, job_id) = state_with_job(3);
+    grant(&mut state, &job_id, 0, "w1");
+    assert_eq!(state.next_file_for("w2", |_| 1), None, "the tenant is at its limit");
+    assert_eq!(state.expired_leases(999), vec![]);
+    assert_eq!(state.expired_leases(1000).len(), 1);
+}
+
+#[test]
+fn commands_round_trip_through_json() {
+    let command = Command::GrantLease {
+        job_id: "job-1".into(),
+        file: 3,
+        worker_id: "w".into(),
+        expires_at_ms: 9,
+    };
+    let text = serde_json::to_vec(&command).unwrap();
+    assert_eq!(serde_json::from_slice::<Command>(&text).unwrap(), command);
+}
+
+#[test]
+fn waiting_workers_are_given_distinct_files_within_the_tenant_limit() {
+    let (mut state, job_id) = state_with_job(3);
+    grant(&mut state, &job_id, 2, "w1");
+    state.apply(Command::RegisterWorker {
+        worker_id: "w1".into(),
+        concurrency: 2,
+        at_ms: 50,
+    });
+    // w1's interrupted file 2 is kept for it even though w2 and w3 asked first.
+    let picks = state.next_files_for(&["w2", "w3", "w1", "w4"], |_| 10);
+    assert_eq!(
+        picks,
+        [
+            Some((job_id.clone(), 0)),
+            Some((job_id.clone(), 1)),
+            Some((job_id.clone(), 2)),
+            None
+        ]
+    );
+    let limited = state.next_files_for(&["w2", "w3", "w1"], |_| 2);
+    assert_eq!(
+        limited,
+        [Some((job_id.clone(), 0)), Some((job_id.clone(), 1)), None],
+        "files handed out in one round count toward the limit"
+    );
+}
+
+#[test]
+fn a_grant_nobody_received_goes_back_without_counting_an_attempt() {
+    let (mut state, job_id) = state_with_job(1);
+    let lease = grant(&mut state, &job_id, 0, "w1");
+    assert_eq!(state.jobs[&job_id].files[0].attempts, 1);
+    let returned = Command::ReturnLease {
+        lease_id: lease.lease_id,
+        generation: lease.generation,
+    };
+    assert_eq!(state.apply(returned.clone()), Applied::Done);
+    let file = &state.jobs[&job_id].files[0];
+    assert_eq!(file.phase, FilePhase::Pending);
+    assert_eq!(file.attempts, 0);
+    assert_eq!(file.preferred_worker, None);
+    assert!(state.leases.is_empty());
+    assert!(
+        matches!(state.apply(returned), Applied::Refused(Refusal::LeaseNotLive { .. })),
+        "returned once only"
+    );
+}

@@ -1,0 +1,415 @@
+//! One download slot of a worker: long-poll for a lease, download the file with the
+//! client core into staging (checkpointing as it goes and renewing the lease with
+//! progress), confirm the lease is still ours, publish through the [`Sink`], and report
+//! the outcome with its category and retryability.
+
+use std::future::Future;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fhirhaul_common::Category;
+use fhirhaul_common::client::FhirClient;
+use fhirhaul_common::clock::{Clock, Entropy};
+use fhirhaul_common::download::{Checkpoint, DownloadOptions, download_file};
+use fhirhaul_common::http::HttpTransport;
+use fhirhaul_common::manifest::ManifestFile;
+use fhirhaul_proto::convert::{category_to_wire, file_kind_from_wire};
+use fhirhaul_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::checkpoints::CheckpointStore;
+use crate::sink::Sink;
+use crate::tokens::CoordinatorTokens;
+use crate::{Coordinator, WorkerSettings, register};
+
+/// A path inside the output tree, refusing anything that could leave it.
+pub(crate) fn safe_relative(path: &str) -> Option<PathBuf> {
+    let candidate = Path::new(path);
+    let fine = !path.is_empty() && candidate.components().all(|c| matches!(c, Component::Normal(_)));
+    fine.then(|| candidate.to_path_buf())
+}
+
+pub(crate) struct SlotContext {
+    pub coordinator: Coordinator,
+    pub settings: WorkerSettings,
+    pub transport: Arc<dyn HttpTransport>,
+    pub clock: Arc<dyn Clock>,
+    pub entropy: Entropy,
+    pub store: Arc<dyn CheckpointStore>,
+    pub sink: Arc<dyn Sink>,
+}
+
+impl SlotContext {
+    pub async fn run(self, cancel: CancellationToken) {
+        loop {
+            let request = pb::AcquireLeaseRequest {
+                worker_id: self.coordinator.worker_id.clone(),
+                wait_ms: self.settings.acquire_wait.as_millis() as u64,
+            };
+            let acquire = self.coordinator.call(request, |mut client, request| async move {
+                client.acquire_lease(request).await
+            });
+            let acquired = tokio::select! {
+                _ = cancel.cancelled() => return,
+                acquired = acquire => acquired,
+            };
+            match acquired {
+                Ok(response) => {
+                    if let Some(lease) = response.lease {
+                        let span = tracing::info_span!("lease", lease = %lease.lease_id, job = %lease.job_id, file = %lease.relative_path, generation = lease.generation);
+                        let (job, file, generation) =
+                            (lease.job_id.clone(), lease.relative_path.clone(), lease.generation);
+                        let worker = self.coordinator.worker_id.clone();
+                        // Holding starts and ends are events (not only a span) so a simulation
+                        // can check that no two live workers hold one file in one generation.
+                        tracing::debug!(%worker, %job, %file, generation, "lease held");
+                        self.handle(lease, &cancel).instrument(span).await;
+                        tracing::debug!(%worker, %job, %file, generation, "lease let go");
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(%status, "acquiring a lease failed");
+                    if status.code() == tonic::Code::FailedPrecondition {
+                        let _ = register(&self.coordinator, &self.settings, &cancel).await;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fail(&self, lease: &pb::Lease, failure: Failure) {
+        let request = pb::FailLeaseRequest {
+            worker_id: self.coordinator.worker_id.clone(),
+            lease_id: lease.lease_id.clone(),
+            generation: lease.generation,
+            category: category_to_wire(failure.category),
+            reason: failure.reason,
+            released: failure.released,
+            retryable: Some(failure.retryable),
+        };
+        if let Err(status) = self
+            .coordinator
+            .call(request, |mut client, request| async move {
+                client.fail_lease(request).await
+            })
+            .await
+        {
+            tracing::warn!(%status, "reporting the failure was refused");
+        }
+    }
+
+    async fn handle(&self, lease: pb::Lease, shutdown: &CancellationToken) {
+        let bad_lease = |reason: String| Failure::new(Category::Protocol, false, reason);
+        let prepared = (|| {
+            let relative = safe_relative(&lease.relative_path).ok_or_else(|| {
+                bad_lease(format!(
+                    "relative path `{}` leaves the output directory",
+                    lease.relative_path
+                ))
+            })?;
+            let url = lease
+                .file_url
+                .parse()
+                .map_err(|e| bad_lease(format!("file URL is not a URL: {e}")))?;
+            let base = lease
+                .fhir_base_url
+                .parse()
+                .map_err(|e| bad_lease(format!("FHIR base is not a URL: {e}")))?;
+            let allow: Vec<url::Url> = lease.token_allow_list.iter().filter_map(|u| u.parse().ok()).collect();
+            let kind = file_kind_from_wire(lease.kind).map_err(|e| bad_lease(e.to_string()))?;
+            Ok::<_, Failure>((relative, url, base, allow, kind))
+        })();
+        let (relative, url, base, allow, kind) = match prepared {
+            Ok(prepared) => prepared,
+            Err(failure) => return self.fail(&lease, failure).await,
+        };
+        let file = ManifestFile {
+            kind,
+            resource_type: lease.resource_type.clone(),
+            url,
+            count: lease.expected_count,
+        };
+        let tokens = CoordinatorTokens::new(self.coordinator.clone(), lease.tenant.clone(), Arc::clone(&self.clock));
+        let client = FhirClient::new(
+            Arc::clone(&self.transport),
+            base,
+            Arc::new(tokens),
+            &allow,
+            Arc::clone(&self.clock),
+            self.entropy.clone(),
+        );
+        let staging = self.settings.state_dir.join("staging").join(&relative);
+        let key = lease.relative_path.clone();
+        // Our own partial file from before a restart, if it is for this URL and still holds
+        // every byte its checkpoint counts.
+        let part = fhirhaul_common::download::part_path(&staging);
+        let recorded = self.store.get(&key, &lease.file_url).await;
+        let part_length = {
+            let part = part.clone();
+            self.settings
+                .offload
+                .run(move || std::fs::metadata(part).map(|m| m.len()).ok())
+                .await
+        };
+        let resume = recorded.filter(|c| c.offset > 0 && part_length.is_some_and(|length| length >= c.offset));
+        match &resume {
+            Some(checkpoint) => tracing::info!(
+                offset = checkpoint.offset,
+                "resuming a partial download from its checkpoint"
+            ),
+            // Starting from zero: forget any older checkpoint first (its partial file is
+            // gone, or was finished but not published), so a crash before the first new
+            // checkpoint cannot resume the new partial file at the old offset.
+            None => {
+                store_checkpoint(
+                    &*self.store,
+                    &self.coordinator.worker_id,
+                    &lease,
+                    &key,
+                    &Checkpoint::default(),
+                )
+                .await
+            }
+        }
+        let (checkpoint_tx, checkpoint_rx) = watch::channel(resume.clone().unwrap_or_default());
+        let download_cancel = shutdown.child_token();
+        let fenced = CancellationToken::new();
+        let keeper = tokio::spawn(keep_lease(
+            self.coordinator.clone(),
+            lease.clone(),
+            Arc::clone(&self.store),
+            key.clone(),
+            checkpoint_rx,
+            download_cancel.clone(),
+            fenced.clone(),
+        ));
+        let options = DownloadOptions {
+            resume,
+            checkpoints: Some(checkpoint_tx),
+            cancel: download_cancel.clone(),
+            offload: self.settings.offload,
+        };
+        let result = download_file(
+            &client,
+            &file,
+            lease.requires_access_token,
+            &staging,
+            &self.settings.download,
+            options,
+        )
+        .await;
+        download_cancel.cancel();
+        let _ = keeper.await;
+        if fenced.is_cancelled() {
+            tracing::warn!("lease was taken over by another worker; dropping this attempt");
+            return;
+        }
+        match result {
+            Ok(outcome) => {
+                // Confirm the lease is still ours right before publishing, so a worker that
+                // was presumed dead does not overwrite the newer owner's file.
+                let still_ours = pb::RenewLeaseRequest {
+                    worker_id: self.coordinator.worker_id.clone(),
+                    lease_id: lease.lease_id.clone(),
+                    generation: lease.generation,
+                    progress: Some(pb::Checkpoint {
+                        offset: outcome.bytes,
+                        lines: 0,
+                        resources: outcome.resources,
+                        etag: None,
+                        last_modified: None,
+                    }),
+                };
+                if let Err(status) = self
+                    .coordinator
+                    .call(still_ours, |mut client, request| async move {
+                        client.renew_lease(request).await
+                    })
+                    .await
+                {
+                    tracing::warn!(%status, "lease no longer ours (or unreachable) at publish time; not publishing");
+                    if status.code() != tonic::Code::Aborted {
+                        self.fail(
+                            &lease,
+                            Failure::new(
+                                Category::Network,
+                                true,
+                                format!("could not confirm the lease: {}", status.message()),
+                            ),
+                        )
+                        .await;
+                    }
+                    return;
+                }
+                let location = match self.sink.publish(&staging, &relative).await {
+                    Ok(location) => location,
+                    Err(error) => {
+                        return self
+                            .fail(&lease, Failure::new(Category::Storage, true, error.to_string()))
+                            .await;
+                    }
+                };
+                let request = pb::CompleteLeaseRequest {
+                    worker_id: self.coordinator.worker_id.clone(),
+                    lease_id: lease.lease_id.clone(),
+                    generation: lease.generation,
+                    bytes: outcome.bytes,
+                    resources: outcome.resources,
+                    sha256: outcome.sha256.clone(),
+                    location,
+                    issues: outcome.issues.clone(),
+                };
+                match self
+                    .coordinator
+                    .call(request, |mut client, request| async move {
+                        client.complete_lease(request).await
+                    })
+                    .await
+                {
+                    Ok(_) => tracing::info!(
+                        bytes = outcome.bytes,
+                        resources = outcome.resources,
+                        resumes = outcome.resumes,
+                        "file done"
+                    ),
+                    Err(status) => tracing::warn!(%status, "completion refused"),
+                }
+                self.store.remove(&key).await;
+            }
+            Err(fhirhaul_common::Error::Cancelled) if shutdown.is_cancelled() => {
+                // Shutting down: give the lease back; the checkpoint stays for a resume.
+                let released = Failure {
+                    released: true,
+                    ..Failure::new(Category::Cancelled, true, "worker shutting down".into())
+                };
+                self.fail(&lease, released).await;
+            }
+            Err(error) => {
+                if !error.is_retryable() {
+                    self.store.remove(&key).await;
+                }
+                tracing::warn!(%error, "download failed");
+                let failure = Failure::new(error.category(), error.is_retryable(), error.to_string());
+                self.fail(&lease, failure).await;
+            }
+        }
+    }
+}
+
+/// Records a download's checkpoint durably, with an event (so a simulation can check that
+/// checkpoints never move backwards).
+async fn store_checkpoint(
+    store: &dyn CheckpointStore,
+    worker: &str,
+    lease: &pb::Lease,
+    key: &str,
+    checkpoint: &Checkpoint,
+) {
+    store.put(key, &lease.file_url, checkpoint).await;
+    tracing::debug!(
+        worker,
+        job = %lease.job_id,
+        file = %lease.relative_path,
+        offset = checkpoint.offset,
+        validator = ?checkpoint.validator,
+        "checkpoint stored"
+    );
+}
+
+/// While a download runs: record each checkpoint, renew the lease with progress, and stop
+/// the download if the coordinator says the lease is no longer ours.
+async fn keep_lease(
+    coordinator: Coordinator,
+    lease: pb::Lease,
+    store: Arc<dyn CheckpointStore>,
+    key: String,
+    mut checkpoints: watch::Receiver<Checkpoint>,
+    download: CancellationToken,
+    fenced: CancellationToken,
+) {
+    let renew_every = Duration::from_millis(lease.renew_every_ms.max(100));
+    let mut renew = tokio::time::interval(renew_every);
+    renew.tick().await;
+    // A renewal may spend a while finding a new leader; checkpoints keep being recorded
+    // meanwhile, and the next renewal starts only after this one ended.
+    type Renewal<'a> =
+        std::pin::Pin<Box<dyn Future<Output = Result<pb::RenewLeaseResponse, tonic::Status>> + Send + 'a>>;
+    let mut renewal: Option<Renewal<'_>> = None;
+    loop {
+        tokio::select! {
+            _ = download.cancelled() => return,
+            changed = checkpoints.changed() => {
+                if changed.is_err() { return }
+                let checkpoint = checkpoints.borrow_and_update().clone();
+                store_checkpoint(&*store, &coordinator.worker_id, &lease, &key, &checkpoint).await;
+            }
+            _ = renew.tick(), if renewal.is_none() => {
+                let checkpoint = checkpoints.borrow().clone();
+                let request = pb::RenewLeaseRequest {
+                    worker_id: coordinator.worker_id.clone(),
+                    lease_id: lease.lease_id.clone(),
+                    generation: lease.generation,
+                    progress: Some(pb::Checkpoint::from(&checkpoint)),
+                };
+                renewal = Some(Box::pin(
+                    coordinator.call(request, |mut client, request| async move { client.renew_lease(request).await }),
+                ));
+            }
+            outcome = async { renewal.as_mut().expect("guarded").await }, if renewal.is_some() => {
+                renewal = None;
+                match outcome {
+                    Ok(_) => {}
+                    Err(status) if status.code() == tonic::Code::Aborted => {
+                        tracing::warn!(%status, "lease renewal refused; stopping");
+                        fenced.cancel();
+                        download.cancel();
+                        return;
+                    }
+                    Err(status) => tracing::warn!(%status, "lease renewal failed; will retry"),
+                }
+            }
+        }
+    }
+}
+
+/// How a lease ended without a file, as the coordinator is told.
+struct Failure {
+    category: Category,
+    retryable: bool,
+    reason: String,
+    /// Given back unfinished (shutting down), not failed.
+    released: bool,
+}
+
+impl Failure {
+    fn new(category: Category, retryable: bool, reason: String) -> Self {
+        Failure {
+            category,
+            retryable,
+            reason,
+            released: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_cannot_leave_the_output_directory() {
+        assert!(safe_relative("job-1/Patient.1.ndjson").is_some());
+        assert!(safe_relative("job-1/deleted/Bundle.1.ndjson").is_some());
+        assert!(safe_relative("../etc/passwd").is_none());
+        assert!(safe_relative("/etc/passwd").is_none());
+        assert!(safe_relative("job-1/../../x").is_none());
+        assert!(safe_relative("").is_none());
+    }
+}
