@@ -8,6 +8,10 @@
 //! leader by itself) until one is granted, and reports the elapsed time; then the killed
 //! coordinator is restarted and caught up before the next round.
 
+// Tests and benchmarks set up files and measure wall time directly; clippy.toml lists
+// what the simulated crates may not call.
+#![allow(clippy::disallowed_methods)]
+
 #[path = "../tests/processes/mod.rs"]
 mod processes;
 

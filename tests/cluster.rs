@@ -2,6 +2,10 @@
 //! simulated EHR (in this test process, so its observations can be asserted). Processes
 //! are killed with SIGKILL where the test says so, and always at the end.
 
+// Tests and benchmarks set up files and measure wall time directly; clippy.toml lists
+// what the simulated crates may not call.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::BTreeMap;
 mod processes;
 

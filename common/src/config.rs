@@ -150,6 +150,7 @@ impl TenantConfig {
     }
 
     /// Loads the signing key this tenant names.
+    #[allow(clippy::disallowed_methods)] // A key file of a few KB, read at start and once per term.
     pub fn signing_key(&self) -> Result<SigningKey> {
         let pem = std::fs::read_to_string(&self.private_key).map_err(|e| {
             config_error(

@@ -176,6 +176,7 @@ pub async fn download_file(
     let part = part_path(dest);
     if let Some(parent) = dest.parent() {
         let directory = parent.to_path_buf();
+        #[allow(clippy::disallowed_methods)] // Inside the offload seam.
         let created = options.offload.run(move || std::fs::create_dir_all(directory)).await;
         created.map_err(|e| Error::io("creating directory", parent, e))?;
     }
@@ -250,6 +251,7 @@ pub async fn download_file(
     let _ = writer_task.await;
     debug_assert_eq!(stats.bytes, position.offset);
     let (from, to) = (part.clone(), dest.to_path_buf());
+    #[allow(clippy::disallowed_methods)] // Inside the offload seam.
     let renamed = options.offload.run(move || std::fs::rename(from, to)).await;
     renamed.map_err(|e| Error::io("renaming finished file to", dest, e))?;
     let count_mismatch = file.count.filter(|count| *count != stats.resources);
@@ -610,6 +612,9 @@ struct Writer {
 }
 
 impl Writer {
+    /// Runs on the writer's own thread, or inline on the download's task with
+    /// [`Offload::Inline`]: the offload seam is the choice between the two.
+    #[allow(clippy::disallowed_methods)]
     fn open(
         path: PathBuf,
         resume: &Checkpoint,

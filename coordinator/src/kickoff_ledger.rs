@@ -54,6 +54,7 @@ impl KickoffLedger {
     }
 
     /// What came of the kick-off of `job_id` sent from this node.
+    #[allow(clippy::disallowed_methods)] // std::fs only inside the offload seam.
     pub async fn outcome(&self, job_id: &str) -> KickoffOutcome {
         if let Some(outcome) = self.remembered(job_id) {
             return outcome;
@@ -68,6 +69,7 @@ impl KickoffLedger {
     /// Records an outcome. An accepted export's status URL is on disk (synced) before this
     /// returns: the EHR has an export now, and only this node knows where. `Unknown` forgets
     /// the job (its status URL is committed).
+    #[allow(clippy::disallowed_methods)] // std::fs only inside the offload seam.
     pub async fn record(&self, job_id: &str, outcome: KickoffOutcome) {
         let path = self.path(job_id);
         match &outcome {

@@ -100,9 +100,12 @@ impl Coordinator {
         let data_dir = settings.data_dir.clone();
         settings
             .offload
-            .run(move || {
-                std::fs::create_dir_all(&data_dir).map_err(|e| fhirhaul_common::Error::io("creating", data_dir, e))
-            })
+            .run(
+                #[allow(clippy::disallowed_methods)] // Inside the offload seam.
+                move || {
+                    std::fs::create_dir_all(&data_dir).map_err(|e| fhirhaul_common::Error::io("creating", data_dir, e))
+                },
+            )
             .await?;
         // A bad key or URL is reported now, not at the first election won.
         for config in &tenants {

@@ -100,6 +100,7 @@ pub(crate) struct SledLog {
 }
 
 impl SledLog {
+    #[allow(clippy::disallowed_methods)] // Opened once, when the coordinator starts.
     pub fn open(dir: &Path) -> Result<SledLog, RaftError> {
         let db = sled::open(dir.join("raft")).map_err(storage_error)?;
         Ok(SledLog {

@@ -155,7 +155,10 @@ impl SlotContext {
             let part = part.clone();
             self.settings
                 .offload
-                .run(move || std::fs::metadata(part).map(|m| m.len()).ok())
+                .run(
+                    #[allow(clippy::disallowed_methods)] // Inside the offload seam.
+                    move || std::fs::metadata(part).map(|m| m.len()).ok(),
+                )
                 .await
         };
         let resume = recorded.filter(|c| c.offset > 0 && part_length.is_some_and(|length| length >= c.offset));

@@ -25,6 +25,7 @@ pub struct SledCheckpoints {
 impl SledCheckpoints {
     /// Opens (or creates) the store at `path`. Only one process can hold it: a second
     /// worker pointed at the same state directory gets an error naming it.
+    #[allow(clippy::disallowed_methods)] // Opened once, when the worker starts.
     pub fn open(path: &Path, offload: Offload) -> Result<SledCheckpoints, WorkerError> {
         let failed = |e: sled::Error| WorkerError::Checkpoints {
             path: path.to_path_buf(),
