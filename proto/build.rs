@@ -1,6 +1,9 @@
 //! Compiles `proto/` with protox (a pure-Rust protobuf compiler), so no machine needs a
 //! system `protoc`.
 
+// A build script, not simulated code: it writes the descriptor set directly.
+#![allow(clippy::disallowed_methods)]
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/fhirhaul/v1/common.proto",

@@ -18,8 +18,6 @@ use raft::eraftpb::{Message as RaftMessage, MessageType};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::raft_node::Message as NodeMessage;
-
 /// The largest raft batch (a snapshot carries the whole state machine).
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
@@ -29,8 +27,16 @@ struct Shared {
     cluster_token: Option<Secret>,
     addresses: BTreeMap<u64, String>,
     queues: BTreeMap<u64, mpsc::Sender<RaftMessage>>,
-    reports: Option<mpsc::Sender<NodeMessage>>,
+    reports: Option<mpsc::Sender<Delivery>>,
     cancel: CancellationToken,
+}
+
+/// What a peer's sender task reports to the raft node about a message it could not
+/// deliver (raft-rs must hear of these to retry, and of every snapshot's fate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    Unreachable(u64),
+    SnapshotSent { to: u64, delivered: bool },
 }
 
 /// The outgoing side of the raft transport. Cheap to clone.
@@ -59,7 +65,7 @@ impl Peers {
     }
 
     /// Where delivery failures are reported (the raft node's own queue).
-    pub(crate) fn attach(&self, reports: mpsc::Sender<NodeMessage>) {
+    pub(crate) fn attach(&self, reports: mpsc::Sender<Delivery>) {
         self.lock().reports = Some(reports);
     }
 
@@ -137,7 +143,7 @@ impl Shared {
     }
 }
 
-fn report_to(reports: &Option<mpsc::Sender<NodeMessage>>, message: NodeMessage) {
+fn report_to(reports: &Option<mpsc::Sender<Delivery>>, message: Delivery) {
     if let Some(reports) = reports {
         let _ = reports.try_send(message);
     }
@@ -146,13 +152,13 @@ fn report_to(reports: &Option<mpsc::Sender<NodeMessage>>, message: NodeMessage) 
 /// Tells raft a message to `message.to` was not delivered. A dropped snapshot must be
 /// reported as failed: raft-rs sends nothing more to a follower whose snapshot is in
 /// flight until it hears how that went, so an unreported loss leaves it behind for good.
-fn report_dropped(reports: &Option<mpsc::Sender<NodeMessage>>, message: &RaftMessage) {
-    report_to(reports, NodeMessage::Unreachable(message.to));
+fn report_dropped(reports: &Option<mpsc::Sender<Delivery>>, message: &RaftMessage) {
+    report_to(reports, Delivery::Unreachable(message.to));
     if message.get_msg_type() == MessageType::MsgSnapshot {
         tracing::debug!(peer = message.to, "raft snapshot not delivered; reported as failed");
         report_to(
             reports,
-            NodeMessage::SnapshotSent {
+            Delivery::SnapshotSent {
                 to: message.to,
                 delivered: false,
             },
@@ -181,11 +187,11 @@ async fn deliver(
     mut client: RaftServiceClient<tonic::transport::Channel>,
     cluster_token: Option<Secret>,
     mut queue: mpsc::Receiver<RaftMessage>,
-    reports: Option<mpsc::Sender<NodeMessage>>,
+    reports: Option<mpsc::Sender<Delivery>>,
     cancel: CancellationToken,
 ) {
     let to = peer.to;
-    let report = |message: NodeMessage| report_to(&reports, message);
+    let report = |message: Delivery| report_to(&reports, message);
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -214,7 +220,7 @@ async fn deliver(
         match client.deliver(request).await {
             Ok(_) => {
                 if has_snapshot {
-                    report(NodeMessage::SnapshotSent { to, delivered: true });
+                    report(Delivery::SnapshotSent { to, delivered: true });
                 }
             }
             Err(status) => {
@@ -224,9 +230,9 @@ async fn deliver(
                 {
                     client = fresh;
                 }
-                report(NodeMessage::Unreachable(to));
+                report(Delivery::Unreachable(to));
                 if has_snapshot {
-                    report(NodeMessage::SnapshotSent { to, delivered: false });
+                    report(Delivery::SnapshotSent { to, delivered: false });
                 }
                 // Drop what queued up meanwhile (raft resends), and do not hammer the peer.
                 while let Ok(dropped) = queue.try_recv() {

@@ -1,0 +1,206 @@
+//! The status URL: progress, the manifest (partial pages, `link` next), and DELETE.
+
+use super::*;
+
+pub(super) fn parse_job(job: &str) -> Option<u64> {
+    job.parse().ok()
+}
+
+pub(super) fn file_url(shared: &Shared, job: u64, index: usize, version: u32) -> String {
+    if shared.config.requires_access_token {
+        format!("{}/bulkfiles/{job}/{index}", shared.fhir_base)
+    } else {
+        storage_url(shared, job, index, version)
+    }
+}
+
+pub(super) fn storage_signature(shared: &Shared, job: u64, index: usize) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{}:{job}:{index}", shared.storage_secret));
+    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+pub(super) fn storage_url(shared: &Shared, job: u64, index: usize, _version: u32) -> String {
+    format!(
+        "{}/storage/{job}/{index}?sig={}",
+        shared.storage_origin,
+        storage_signature(shared, job, index)
+    )
+}
+
+pub(super) fn manifest_entries(
+    shared: &Shared,
+    job: &Job,
+    files: &[&spool::SpooledFile],
+) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
+    let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
+    for file in files {
+        let mut entry = json!({ "url": file_url(shared, job.id, file.index, file.version) });
+        if let Some(kind) = &file.resource_type {
+            entry["type"] = Value::String(kind.clone());
+        }
+        if file.kind == FileKind::Output {
+            entry["count"] = json!(file.count);
+        }
+        match file.kind {
+            FileKind::Output => output.push(entry),
+            FileKind::Deleted => deleted.push(entry),
+            FileKind::Error => error.push(entry),
+        }
+    }
+    (output, deleted, error)
+}
+
+pub(super) async fn status(shared: &Arc<Shared>, job: &str, request: Request<Incoming>) -> Response<Body> {
+    let headers = request.headers().clone();
+    {
+        let mut state = shared.lock();
+        state.observed.status_requests += 1;
+        state.observed.status_accept.push(header(&headers, "accept"));
+    }
+    let (client_id, _) = match authorize(shared, &headers) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let page: usize = request
+        .uri()
+        .query()
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "page")
+                .and_then(|(_, v)| v.parse().ok())
+        })
+        .unwrap_or(1);
+    let mut state = shared.lock();
+    if let Some(code) = state.faults.status_html {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+        return respond(
+            status,
+            "text/html",
+            format!(
+                "<html><head><title>{code} Error</title></head><body><h1>{code}</h1><p>upstream proxy error</p></body></html>"
+            ),
+        );
+    }
+    if state.faults.status_429 > 0 {
+        state.faults.status_429 -= 1;
+        drop(state);
+        return throttled(shared, StatusCode::TOO_MANY_REQUESTS);
+    }
+    if state.faults.status_503 > 0 {
+        state.faults.status_503 -= 1;
+        drop(state);
+        return throttled(shared, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    if state.faults.status_500 > 0 {
+        state.faults.status_500 -= 1;
+        return outcome(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "transient",
+            "database failover in progress",
+        );
+    }
+    let never_complete = state.faults.never_complete;
+    let Some(job) = parse_job(job).and_then(|id| state.jobs.get(&id)) else {
+        return outcome(StatusCode::NOT_FOUND, "not-found", "no such export");
+    };
+    if job.client_id != client_id {
+        return outcome(StatusCode::NOT_FOUND, "not-found", "no such export");
+    }
+    if job.deleted {
+        return outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "this export was cancelled or deleted",
+        );
+    }
+    let elapsed = job.created.elapsed();
+    let duration = shared.config.job_duration;
+    let in_progress = |progress: String, partial: Option<Value>| {
+        let mut response = match partial {
+            Some(manifest) => respond(StatusCode::ACCEPTED, "application/json", manifest.to_string()),
+            None => Response::builder()
+                .status(StatusCode::ACCEPTED)
+                .body(full(Bytes::new()))
+                .unwrap_or_default(),
+        };
+        set_header(&mut response, "x-progress", &progress);
+        if let Some(value) = retry_after_value(shared) {
+            set_header(&mut response, "retry-after", &value);
+        }
+        response
+    };
+    if never_complete {
+        return in_progress(
+            "Build in progress - Status set to CANCELLED at 2024-01-01T00:00:00Z".into(),
+            None,
+        );
+    }
+    let files = match &job.state {
+        JobState::Failed(reason) => return outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", reason),
+        JobState::Building => return in_progress("building".into(), None),
+        JobState::Ready(files) => files,
+    };
+    let fraction = (elapsed.as_secs_f64() / duration.as_secs_f64().max(1e-9)).min(1.0);
+    let transaction_time = crate::population::instant(job.transaction_time);
+    if fraction < 1.0 {
+        let ready: Vec<&spool::SpooledFile> = files.iter().filter(|f| f.ready_fraction <= fraction).collect();
+        let partial = (job.params.allow_partial && shared.config.partial_manifests && !ready.is_empty()).then(|| {
+            let (output, deleted, error) = manifest_entries(shared, job, &ready);
+            json!({
+                "transactionTime": transaction_time,
+                "request": job.params.request_url,
+                "requiresAccessToken": shared.config.requires_access_token,
+                "output": output, "deleted": deleted, "error": error,
+            })
+        });
+        return in_progress(format!("{:.0}% complete", fraction * 100.0), partial);
+    }
+    let all: Vec<&spool::SpooledFile> = files.iter().collect();
+    let (output, deleted, error) = manifest_entries(shared, job, &all);
+    let page_size = shared.config.manifest_page_size.unwrap_or(usize::MAX).max(1);
+    let pages = output.len().div_ceil(page_size).max(1);
+    let page = page.clamp(1, pages);
+    let page_output: Vec<Value> = output
+        .into_iter()
+        .skip((page - 1) * page_size)
+        .take(page_size)
+        .collect();
+    let mut manifest = json!({
+        "transactionTime": transaction_time,
+        "request": job.params.request_url,
+        "requiresAccessToken": shared.config.requires_access_token,
+        "output": page_output,
+        "error": if page == 1 { Value::Array(error) } else { json!([]) },
+        "extension": {"https://example.org/sim": "fhirhaul-sim"},
+    });
+    if page == 1 && !deleted.is_empty() {
+        manifest["deleted"] = Value::Array(deleted);
+    }
+    if page < pages {
+        manifest["link"] = json!([{"relation": "next", "url": format!("{}/bulkstatus/{}?page={}", shared.fhir_base, job.id, page + 1)}]);
+    }
+    let mut response = respond(StatusCode::OK, "application/json", manifest.to_string());
+    set_header(
+        &mut response,
+        "expires",
+        &httpdate::fmt_http_date(shared.now_wall() + Duration::from_secs(3600)),
+    );
+    response
+}
+
+pub(super) fn delete(shared: &Arc<Shared>, job: &str, request: Request<Incoming>) -> Response<Body> {
+    let (client_id, _) = match authorize(shared, request.headers()) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let mut state = shared.lock();
+    state.observed.deletes += 1;
+    match parse_job(job).and_then(|id| state.jobs.get_mut(&id)) {
+        Some(job) if job.client_id == client_id && !job.deleted => {
+            job.deleted = true;
+            outcome(StatusCode::ACCEPTED, "informational", "export deleted")
+        }
+        _ => outcome(StatusCode::NOT_FOUND, "not-found", "no such export"),
+    }
+}
