@@ -1,5 +1,5 @@
 //! The cluster subcommands: `coordinator`, `worker`, `export`, `status`, `cancel`,
-//! `cluster` (membership), and the embedded cluster `run` uses. Every client command takes
+//! `cluster` (membership). Every client command takes
 //! the list of coordinators and talks to whichever leads.
 
 use std::io::{IsTerminal, Write};
@@ -11,51 +11,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fhirhaul_common::clock::{Entropy, SystemClock};
-use fhirhaul_common::config::TenantConfig;
-use fhirhaul_common::download::DownloadSettings;
-use fhirhaul_common::secret::Secret;
-use fhirhaul_coordinator::node::{Coordinator, CoordinatorSettings};
+use fhirhaul_coordinator::node::CoordinatorSettings;
 use fhirhaul_coordinator::raft_node::RaftSettings;
 use fhirhaul_proto::connect::{Connector, Coordinators};
 use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
-use fhirhaul_worker::WorkerSettings;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::commands::{parse_duration, transport};
 use crate::config::Config;
-
-pub(crate) fn cluster_token() -> Option<Secret> {
-    std::env::var("FHIRHAUL_CLUSTER_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .map(Secret::new)
-}
-
-/// Cancels on Ctrl-C or SIGTERM.
-pub fn shutdown_on_signal() -> CancellationToken {
-    let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return,
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        eprintln!("stopping: leases are given back, partial files keep their checkpoints");
-        trigger.cancel();
-    });
-    cancel
-}
+use crate::process::{cluster_token, parse_duration, shutdown_on_signal, transport};
 
 /// Mutual TLS to a coordinator (all three, or none).
 #[derive(clap::Args, Clone)]
@@ -259,33 +223,6 @@ async fn admin(list: &CoordinatorList, tls: &ClientTls) -> anyhow::Result<Admin>
     Admin::new(&list.coordinators, tls.config()?)
 }
 
-/// Starts a coordinator and serves its APIs on `listener`.
-pub async fn start_coordinator(
-    tenants: Vec<TenantConfig>,
-    settings: CoordinatorSettings,
-    listener: tokio::net::TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
-    cancel: CancellationToken,
-) -> anyhow::Result<Coordinator> {
-    let coordinator = Coordinator::start(
-        settings,
-        tenants,
-        transport()?,
-        Arc::new(SystemClock),
-        Entropy::from_os(),
-        cancel.clone(),
-    )
-    .await
-    .context("starting the coordinator")?;
-    let serving = coordinator.clone();
-    tokio::spawn(async move {
-        if let Err(error) = fhirhaul_coordinator::grpc::serve(serving, listener, tls, cancel).await {
-            tracing::error!(%error, "gRPC server stopped");
-        }
-    });
-    Ok(coordinator)
-}
-
 /// `fhirhaul coordinator`
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
@@ -327,43 +264,38 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding {listen}"))?;
     let address = listener.local_addr()?;
     let node_id = settings.raft.node_id;
-    start_coordinator(config.tenant, settings, listener, tls, cancel.clone()).await?;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let coordinator = fhirhaul_embedded::serve_coordinator(
+        config.tenant,
+        settings,
+        listener,
+        tls,
+        transport()?,
+        Arc::new(SystemClock),
+        Entropy::from_os(),
+        &tracker,
+        cancel.clone(),
+    )
+    .await
+    .context("starting the coordinator")?;
     println!("coordinator listening on {scheme}://{address} (raft node {node_id})");
     cancel.cancelled().await;
+    tracker.close();
+    tracker.wait().await;
+    coordinator.drained().await;
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn worker_settings(
-    coordinators: Vec<String>,
-    name: String,
-    concurrency: u32,
-    out: PathBuf,
-    state_dir: PathBuf,
-) -> WorkerSettings {
-    WorkerSettings {
-        tls: None,
-        dialer: None,
-        offload: fhirhaul_common::offload::Offload::Threads,
-        coordinators,
-        name,
-        concurrency,
-        output_dir: out,
-        state_dir,
-        download: DownloadSettings::default(),
-        cluster_token: cluster_token(),
-        acquire_wait: Duration::from_secs(10),
-    }
 }
 
 /// `fhirhaul worker`
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let cancel = shutdown_on_signal();
-    let mut settings = worker_settings(
+    let mut settings = fhirhaul_embedded::worker_settings(
         args.coordinators.coordinators,
         args.name,
         args.concurrency,
         args.out,
         args.state_dir,
+        cluster_token(),
     );
     settings.download.checkpoint_every_bytes = args.checkpoint_every.max(4096);
     settings.tls = args.tls.config()?;

@@ -9,11 +9,14 @@ use anyhow::{Context, bail};
 use fhirhaul_common::clock::{Entropy, SystemClock};
 use fhirhaul_common::config::TenantConfig;
 
-use crate::config::Config;
-use fhirhaul_common::http::{ReqwestTransport, TransportSettings};
 use fhirhaul_common::keys::{Jwks, SigningAlgorithm, SigningKey};
+use fhirhaul_common::output::Summary;
 use fhirhaul_common::status::PollSettings;
+use fhirhaul_embedded::{Embedded, EmbeddedSettings};
 use fhirhaul_sim::{SimConfig, SimEhr};
+
+use crate::config::Config;
+use crate::process::{cluster_token, parse_duration, shutdown_on_signal, transport};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -54,10 +57,6 @@ pub struct SimArgs {
     job_duration: Duration,
 }
 
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    fhirhaul_common::serde_duration::parse(text).ok_or_else(|| format!("`{text}` is not a duration like 5s, 2m, 250ms"))
-}
-
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
@@ -73,10 +72,6 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     file.write_all(contents.as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-pub fn transport() -> anyhow::Result<Arc<ReqwestTransport>> {
-    Ok(Arc::new(ReqwestTransport::new(&TransportSettings::default())?))
 }
 
 fn timestamp() -> String {
@@ -96,7 +91,7 @@ fn timestamp() -> String {
 /// process, speaking gRPC over loopback, exporting from the configured EHR or from the
 /// built-in simulated one.
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let cancel = crate::cluster::shutdown_on_signal();
+    let cancel = shutdown_on_signal();
     let (tenant, out_root, _sim) = match &args.config {
         Some(path) => {
             let config = Config::load(path)?;
@@ -127,96 +122,35 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let run_dir = out_root.join(&tenant.name).join(timestamp());
-    let state_dir = run_dir.join(".fhirhaul");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding a loopback port for the coordinator")?;
-    let address = format!("http://{}", listener.local_addr()?);
-    let cluster = cancel.child_token();
-    let settings = fhirhaul_coordinator::node::CoordinatorSettings {
-        data_dir: state_dir.join("coordinator"),
-        cluster_token: crate::cluster::cluster_token(),
-        ..Default::default()
-    };
-    // Loopback only, so plaintext.
-    let coordinator =
-        crate::cluster::start_coordinator(vec![tenant.clone()], settings, listener, None, cluster.clone()).await?;
-    let workers = args.workers.max(1);
-    let per_worker = (tenant.export.concurrency as u32).div_ceil(workers).max(1);
-    let mut worker_tasks = Vec::new();
-    for index in 1..=workers {
-        let settings = crate::cluster::worker_settings(
-            vec![address.clone()],
-            format!("local-{index}"),
-            per_worker,
-            run_dir.clone(),
-            state_dir.join(format!("worker-{index}")),
-        );
-        worker_tasks.push(tokio::spawn(fhirhaul_worker::run(
-            settings,
-            transport()?,
-            Arc::new(SystemClock),
-            Entropy::from_os(),
-            cluster.clone(),
-        )));
-    }
+    let embedded = Embedded::start(
+        EmbeddedSettings {
+            tenant: tenant.clone(),
+            state_dir: run_dir.join(".fhirhaul"),
+            output_dir: run_dir.clone(),
+            workers: args.workers,
+            cluster_token: cluster_token(),
+        },
+        transport()?,
+        Arc::new(SystemClock),
+        Entropy::from_os(),
+        cancel.child_token(),
+    )
+    .await?;
     println!(
-        "exporting from {} with a local coordinator ({address}) and {workers} workers",
-        tenant.base_url
+        "exporting from {} with a local coordinator ({}) and {} workers",
+        tenant.base_url,
+        embedded.address(),
+        args.workers.max(1)
     );
     let started = Instant::now();
-    let job_id = coordinator.submit(&tenant.name, None, false).await?;
-    let admin = crate::cluster::Admin::new(std::slice::from_ref(&address), None)?;
+    let job_id = embedded.submit().await?;
+    let admin = crate::cluster::Admin::new(&[embedded.address().to_string()], None)?;
     let job = crate::cluster::follow(&admin, &job_id).await?;
     let export_dir = run_dir.join(&job_id);
-    let report = write_summary(&coordinator, &job_id, &export_dir).await?;
-    cluster.cancel();
-    for task in worker_tasks {
-        let _ = task.await;
-    }
-    print_report(&report, &export_dir, started.elapsed());
+    let summary = embedded.write_summary(&job_id, &export_dir).await?;
+    embedded.shutdown().await;
+    print_report(&summary, &export_dir, started.elapsed());
     Ok(crate::cluster::exit_for(&job))
-}
-
-/// The summary a user checks: every file's path, SHA-256 and counts; every failure's reason.
-async fn write_summary(
-    coordinator: &fhirhaul_coordinator::node::Coordinator,
-    job_id: &str,
-    export_dir: &Path,
-) -> anyhow::Result<serde_json::Value> {
-    let job = coordinator.job(job_id).await?;
-    let files: Vec<serde_json::Value> = job
-        .files
-        .iter()
-        .filter(|f| f.phase == fhirhaul_coordinator::state::FilePhase::Done)
-        .map(|f| {
-            serde_json::json!({
-                "path": f.location, "kind": f.kind, "resource_type": f.resource_type,
-                "sha256": f.sha256, "bytes": f.progress.offset, "resources": f.progress.resources, "issues": f.issues,
-            })
-        })
-        .collect();
-    let failed: Vec<serde_json::Value> = job
-        .files
-        .iter()
-        .filter(|f| f.phase == fhirhaul_coordinator::state::FilePhase::Failed)
-        .map(|f| {
-            let (category, error) = match &f.failure {
-                Some((category, error)) => (Some(*category), error.clone()),
-                None => (None, String::new()),
-            };
-            serde_json::json!({ "url": fhirhaul_common::url_util::SafeUrl::from(f.url.as_str()).to_string(), "category": category, "error": error })
-        })
-        .collect();
-    let report = serde_json::json!({
-        "job_id": job.id, "phase": job.phase, "error": job.error, "transaction_time": job.transaction_time,
-        "files": files, "failed": failed,
-    });
-    std::fs::create_dir_all(export_dir).with_context(|| format!("creating {}", export_dir.display()))?;
-    let path = export_dir.join("summary.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(report)
 }
 
 /// Starts the built-in simulated EHR and a tenant registered with it.
@@ -252,46 +186,29 @@ async fn embedded_sim_tenant(args: &RunArgs, out: &Path) -> anyhow::Result<(Tena
     Ok((tenant, sim))
 }
 
-fn print_report(report: &serde_json::Value, export_dir: &Path, elapsed: Duration) {
-    let files = report["files"].as_array().map(Vec::len).unwrap_or(0);
-    let resources: u64 = report["files"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f["resources"].as_u64())
-        .sum();
-    let bytes: u64 = report["files"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f["bytes"].as_u64())
-        .sum();
-    if let Some(error) = report["error"].as_str() {
+fn print_report(summary: &Summary, export_dir: &Path, elapsed: Duration) {
+    if let Some(error) = &summary.error {
         println!("export failed: {error}");
     }
     println!(
-        "done in {:.1}s: {files} file(s), {resources} resources, {:.1} MB in {}",
+        "done in {:.1}s: {} file(s), {} resources, {:.1} MB in {}",
         elapsed.as_secs_f64(),
-        bytes as f64 / 1e6,
+        summary.files.len(),
+        summary.resources(),
+        summary.bytes() as f64 / 1e6,
         export_dir.display()
     );
     println!(
         "summary with SHA-256 of every file: {}",
         export_dir.join("summary.json").display()
     );
-    if let Some(since) = report["transaction_time"].as_str() {
+    if let Some(since) = &summary.transaction_time {
         println!("next incremental export: _since={since}");
     }
-    let failed = report["failed"].as_array().cloned().unwrap_or_default();
-    if !failed.is_empty() {
-        println!("{} file(s) failed:", failed.len());
-        for failure in failed {
-            println!(
-                "  [{}] {}: {}",
-                failure["category"].as_str().unwrap_or(""),
-                failure["url"].as_str().unwrap_or(""),
-                failure["error"].as_str().unwrap_or("")
-            );
+    if !summary.failed.is_empty() {
+        println!("{} file(s) failed:", summary.failed.len());
+        for failure in &summary.failed {
+            println!("  [{}] {}: {}", failure.category, failure.url, failure.error);
         }
     }
 }

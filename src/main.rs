@@ -8,6 +8,7 @@
 mod cluster;
 mod commands;
 mod config;
+mod process;
 
 use std::path::PathBuf;
 

@@ -279,7 +279,7 @@ async fn malformed_line_fails_that_file_only_and_names_the_line() {
         .unwrap();
     assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
     let failed = &report.failed[0];
-    assert_eq!(failed.category, "content");
+    assert_eq!(failed.category, fhirhaul_common::Category::Content);
     assert!(
         failed.error.contains("line 7: is not a JSON object"),
         "{}",

@@ -16,9 +16,11 @@ use url::Url;
 
 use crate::client::FhirClient;
 use crate::download::{DownloadOptions, DownloadSettings, FileOutcome, download_file};
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::kickoff::{ExportRequest, ServerProfile, kick_off};
 use crate::manifest::{FileKind, ManifestFile};
+use crate::offload::Offload;
+use crate::output::{OutputNames, Summary, SummaryFailure, SummaryFile, write_summary};
 use crate::retry::Backoff;
 use crate::status::{PollEvent, PollSettings, Poller, delete_export};
 use crate::url_util::SafeUrl;
@@ -70,16 +72,10 @@ pub struct SavedFile {
 }
 
 /// A file that could not be saved, with the reason.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FailedFile {
-    pub kind: FileKind,
-    pub resource_type: Option<String>,
-    pub url: String,
-    pub category: String,
-    pub error: String,
-}
+pub type FailedFile = SummaryFailure;
 
-/// The result of an export, also written as `summary.json` in the output directory.
+/// The result of an export; its [`ExportReport::summary`] is written as `summary.json` in
+/// the output directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExportReport {
     pub status_url: String,
@@ -89,7 +85,7 @@ pub struct ExportReport {
     pub files: Vec<SavedFile>,
     pub failed: Vec<FailedFile>,
     /// Failures by category.
-    pub failures_by_category: BTreeMap<String, usize>,
+    pub failures_by_category: BTreeMap<Category, usize>,
 }
 
 impl ExportReport {
@@ -100,27 +96,33 @@ impl ExportReport {
     pub fn bytes(&self) -> u64 {
         self.files.iter().map(|f| f.outcome.bytes).sum()
     }
-}
 
-/// Where a file goes under the export directory: `<Type>.<n>.ndjson`, `deleted/…`,
-/// `error/…`. Names come from validated type names and counters, never from the URL, so a
-/// hostile manifest cannot write outside the directory.
-#[derive(Default)]
-struct Namer {
-    counters: BTreeMap<(FileKind, String), u32>,
-}
-
-impl Namer {
-    fn path_for(&mut self, dir: &Path, file: &ManifestFile) -> PathBuf {
-        let kind = file.resource_type.clone().unwrap_or_else(|| "Organized".to_string());
-        let counter = self.counters.entry((file.kind, kind.clone())).or_default();
-        *counter += 1;
-        let name = format!("{kind}.{counter}.ndjson");
-        match file.kind {
-            FileKind::Output => dir.join(name),
-            FileKind::Deleted => dir.join("deleted").join(name),
-            FileKind::Error => dir.join("error").join(name),
+    /// The report as `summary.json` says it, in the same shape as a cluster's.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            job_id: None,
+            phase: "Completed".into(),
+            status_url: Some(self.status_url.clone()),
+            transaction_time: Some(self.transaction_time.clone()),
+            error: None,
+            files: self
+                .files
+                .iter()
+                .map(|f| SummaryFile {
+                    path: f.outcome.path.display().to_string(),
+                    kind: f.kind,
+                    resource_type: f.resource_type.clone(),
+                    url: f.url.clone(),
+                    sha256: f.outcome.sha256.clone(),
+                    bytes: f.outcome.bytes,
+                    resources: f.outcome.resources,
+                    issues: f.outcome.issues.clone(),
+                })
+                .collect(),
+            failed: self.failed.clone(),
+            failures_by_category: BTreeMap::new(),
         }
+        .count_failures()
     }
 }
 
@@ -128,7 +130,7 @@ struct Downloads<'a> {
     client: &'a FhirClient,
     settings: &'a ExportSettings,
     dir: &'a Path,
-    namer: Namer,
+    names: OutputNames,
     started: HashSet<Url>,
     tasks: JoinSet<(ManifestFile, Result<FileOutcome>)>,
     limit: Arc<Semaphore>,
@@ -140,7 +142,7 @@ impl Downloads<'_> {
         if !self.started.insert(file.url.clone()) {
             return;
         }
-        let dest = self.namer.path_for(self.dir, &file);
+        let dest = self.dir.join(self.names.next(&file));
         let client = self.client.clone();
         let settings = self.settings.download.clone();
         let limit = Arc::clone(&self.limit);
@@ -196,7 +198,7 @@ pub async fn run_export(
         client,
         settings,
         dir: out_dir,
-        namer: Namer::default(),
+        names: OutputNames::default(),
         started: HashSet::new(),
         tasks: JoinSet::new(),
         limit: Arc::new(Semaphore::new(settings.concurrency.max(1))),
@@ -227,7 +229,6 @@ pub async fn run_export(
     }
     let mut saved = Vec::new();
     let mut failed = Vec::new();
-    let mut by_category: BTreeMap<String, usize> = BTreeMap::new();
     while let Some(joined) = downloads.tasks.join_next().await {
         let (file, result) = match joined {
             Ok(done) => done,
@@ -247,13 +248,11 @@ pub async fn run_export(
                 on_event(ExportEvent::FileDone { file, outcome });
             }
             Err(error) => {
-                let category = format!("{:?}", error.category()).to_lowercase();
-                *by_category.entry(category.clone()).or_default() += 1;
                 failed.push(FailedFile {
                     kind: file.kind,
                     resource_type: file.resource_type.clone(),
                     url: SafeUrl::from(&file.url).to_string(),
-                    category,
+                    category: error.category(),
                     error: error.to_string(),
                 });
                 on_event(ExportEvent::FileFailed { file, error });
@@ -264,19 +263,17 @@ pub async fn run_export(
         return Err(Error::Cancelled);
     }
     saved.sort_by(|a, b| a.outcome.path.cmp(&b.outcome.path));
-    let report = ExportReport {
+    let mut report = ExportReport {
         status_url: SafeUrl::from(&accepted.status_url).to_string(),
         transaction_time: completed.transaction_time.clone(),
         output_dir: out_dir.to_path_buf(),
         files: saved,
         failed,
-        failures_by_category: by_category,
+        failures_by_category: BTreeMap::new(),
     };
-    let summary = serde_json::to_vec_pretty(&report).unwrap_or_default();
-    let summary_path = out_dir.join("summary.json");
-    tokio::fs::write(&summary_path, summary)
-        .await
-        .map_err(|e| Error::io("writing", &summary_path, e))?;
+    let summary = report.summary();
+    report.failures_by_category = summary.failures_by_category.clone();
+    write_summary(out_dir, &summary, Offload::Threads).await?;
     let manifest_path = out_dir.join("manifest.json");
     let pages = serde_json::to_vec_pretty(&completed.pages).unwrap_or_default();
     tokio::fs::write(&manifest_path, pages)

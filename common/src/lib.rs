@@ -12,6 +12,7 @@
 //! - [`kickoff`], [`status`], [`manifest`]: starting an export, polling it, reading manifests.
 //! - [`ndjson`] and [`download`]: streaming, validating, resumable file download.
 //! - [`export`]: a whole export in one process (kick-off → poll → download every file).
+//! - [`output`]: one naming rule and one `summary.json` for every way of exporting.
 //! - [`offload`]: the one seam for blocking work (threads, or inline in a simulation).
 //! - [`clock`], [`retry`], [`secret`], [`fhir`], [`url_util`], [`error`],
 //!   [`serde_duration`]: the small pieces.
@@ -30,6 +31,7 @@ pub mod kickoff;
 pub mod manifest;
 pub mod ndjson;
 pub mod offload;
+pub mod output;
 pub mod retry;
 pub mod secret;
 pub mod status;

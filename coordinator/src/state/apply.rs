@@ -1,5 +1,3 @@
-use std::collections::BTreeMap;
-
 use fhirhaul_common::Category;
 use fhirhaul_common::download::Checkpoint;
 
@@ -77,7 +75,7 @@ impl State {
                         error: None,
                         status_deleted: false,
                         files: Vec::new(),
-                        names: BTreeMap::new(),
+                        names: Default::default(),
                     },
                 );
                 Applied::JobSubmitted { job_id: id }

@@ -9,6 +9,7 @@ use fhirhaul_common::Category;
 use fhirhaul_common::download::Checkpoint;
 use fhirhaul_common::kickoff::ExportRequest;
 use fhirhaul_common::manifest::{FileKind, ManifestFile};
+use fhirhaul_common::output::OutputNames;
 use serde::{Deserialize, Serialize};
 
 /// A change to replicated state. Proposed by the leader, applied by every node.
@@ -190,7 +191,7 @@ pub struct Job {
     pub error: Option<String>,
     pub status_deleted: bool,
     pub files: Vec<FileRecord>,
-    names: BTreeMap<String, u32>,
+    names: OutputNames,
 }
 
 impl Job {
@@ -206,16 +207,10 @@ impl Job {
         self.files.iter().map(|f| f.progress.offset).sum()
     }
 
+    /// Where `file` goes under the output root: `<job>/` and the one naming rule every
+    /// export path shares ([`OutputNames`]).
     fn relative_path(&mut self, file: &ManifestFile) -> String {
-        let kind = file.resource_type.clone().unwrap_or_else(|| "Organized".into());
-        let folder = match file.kind {
-            FileKind::Output => "",
-            FileKind::Deleted => "deleted/",
-            FileKind::Error => "error/",
-        };
-        let counter = self.names.entry(format!("{folder}{kind}")).or_default();
-        *counter += 1;
-        format!("{}/{folder}{kind}.{counter}.ndjson", self.id)
+        format!("{}/{}", self.id, self.names.next(file))
     }
 
     fn settle(&mut self) {
@@ -319,5 +314,6 @@ pub struct State {
 
 mod apply;
 mod queries;
+mod summary;
 #[cfg(test)]
 mod tests;
