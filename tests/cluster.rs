@@ -311,8 +311,8 @@ async fn a_restarted_coordinator_resumes_polling_and_never_kicks_off_twice() {
                 .is_some_and(|s| s.phase == pb::JobPhase::Polling as i32)
         })
         .await;
+    // Killed and reaped: its port and its sled lock are free at once.
     cluster.coordinator.take().unwrap().kill_hard();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.start_coordinator();
     cluster.wait_completed(&job_id, Duration::from_secs(60)).await;
     cluster.assert_output_identical(&job_id);
@@ -522,8 +522,15 @@ async fn an_incremental_export_uses_the_last_transaction_time_as_since() {
     let first = cluster.submit("").await;
     let done = cluster.wait_completed(&first, Duration::from_secs(60)).await;
     let transaction_time = done.summary.unwrap().transaction_time.expect("transactionTime kept");
-    // Let the EHR's clock pass the first export's transactionTime.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Let the EHR's clock (the wall clock, to the second) pass the first export's
+    // transactionTime: a condition with a deadline, not a fixed wait.
+    let first_instant = time::OffsetDateTime::parse(&transaction_time, &time::format_description::well_known::Rfc3339)
+        .expect("an RFC 3339 transactionTime");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while time::OffsetDateTime::now_utc().unix_timestamp() <= first_instant.unix_timestamp() {
+        assert!(tokio::time::Instant::now() < deadline, "the clock did not move");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let second = cluster.submit_with("", true).await;
     cluster.wait_completed(&second, Duration::from_secs(60)).await;
     let kickoffs = cluster.sim.observed().kickoffs;

@@ -172,6 +172,8 @@ pub fn assert_output_identical(sim: &fhirhaul_sim::SimEhr, dir: &Path) -> usize 
 pub struct Link {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    /// Connections being copied right now.
+    open: Arc<std::sync::atomic::AtomicUsize>,
     /// Bumped on every cut, so connections opened before it end at once.
     epoch: tokio::sync::watch::Sender<u64>,
 }
@@ -184,6 +186,8 @@ impl Link {
         let (epoch, _) = tokio::sync::watch::channel(0u64);
         let accept_cut = Arc::clone(&cut);
         let accept_epoch = epoch.clone();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accept_open = Arc::clone(&open);
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -194,24 +198,39 @@ impl Link {
                     continue;
                 }
                 let mut cuts = accept_epoch.subscribe();
+                let open = Arc::clone(&accept_open);
+                open.fetch_add(1, Ordering::SeqCst);
+                let was_cut = Arc::clone(&accept_cut);
                 tokio::spawn(async move {
-                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to_port)).await else {
-                        return;
-                    };
-                    let (mut a, mut b) = (inbound, outbound);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
-                        _ = cuts.changed() => {}
+                    // A cut between the accept and the subscription above is seen here.
+                    let live = !was_cut.load(Ordering::SeqCst);
+                    if live && let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to_port)).await {
+                        let (mut a, mut b) = (inbound, outbound);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                            _ = cuts.changed() => {}
+                        }
                     }
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        Link { port, cut, epoch }
+        Link { port, cut, open, epoch }
     }
 
-    pub fn cut(&self) {
+    /// Cuts the link and returns once every connection through it has ended (a condition,
+    /// not a fixed wait, so a busy machine cannot make the cut late).
+    pub async fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         self.epoch.send_modify(|epoch| *epoch += 1);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the link's connections did not end"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     pub fn heal(&self) {
