@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use fhirhaul_common::client::{Auth, FhirClient};
 use fhirhaul_common::clock::{Entropy, SystemClock};
-use fhirhaul_common::config::TenantConfig;
 use fhirhaul_common::download::{DownloadOptions, DownloadSettings, download_file};
 use fhirhaul_common::http::{HttpRequest, ReqwestTransport, TransportSettings};
 use fhirhaul_common::kickoff::{ExportRequest, ServerProfile};
@@ -58,15 +57,7 @@ async fn fixture(megabytes: u64, spool: &std::path::Path) -> Fixture {
     .expect("simulated EHR");
     let credentials = sim.new_client("ES384");
     let keys = tempfile::tempdir().unwrap();
-    let key_path = keys.path().join("key.pem");
-    std::fs::write(&key_path, &credentials.private_key_pem).unwrap();
-    let mut tenant = TenantConfig::new(
-        "bench",
-        sim.base_url().parse().unwrap(),
-        credentials.client_id.clone(),
-        key_path,
-    );
-    tenant.kid = Some(credentials.kid.clone());
+    let tenant = fhirhaul_testkit::tenant::sim_tenant("bench", sim.base_url(), &credentials, keys.path());
     let transport = Arc::new(ReqwestTransport::new(&TransportSettings::default()).unwrap());
     let client = tenant
         .connect(

@@ -12,15 +12,12 @@
 // what the simulated crates may not call.
 #![allow(clippy::disallowed_methods)]
 
-#[path = "../tests/processes/mod.rs"]
-mod processes;
-
 use std::time::{Duration, Instant};
 
 use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use fhirhaul_sim::SimConfig;
-use processes::group::Group;
+use fhirhaul_testkit::group::Group;
 
 /// Asks for a lease and, once granted, gives it straight back (released, not failed), so
 /// the tenant's concurrency limit never runs out over the rounds.

@@ -4,11 +4,7 @@
 // what the simulated crates may not call.
 #![allow(clippy::disallowed_methods)]
 
-use std::process::Command;
-
-fn fhirhaul() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fhirhaul"))
-}
+use fhirhaul_testkit::processes::fhirhaul;
 
 #[test]
 fn run_with_no_config_exports_from_the_built_in_simulated_ehr() {

@@ -7,19 +7,17 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
-mod processes;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use fhirhaul_sim::{SimConfig, SimEhr};
-use processes::{
-    Process, assert_completed, assert_output_identical, fhirhaul, free_port, has_ended, sim_with_tenant, wait_for_job,
+use fhirhaul_testkit::processes::{
+    Process, assert_completed, assert_output_identical, free_port, has_ended, sim_with_tenant, spawn_coordinator,
+    spawn_worker, wait_for_job,
 };
 
 struct Cluster {
@@ -79,49 +77,24 @@ impl Cluster {
     }
 
     fn start_coordinator(&mut self) {
-        let mut child = fhirhaul()
-            .arg("coordinator")
-            .arg("--config")
-            .arg(self.dir.path().join("fhirhaul.toml"))
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .arg("--data-dir")
-            .arg(self.dir.path().join("coordinator"))
-            .args(["--lease-duration", self.lease])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        assert!(
-            line.contains("coordinator listening on"),
-            "coordinator did not start: {line:?}"
-        );
-        self.coordinator = Some(Process(child));
+        self.coordinator = Some(spawn_coordinator(
+            &self.dir.path().join("fhirhaul.toml"),
+            self.port,
+            &self.dir.path().join("coordinator"),
+            &["--lease-duration", self.lease],
+        ));
     }
 
     fn start_worker(&mut self, name: &str) {
-        let child = fhirhaul()
-            .arg("worker")
-            .args([
-                "--coordinator",
-                &self.address(),
-                "--name",
-                name,
-                "--concurrency",
-                "2",
-                "--checkpoint-every",
-                "16384",
-            ])
-            .args(self.tls.as_ref().map(|(_, args)| args.clone()).unwrap_or_default())
-            .arg("--out")
-            .arg(self.out())
-            .arg("--state-dir")
-            .arg(self.dir.path().join("workers").join(name))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.workers.insert(name.to_string(), Process(child));
+        let tls = self.tls.as_ref().map(|(_, args)| args.clone()).unwrap_or_default();
+        let worker = spawn_worker(
+            &self.address(),
+            name,
+            &self.out(),
+            &self.dir.path().join("workers").join(name),
+            &tls,
+        );
+        self.workers.insert(name.to_string(), worker);
     }
 
     async fn admin(&self) -> AdminServiceClient<tonic::transport::Channel> {

@@ -1,12 +1,10 @@
 //! Three (then four) coordinator processes in one raft group on 127.0.0.1, with workers and
 //! the simulated EHR (in this process, so its observations can be asserted); see
-//! [`processes::group::Group`].
+//! [`fhirhaul_testkit::group::Group`].
 
 // Tests and benchmarks set up files and measure wall time directly; clippy.toml lists
 // what the simulated crates may not call.
 #![allow(clippy::disallowed_methods)]
-
-mod processes;
 
 use std::time::Duration;
 
@@ -14,9 +12,8 @@ use fhirhaul_proto::v1 as pb;
 use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use fhirhaul_sim::SimConfig;
-use processes::assert_output_identical;
-use processes::free_port;
-use processes::group::{Group, address};
+use fhirhaul_testkit::group::{Group, address};
+use fhirhaul_testkit::processes::{self, assert_output_identical, free_port};
 
 fn phase(job: &pb::GetJobResponse) -> i32 {
     job.summary.as_ref().map(|s| s.phase).unwrap_or_default()

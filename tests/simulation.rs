@@ -21,30 +21,16 @@ use std::time::{Duration, SystemTime};
 use fhirhaul_common::clock::{Entropy, TokioClock};
 use fhirhaul_common::config::TenantConfig;
 use fhirhaul_common::export::run_export;
-use fhirhaul_common::http::{Connection, Dialer, HyperTransport};
+use fhirhaul_common::http::HyperTransport;
 use fhirhaul_common::offload::Offload;
 use fhirhaul_common::status::PollSettings;
 use fhirhaul_sim::{ClientCredentials, ServedFile, SimConfig, SimEhr};
+use fhirhaul_testkit::turmoil::{Accepted, TurmoilDialer};
 use tokio_util::sync::CancellationToken;
 
-struct TurmoilDialer;
-
-#[async_trait::async_trait]
-impl Dialer for TurmoilDialer {
-    async fn dial(&self, host: &str, port: u16) -> std::io::Result<Box<dyn Connection>> {
-        Ok(Box::new(turmoil::net::TcpStream::connect((host, port)).await?))
-    }
-}
-
 /// The tenant every host uses to reach the simulated EHR.
-fn sim_tenant(credentials: &ClientCredentials, key: std::path::PathBuf) -> TenantConfig {
-    let mut tenant = TenantConfig::new(
-        "sim",
-        "http://ehr:80/fhir".parse().expect("a URL"),
-        credentials.client_id.clone(),
-        key,
-    );
-    tenant.kid = Some(credentials.kid.clone());
+fn sim_tenant(credentials: &ClientCredentials, key_dir: &std::path::Path) -> TenantConfig {
+    let mut tenant = fhirhaul_testkit::tenant::sim_tenant("sim", "http://ehr:80/fhir", credentials, key_dir);
     tenant.export.poll = PollSettings {
         min_interval: Duration::from_secs(1),
         max_interval: Duration::from_secs(10),
@@ -127,9 +113,7 @@ fn run(seed: u64) -> ExportResult {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let dir = tempfile::tempdir()?;
-        let key = dir.path().join("key.pem");
-        std::fs::write(&key, &credentials.private_key_pem)?;
-        let tenant = sim_tenant(&credentials, key);
+        let tenant = sim_tenant(&credentials, dir.path());
         let transport = Arc::new(HyperTransport::new(TurmoilDialer));
         let clock = Arc::new(TokioClock::starting_at(base));
         let client = tenant.connect(transport, clock, Entropy::from_seed(seed), CancellationToken::new())?;
@@ -174,46 +158,6 @@ fn an_export_over_a_simulated_network_is_byte_identical() {
 #[test]
 fn the_same_seed_gives_the_same_export() {
     assert_eq!(run(11).0, run(11).0);
-}
-
-/// An accepted turmoil connection, as tonic's server wants it.
-struct Accepted(turmoil::net::TcpStream);
-
-impl tonic::transport::server::Connected for Accepted {
-    type ConnectInfo = ();
-    fn connect_info(&self) {}
-}
-
-impl tokio::io::AsyncRead for Accepted {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Accepted {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
 }
 
 /// One cluster run's shape, drawn from its seed.
@@ -608,9 +552,9 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 };
-                let key = disk.path().join(format!("key-{node_id}.pem"));
-                std::fs::write(&key, &credentials.private_key_pem)?;
-                let tenant = sim_tenant(&credentials, key);
+                let keys = disk.path().join(format!("keys-{node_id}"));
+                std::fs::create_dir_all(&keys)?;
+                let tenant = sim_tenant(&credentials, &keys);
                 let settings = CoordinatorSettings {
                     data_dir: disk.path().join(format!("coordinator-{node_id}")),
                     lease_duration: Duration::from_secs(10),

@@ -12,7 +12,6 @@ use fhirhaul_common::config::TenantConfig;
 use fhirhaul_common::download::DownloadSettings;
 use fhirhaul_common::export::{ExportEvent, ExportReport, ExportSettings, run_export};
 use fhirhaul_common::http::{ReqwestTransport, TransportSettings};
-use fhirhaul_common::keys::SigningAlgorithm;
 use fhirhaul_common::kickoff::ExportRequest;
 use fhirhaul_common::status::PollSettings;
 use fhirhaul_sim::{ClientCredentials, SimConfig, SimEhr};
@@ -57,16 +56,7 @@ pub fn fast_settings() -> ExportSettings {
 }
 
 pub fn tenant_for(sim: &SimEhr, credentials: &ClientCredentials, dir: &Path) -> TenantConfig {
-    let key_path = dir.join(format!("{}.pem", credentials.client_id));
-    std::fs::write(&key_path, &credentials.private_key_pem).unwrap();
-    let mut tenant = TenantConfig::new(
-        "test",
-        sim.base_url().parse().unwrap(),
-        credentials.client_id.clone(),
-        key_path,
-    );
-    tenant.algorithm = SigningAlgorithm::parse(credentials.algorithm);
-    tenant.kid = Some(credentials.kid.clone());
+    let mut tenant = fhirhaul_testkit::tenant::sim_tenant("test", sim.base_url(), credentials, dir);
     tenant.export = fast_settings();
     tenant
 }

@@ -3,8 +3,6 @@
 //! test can isolate one; clients and workers use the coordinators' own addresses.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Duration;
 
 use fhirhaul_proto::connect::{Connector, Coordinators};
@@ -13,7 +11,10 @@ use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_sim::{SimConfig, SimEhr};
 use tonic::transport::Channel;
 
-use super::{Link, Process, fhirhaul, free_port};
+use crate::processes::{
+    Link, Process, assert_completed, free_port, has_ended, sim_with_tenant, spawn_coordinator, spawn_worker,
+    wait_for_job,
+};
 
 pub struct Group {
     pub sim: SimEhr,
@@ -36,7 +37,7 @@ impl Group {
     /// `lease` is the coordinators' `--lease-duration` (their default when `None`).
     pub async fn start(config: SimConfig, members: u64, lease: Option<&'static str>) -> Group {
         let dir = tempfile::tempdir().unwrap();
-        let (sim, tenant_toml) = super::sim_with_tenant(config, dir.path()).await;
+        let (sim, tenant_toml) = sim_with_tenant(config, dir.path()).await;
         let mut group = Group {
             sim,
             dir,
@@ -79,25 +80,18 @@ impl Group {
     }
 
     pub fn start_coordinator(&mut self, id: u64) {
-        let mut child = fhirhaul()
-            .arg("coordinator")
-            .arg("--config")
-            .arg(self.dir.path().join(format!("node-{id}.toml")))
-            .args(["--listen", &format!("127.0.0.1:{}", self.ports[&id])])
-            .arg("--data-dir")
-            .arg(self.dir.path().join(format!("coordinator-{id}")))
-            .args(self.lease.iter().flat_map(|lease| ["--lease-duration", lease]))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        assert!(
-            line.contains("coordinator listening on"),
-            "coordinator {id} did not start: {line:?}"
+        let lease: Vec<&str> = self
+            .lease
+            .iter()
+            .flat_map(|lease| ["--lease-duration", lease])
+            .collect();
+        let process = spawn_coordinator(
+            &self.dir.path().join(format!("node-{id}.toml")),
+            self.ports[&id],
+            &self.dir.path().join(format!("coordinator-{id}")),
+            &lease,
         );
-        self.coordinators.insert(id, Process(child));
+        self.coordinators.insert(id, process);
     }
 
     pub fn kill(&mut self, id: u64) {
@@ -111,26 +105,14 @@ impl Group {
     }
 
     pub fn start_worker(&mut self, name: &str) {
-        let child = fhirhaul()
-            .arg("worker")
-            .args([
-                "--coordinator",
-                &self.addresses().join(","),
-                "--name",
-                name,
-                "--concurrency",
-                "2",
-                "--checkpoint-every",
-                "16384",
-            ])
-            .arg("--out")
-            .arg(self.dir.path().join("out"))
-            .arg("--state-dir")
-            .arg(self.dir.path().join("workers").join(name))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.workers.insert(name.to_string(), Process(child));
+        let process = spawn_worker(
+            &self.addresses().join(","),
+            name,
+            &self.dir.path().join("out"),
+            &self.dir.path().join("workers").join(name),
+            &[],
+        );
+        self.workers.insert(name.to_string(), process);
     }
 
     /// Calls that find the leader, as the CLI and workers make them.
@@ -205,12 +187,12 @@ impl Group {
         what: &str,
         done: impl Fn(&pb::GetJobResponse) -> bool,
     ) -> pb::GetJobResponse {
-        super::wait_for_job(|| self.job(job_id), what, Duration::from_secs(120), done).await
+        wait_for_job(|| self.job(job_id), what, Duration::from_secs(120), done).await
     }
 
     pub async fn wait_completed(&self, job_id: &str) -> pb::GetJobResponse {
-        let job = self.wait_for(job_id, "the export to end", super::has_ended).await;
-        super::assert_completed(&job);
+        let job = self.wait_for(job_id, "the export to end", has_ended).await;
+        assert_completed(&job);
         job
     }
 

@@ -1,13 +1,10 @@
-//! What the cross-process tests (`cluster.rs`, `raft_group.rs`) share: child processes
-//! that die with the test, the `fhirhaul` binary, free ports, output hashing, and a TCP
-//! link that can be cut.
+//! What the cross-process tests and benches share: child processes that die with the
+//! test, the `fhirhaul` binary (a coordinator or a worker started and waited for), free
+//! ports, waiting for a job, output hashing, and a TCP link that can be cut.
 
-#![allow(dead_code)]
-
-pub mod group;
-
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -30,8 +27,26 @@ impl Drop for Process {
     }
 }
 
+/// The `fhirhaul` binary cargo built beside the running test or bench
+/// (`target/<profile>/fhirhaul`; the test itself runs from `target/<profile>/deps/`).
+pub fn fhirhaul_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let binary = profile_dir.join(format!("fhirhaul{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.is_file(),
+        "{} is missing: run through cargo test/bench, which builds it",
+        binary.display()
+    );
+    binary
+}
+
+/// A `fhirhaul` command whose log level follows `FHIRHAUL_TEST_LOG` (default: errors).
 pub fn fhirhaul() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fhirhaul"));
+    let mut command = Command::new(fhirhaul_binary());
     // FHIRHAUL_TEST_LOG=warn shows what the processes say when a test fails.
     command.env(
         "RUST_LOG",
@@ -118,31 +133,59 @@ pub fn assert_completed(job: &pb::GetJobResponse) {
 pub async fn sim_with_tenant(config: fhirhaul_sim::SimConfig, dir: &Path) -> (fhirhaul_sim::SimEhr, String) {
     let sim = fhirhaul_sim::SimEhr::start(config).await.unwrap();
     let credentials = sim.new_client("ES384");
-    let key = dir.join("client.pem");
-    std::fs::write(&key, &credentials.private_key_pem).unwrap();
-    let tenant = format!(
-        r#"
-[[tenant]]
-name = "sim"
-base_url = "{base}"
-client_id = "{client}"
-kid = "{kid}"
-private_key = "{key}"
-[tenant.export]
-concurrency = 6
-[tenant.export.poll]
-min_interval = "100ms"
-max_interval = "500ms"
-[tenant.export.download]
-backoff_min = "50ms"
-backoff_max = "500ms"
-"#,
-        base = sim.base_url(),
-        client = credentials.client_id,
-        kid = credentials.kid,
-        key = key.display()
-    );
+    let tenant = crate::tenant::sim_tenant_toml(sim.base_url(), &credentials, dir);
     (sim, tenant)
+}
+
+/// Starts `fhirhaul coordinator` with `config` on 127.0.0.1:`port` and waits until it
+/// says it listens. `extra` are further arguments (`--lease-duration 3s`, say).
+pub fn spawn_coordinator(config: &Path, port: u16, data_dir: &Path, extra: &[&str]) -> Process {
+    let mut child = fhirhaul()
+        .arg("coordinator")
+        .arg("--config")
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(
+        line.contains("coordinator listening on"),
+        "the coordinator on port {port} did not start: {line:?}"
+    );
+    Process(child)
+}
+
+/// Starts `fhirhaul worker` `name` (two slots, 16 KiB checkpoints) against
+/// `coordinators` (comma-separated), publishing under `out`. `extra` are further
+/// arguments (TLS files, say).
+pub fn spawn_worker(coordinators: &str, name: &str, out: &Path, state_dir: &Path, extra: &[String]) -> Process {
+    let child = fhirhaul()
+        .arg("worker")
+        .args([
+            "--coordinator",
+            coordinators,
+            "--name",
+            name,
+            "--concurrency",
+            "2",
+            "--checkpoint-every",
+            "16384",
+        ])
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Process(child)
 }
 
 /// Every file the EHR served for its latest export is under `dir` exactly once,
