@@ -1,5 +1,7 @@
-//! `fhirhaul`: one binary for every role. This file parses arguments, starts tracing and
-//! calls into the crates; the work lives in `common/` (client core) and `sim/` (simulated EHR).
+//! `fhirhaul`: one binary for every role. `src/` parses arguments and configuration,
+//! starts tracing, calls into the crates and prints: the client core is `common/`, the
+//! cluster's roles `coordinator/` and `worker/` (assembled in one process by `embedded/`),
+//! and the simulated EHR `sim/`.
 
 // The binary is not run by the simulation: it reads configs, writes summaries and
 // measures wall time directly (clippy.toml lists what simulated code may not call).
