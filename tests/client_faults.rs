@@ -48,6 +48,53 @@ async fn kickoff_429_waits_and_retries_then_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kickoff_whose_connection_broke_after_sending_is_not_sent_again() {
+    let h = harness(sim_config()).await;
+    h.sim.set_faults(|f| f.kickoff_drop_after_accept = 1);
+    let error = h.export(&one_type("Patient")).await.unwrap_err();
+    assert!(matches!(error, Error::AmbiguousKickoff { .. }), "{error:?}");
+    assert!(error.to_string().contains("orphan export"), "{error}");
+    assert_eq!(h.sim.observed().kickoffs.len(), 1, "sent once");
+    assert_eq!(h.sim.jobs().len(), 1, "the EHR holds the one export it accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_kickoff_is_retried_only_when_configured() {
+    let h = harness_with(sim_config(), "ES384", |tenant| {
+        tenant.export.kickoff_retry_ambiguous = true;
+    })
+    .await;
+    h.sim.set_faults(|f| f.kickoff_drop_after_accept = 1);
+    let report = h.export(&one_type("Patient")).await.unwrap();
+    h.assert_identical(&report);
+    assert_eq!(h.sim.observed().kickoffs.len(), 2);
+    assert_eq!(
+        h.sim.jobs().len(),
+        2,
+        "as the setting warns: the first export is an orphan"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kickoff_that_never_left_is_retried() {
+    // A port nobody listens on: every attempt is refused before anything is sent.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let base: url::Url = format!("http://127.0.0.1:{port}/fhir").parse().unwrap();
+    let request = one_type("Patient").build(&base, &Default::default()).unwrap();
+    let transport = fhirhaul_common::http::ReqwestTransport::new(&Default::default()).unwrap();
+    let error = fhirhaul_common::http::HttpTransport::send(&transport, request)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::Unsent { .. }),
+        "a refused connection never sent anything: {error:?}"
+    );
+    assert!(error.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kickoff_protocol_violations_and_refusals_are_clear_errors() {
     let h = harness(sim_config()).await;
     h.sim.set_faults(|f| f.kickoff_200 = true);
@@ -158,10 +205,16 @@ async fn delete_cancels_and_a_second_delete_still_counts_as_done() {
         Duration::from_millis(50),
         h.client.entropy().clone(),
     );
-    let accepted =
-        fhirhaul_common::kickoff::kick_off(&h.client, &one_type("Patient"), &Default::default(), 3, &mut backoff)
-            .await
-            .unwrap();
+    let accepted = fhirhaul_common::kickoff::kick_off(
+        &h.client,
+        &one_type("Patient"),
+        &Default::default(),
+        3,
+        false,
+        &mut backoff,
+    )
+    .await
+    .unwrap();
     assert!(matches!(
         poll_once(&h.client, &accepted.status_url).await.unwrap(),
         PollStep::InProgress { .. }

@@ -520,3 +520,45 @@ async fn an_incremental_export_uses_the_last_transaction_time_as_since() {
     let sent = time::OffsetDateTime::parse(since[0], &time::format_description::well_known::Rfc3339).unwrap();
     assert_eq!(sent, expected, "the second export starts where the first ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_ends_the_job_once_with_the_ehrs_words_and_few_token_requests() {
+    // Many ~100 KB files at 100 KB/s over four slots: the key is revoked mid-download.
+    let config = SimConfig {
+        max_resources_per_file: 200,
+        ..slow_config()
+    };
+    let mut cluster = Cluster::start(config, "5s").await;
+    cluster.sim.set_faults(|f| f.throttle_bytes_per_sec = Some(100_000));
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    let job_id = cluster.submit("").await;
+    cluster
+        .wait_for(&job_id, Duration::from_secs(60), |job| {
+            job.summary.as_ref().is_some_and(|s| s.files_done >= 1)
+        })
+        .await;
+    let before = cluster.sim.observed().token_requests;
+    cluster.sim.revoke_clients();
+    let job = cluster.wait_for(&job_id, Duration::from_secs(60), has_ended).await;
+    let summary = job.summary.clone().unwrap();
+    assert_eq!(summary.phase, pb::JobPhase::Failed as i32, "{summary:?}");
+    let error = summary.error.unwrap_or_default();
+    assert!(
+        error.contains("the EHR refused the client")
+            && error.contains("invalid_client")
+            && error.contains("unknown client"),
+        "the EHR's own words: {error}"
+    );
+    let after = cluster.sim.observed().token_requests - before;
+    // One refresh when the revoked token is refused, answered from memory for every other
+    // worker and file (the hold is longer than this test): not one per file or attempt.
+    assert!(after <= 2, "{after} token requests after the revocation");
+    assert!(
+        job.files
+            .iter()
+            .filter(|f| f.phase != pb::FilePhase::Done as i32)
+            .all(|f| f.failure_category == Some(pb::FailureCategory::Auth as i32)),
+        "every unfinished file failed as auth"
+    );
+}

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::auth::{AuthSettings, Authenticator, MAX_ASSERTION_LIFETIME, TokenManager};
+use crate::auth::{AuthSettings, Authenticator, MAX_ASSERTION_LIFETIME, TokenManager, TokenTimings};
 use crate::client::FhirClient;
 use crate::clock::{Clock, Entropy};
 use crate::error::{Error, Result};
@@ -50,6 +50,10 @@ pub struct TenantConfig {
     pub assertion_lifetime: Duration,
     #[serde(default = "default_refresh_margin", with = "crate::serde_duration")]
     pub refresh_margin: Duration,
+    /// After the EHR refuses the client (`invalid_client`, a revoked key), how long every
+    /// caller gets that refusal back before another assertion is signed and sent.
+    #[serde(default = "default_auth_refusal_hold", with = "crate::serde_duration")]
+    pub auth_refusal_hold: Duration,
     #[serde(default)]
     pub profile: ServerProfile,
     #[serde(default)]
@@ -65,6 +69,10 @@ fn default_assertion_lifetime() -> Duration {
 
 fn default_refresh_margin() -> Duration {
     Duration::from_secs(300)
+}
+
+fn default_auth_refusal_hold() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn config_error(key: &str, reason: impl Into<String>) -> Error {
@@ -91,6 +99,7 @@ impl TenantConfig {
             token_allow_list: Vec::new(),
             assertion_lifetime: default_assertion_lifetime(),
             refresh_margin: default_refresh_margin(),
+            auth_refusal_hold: default_auth_refusal_hold(),
             profile: ServerProfile::default(),
             export: ExportSettings::default(),
             request: ExportRequest::default(),
@@ -188,7 +197,15 @@ impl TenantConfig {
             Arc::clone(&clock),
             entropy.clone(),
         );
-        let tokens = TokenManager::spawn(authenticator, self.refresh_margin, Arc::clone(&clock), cancel);
+        let tokens = TokenManager::spawn(
+            authenticator,
+            TokenTimings {
+                refresh_margin: self.refresh_margin,
+                refusal_hold: self.auth_refusal_hold,
+            },
+            Arc::clone(&clock),
+            cancel,
+        );
         Ok(FhirClient::new(
             transport,
             self.base_url.clone(),

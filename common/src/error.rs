@@ -41,8 +41,15 @@ pub enum Category {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
+    /// The connection failed after the request may have been sent: the server may have
+    /// acted on it.
     #[error("network error talking to {url}: {message}")]
     Network { url: SafeUrl, message: String },
+
+    /// The request provably never left: no connection (refused, DNS, connect timeout) or
+    /// no TLS session. Safe to send again, even when sending twice would do harm.
+    #[error("could not reach {url}: {message}")]
+    Unsent { url: SafeUrl, message: String },
 
     #[error("{url} answered HTTP {status} (slow down){}", retry_hint(.retry_after))]
     Throttled {
@@ -118,6 +125,12 @@ pub enum Error {
         #[source]
         source: std::sync::Arc<std::io::Error>,
     },
+
+    #[error(
+        "the kick-off to {url} was sent and then the connection broke ({message}): the EHR may have accepted it, \
+         so it was not sent again (an orphan export may exist there; set export.kickoff_retry_ambiguous to retry anyway)"
+    )]
+    AmbiguousKickoff { url: SafeUrl, message: String },
 
     #[error("cancelled")]
     Cancelled,
@@ -206,7 +219,7 @@ fn retry_hint(retry_after: &Option<Duration>) -> String {
 impl Error {
     pub fn category(&self) -> Category {
         match self {
-            Error::Network { .. } => Category::Network,
+            Error::Network { .. } | Error::Unsent { .. } | Error::AmbiguousKickoff { .. } => Category::Network,
             Error::Throttled { .. } => Category::Throttled,
             Error::Http { status, message, .. } => {
                 if *status >= 500 || message.transient {
@@ -229,7 +242,7 @@ impl Error {
     /// Whether the same request may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Network { .. } | Error::Throttled { .. } => true,
+            Error::Network { .. } | Error::Unsent { .. } | Error::Throttled { .. } => true,
             Error::Http { status, message, .. } => *status >= 500 || message.transient,
             // A token endpoint that is down (5xx) can come back; a refusal cannot.
             Error::OAuth { status, .. } => *status >= 500,

@@ -35,8 +35,12 @@ pub struct ExportSettings {
     pub concurrency: usize,
     /// DELETE the status URL once every file is saved, so the EHR can purge them.
     pub delete_when_done: bool,
-    /// Kick-off attempts while the EHR answers 429/503 (waits as polling does).
+    /// Kick-off attempts while the EHR answers 429/503 (waits as polling does) or cannot
+    /// be reached at all.
     pub kickoff_attempts: u32,
+    /// Send a kick-off again when its connection broke after it was sent. The EHR may
+    /// then hold two exports (one never polled nor deleted); off by default.
+    pub kickoff_retry_ambiguous: bool,
 }
 
 impl Default for ExportSettings {
@@ -47,6 +51,7 @@ impl Default for ExportSettings {
             concurrency: 4,
             delete_when_done: false,
             kickoff_attempts: 5,
+            kickoff_retry_ambiguous: false,
         }
     }
 }
@@ -188,6 +193,7 @@ pub async fn run_export(
         request,
         profile,
         settings.kickoff_attempts.max(1),
+        settings.kickoff_retry_ambiguous,
         &mut kickoff_backoff,
     )
     .await?;

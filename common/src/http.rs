@@ -186,9 +186,15 @@ impl HttpTransport for ReqwestTransport {
             .body(request.body)
             .send()
             .await
-            .map_err(|e| Error::Network {
-                url: SafeUrl::from(&url),
-                message: describe_reqwest_error(&e),
+            .map_err(|e| {
+                let (url, message) = (SafeUrl::from(&url), describe_reqwest_error(&e));
+                // reqwest reports DNS, refused connections, connect timeouts and TLS
+                // handshakes as connect errors: the request never left.
+                if e.is_connect() {
+                    Error::Unsent { url, message }
+                } else {
+                    Error::Network { url, message }
+                }
             })?;
         let status = response.status();
         let headers = response.headers().clone();
@@ -252,23 +258,27 @@ impl<D: Dialer> HttpTransport for HyperTransport<D> {
             url: SafeUrl::from(&url),
             message,
         };
+        let unsent = |message: String| Error::Unsent {
+            url: SafeUrl::from(&url),
+            message,
+        };
         if url.scheme() != "http" {
-            return Err(network(format!(
+            return Err(unsent(format!(
                 "{} is not supported by this transport (plain http only)",
                 url.scheme()
             )));
         }
-        let host = url.host_str().ok_or_else(|| network("no host".into()))?.to_string();
+        let host = url.host_str().ok_or_else(|| unsent("no host".into()))?.to_string();
         let port = url.port_or_known_default().unwrap_or(80);
         let limit = self.silence_limit;
         let timed_out = || network(format!("no answer for {}s", limit.as_secs()));
         let stream = tokio::time::timeout(limit, self.dialer.dial(&host, port))
             .await
-            .map_err(|_| timed_out())?
-            .map_err(|e| network(format!("could not connect: {e}")))?;
+            .map_err(|_| unsent(format!("could not connect within {}s", limit.as_secs())))?
+            .map_err(|e| unsent(format!("could not connect: {e}")))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
-            .map_err(|e| network(format!("handshake failed: {e}")))?;
+            .map_err(|e| unsent(format!("handshake failed: {e}")))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -286,7 +296,7 @@ impl<D: Dialer> HttpTransport for HyperTransport<D> {
         }
         let outgoing = builder
             .body(http_body_util::Full::new(request.body))
-            .map_err(|e| network(format!("invalid request: {e}")))?;
+            .map_err(|e| unsent(format!("invalid request: {e}")))?;
         let response = tokio::time::timeout(limit, sender.send_request(outgoing))
             .await
             .map_err(|_| timed_out())?

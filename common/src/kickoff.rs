@@ -284,11 +284,16 @@ pub struct Accepted {
 
 /// Kicks off an export. 429 and 503 wait (`Retry-After`, else backoff) and retry up to
 /// `max_attempts` in all; any other failure is returned with the EHR's words.
+/// Sends the kick-off, retrying while the EHR throttles and while the request provably
+/// never left (`Error::Unsent`). A connection that broke after the request was sent is
+/// [`Error::AmbiguousKickoff`] (the EHR may hold an export nobody will poll) unless
+/// `retry_ambiguous` says to send it again anyway.
 pub async fn kick_off(
     client: &FhirClient,
     request: &ExportRequest,
     profile: &ServerProfile,
     max_attempts: u32,
+    retry_ambiguous: bool,
     backoff: &mut crate::retry::Backoff,
 ) -> Result<Accepted> {
     let http_request = request.build(client.base(), profile)?;
@@ -298,11 +303,23 @@ pub async fn kick_off(
         let response = client.send(http_request.clone(), Auth::Bearer).await;
         let response = match response {
             Ok(response) => response,
-            Err(error @ Error::Network { .. }) if attempt < max_attempts => {
+            // Never sent: sending again cannot start a second export.
+            Err(error @ Error::Unsent { .. }) if attempt < max_attempts => {
                 let delay = backoff.next_delay(None);
                 tracing::warn!(%error, attempt, delay_s = delay.as_secs_f64(), "kick-off could not reach the EHR; retrying");
                 tokio::time::sleep(delay).await;
                 continue;
+            }
+            // Sent, and then the connection broke: the EHR may have accepted it. Sending it
+            // again could start a second export, so only an explicit setting does.
+            Err(Error::Network { url, message }) if retry_ambiguous && attempt < max_attempts => {
+                let delay = backoff.next_delay(None);
+                tracing::warn!(%url, %message, attempt, delay_s = delay.as_secs_f64(), "kick-off connection broke after sending; retrying as configured (the EHR may hold an orphan export)");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            Err(Error::Network { url, message }) => {
+                return Err(Error::AmbiguousKickoff { url, message });
             }
             Err(error) => return Err(error),
         };

@@ -132,6 +132,10 @@ impl Default for SimConfig {
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     pub kickoff_429: u32,
+    /// The next N kick-offs are accepted (the export exists and runs) and then the
+    /// connection is dropped without an answer, as when a proxy or the network fails
+    /// between the EHR and the client.
+    pub kickoff_drop_after_accept: u32,
     /// Kick-off answers 200 instead of 202.
     pub kickoff_200: bool,
     /// Kick-off answers 202 without Content-Location.
@@ -456,6 +460,15 @@ impl SimEhr {
     }
 
     /// Changes the fault knobs.
+    /// Revokes every registered client and the tokens issued to them, as an EHR does when
+    /// an administrator withdraws an app's key: token requests are refused with
+    /// `invalid_client` from now on, and tokens in use answer 401.
+    pub fn revoke_clients(&self) {
+        let mut state = self.shared.lock();
+        state.clients.clear();
+        state.tokens.clear();
+    }
+
     pub fn set_faults(&self, change: impl FnOnce(&mut Faults)) {
         change(&mut self.shared.lock().faults);
     }

@@ -52,6 +52,7 @@ pub fn fast_settings() -> ExportSettings {
         concurrency: 4,
         delete_when_done: false,
         kickoff_attempts: 5,
+        kickoff_retry_ambiguous: false,
     }
 }
 

@@ -3,7 +3,7 @@
 
 mod manager;
 
-pub use manager::{TokenManager, TokenProvider};
+pub use manager::{TokenManager, TokenProvider, TokenSource, TokenTimings};
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

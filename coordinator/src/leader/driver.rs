@@ -191,6 +191,7 @@ impl JobDriver {
                     &request,
                     &profile,
                     settings.kickoff_attempts.max(1),
+                    settings.kickoff_retry_ambiguous,
                     &mut backoff,
                 )
                 .await;

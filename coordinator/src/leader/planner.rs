@@ -63,7 +63,9 @@ pub fn plan(state: &State, running: &Running, now_ms: u64, settings: &PlanSettin
                 }
             }
             JobPhase::Completed => {
-                if deletable && settings.delete_when_done.contains(&job.tenant) {
+                // A failed file may be fetched again from the EHR (a new lease, a person
+                // retrying): its export is not DELETEd, or the EHR may purge the files.
+                if deletable && settings.delete_when_done.contains(&job.tenant) && job.files_failed() == 0 {
                     actions.push(Action::DeleteStatus { job_id: job.id.clone() });
                 }
             }
@@ -231,6 +233,41 @@ mod tests {
             plan(&state, &Running::default(), 2_000, &settings(&["deletes"])),
             [Action::DeleteStatus { job_id: deletes }]
         );
+    }
+
+    #[test]
+    fn a_completed_export_with_a_failed_file_is_kept_at_the_ehr() {
+        let mut state = State::default();
+        let job = submit(&mut state, "deletes");
+        kicked_off(&mut state, &job);
+        with_file(&mut state, &job);
+        state.apply(Command::RegisterWorker {
+            worker_id: "w1".into(),
+            concurrency: 1,
+            at_ms: 0,
+        });
+        let Applied::LeaseGranted(grant) = state.apply(Command::GrantLease {
+            job_id: job.clone(),
+            file: 0,
+            worker_id: "w1".into(),
+            expires_at_ms: 100_000,
+        }) else {
+            panic!("granted");
+        };
+        state.apply(Command::FailLease {
+            lease_id: grant.lease_id,
+            generation: grant.generation,
+            category: fhirhaul_common::Category::Content,
+            reason: "line 2 is not JSON".into(),
+            retryable: false,
+            released: false,
+        });
+        state.apply(Command::ManifestComplete {
+            job_id: job.clone(),
+            transaction_time: "2024-01-01T00:00:00Z".into(),
+        });
+        assert_eq!(state.jobs[&job].phase, JobPhase::Completed);
+        assert!(plan(&state, &Running::default(), 2_000, &settings(&["deletes"])).is_empty());
     }
 
     #[test]

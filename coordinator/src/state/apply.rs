@@ -1,5 +1,6 @@
 use fhirhaul_common::Category;
 use fhirhaul_common::download::Checkpoint;
+use fhirhaul_common::fhir::parse_instant;
 
 use super::{
     Applied, Command, FilePhase, FileRecord, Job, JobPhase, LeaseGrant, LeaseIndex, Refusal, State, WorkerRecord,
@@ -146,8 +147,7 @@ impl State {
                     job.manifest_complete = true;
                     job.transaction_time = Some(transaction_time.clone());
                     job.phase = JobPhase::Downloading;
-                    self.tenant_since.insert(job.tenant.clone(), transaction_time);
-                    job.settle();
+                    self.settle(&job_id);
                     Applied::Done
                 }
                 Some(_) => refused(Refusal::JobEnded(job_id)),
@@ -162,26 +162,14 @@ impl State {
                 Some(_) => refused(Refusal::JobEnded(job_id)),
                 None => refused(Refusal::UnknownJob(job_id)),
             },
-            Command::CancelJob { job_id } => match self.jobs.get_mut(&job_id) {
+            Command::CancelJob { job_id } => match self.jobs.get(&job_id) {
                 Some(job) if !job.phase.is_final() => {
-                    job.phase = JobPhase::Cancelled;
-                    let leased: Vec<u64> = job
-                        .files
-                        .iter()
-                        .filter_map(|f| match &f.phase {
-                            FilePhase::Leased { lease_id, .. } => Some(*lease_id),
-                            _ => None,
-                        })
-                        .collect();
-                    for file in &mut job.files {
-                        if matches!(file.phase, FilePhase::Leased { .. } | FilePhase::Pending) {
-                            file.phase = FilePhase::Failed;
-                            file.failure = Some((Category::Cancelled, "the export was cancelled".into()));
-                        }
-                    }
-                    for lease in leased {
-                        self.leases.remove(&lease);
-                    }
+                    self.end_job(
+                        &job_id,
+                        JobPhase::Cancelled,
+                        Category::Cancelled,
+                        "the export was cancelled",
+                    );
                     Applied::Done
                 }
                 Some(_) => refused(Refusal::JobEnded(job_id)),
@@ -289,7 +277,7 @@ impl State {
                 if released {
                     record.attempts = record.attempts.saturating_sub(1);
                 }
-                record.failure = Some((category, reason));
+                record.failure = Some((category, reason.clone()));
                 let worker = match &record.phase {
                     FilePhase::Leased { worker_id, .. } => Some(worker_id.clone()),
                     _ => None,
@@ -301,8 +289,19 @@ impl State {
                     .and_then(|at| self.jobs.get(&at.job_id))
                     .map(|j| j.max_file_attempts)
                     .unwrap_or(1);
+                let job_id = self.leases.get(&lease_id).map(|at| at.job_id.clone());
                 if released || (retryable && attempts < job_max) {
                     self.release(lease_id, if released { worker } else { None });
+                } else if category == Category::Auth
+                    && let Some(job_id) = job_id
+                {
+                    // The EHR refuses the client itself: no other file of this export can
+                    // be fetched either. The export fails once, with the EHR's words.
+                    let reason = format!("the EHR refused the client: {reason}");
+                    self.end_job(&job_id, JobPhase::Failed, Category::Auth, &reason);
+                    if let Some(job) = self.jobs.get_mut(&job_id) {
+                        job.error = Some(reason);
+                    }
                 } else {
                     if let Some(record) = self.lease_file_mut(lease_id) {
                         record.phase = FilePhase::Failed;
@@ -382,10 +381,49 @@ impl State {
     }
 
     fn finish_lease(&mut self, lease_id: u64) {
-        if let Some(at) = self.leases.remove(&lease_id)
-            && let Some(job) = self.jobs.get_mut(&at.job_id)
-        {
-            job.settle();
+        if let Some(at) = self.leases.remove(&lease_id) {
+            self.settle(&at.job_id);
+        }
+    }
+
+    /// Ends an unfinished job as `phase`: every file still pending or leased fails with
+    /// `category` and `reason` (files already done or failed keep theirs), and the leases
+    /// end.
+    fn end_job(&mut self, job_id: &str, phase: JobPhase, category: Category, reason: &str) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        job.phase = phase;
+        for file in &mut job.files {
+            if let FilePhase::Leased { lease_id, .. } = file.phase {
+                self.leases.remove(&lease_id);
+            }
+            if matches!(file.phase, FilePhase::Leased { .. } | FilePhase::Pending) {
+                file.phase = FilePhase::Failed;
+                file.failure = Some((category, reason.to_string()));
+            }
+        }
+    }
+
+    /// Completes the job once its manifest is complete and every file is settled; a job
+    /// that completed with every file downloaded moves its tenant's incremental cursor.
+    fn settle(&mut self, job_id: &str) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        if !job.settle() || job.files_failed() > 0 {
+            return;
+        }
+        let (Some(reached), tenant, since) = (
+            job.transaction_time.clone(),
+            job.tenant.clone(),
+            job.request.since.clone(),
+        ) else {
+            return;
+        };
+        let cursor = self.tenant_since.get(&tenant).cloned();
+        if cursor_may_move(cursor.as_deref(), since.as_deref(), &reached) {
+            self.tenant_since.insert(tenant, reached);
         }
     }
 
@@ -406,4 +444,27 @@ impl State {
             }
         }
     }
+}
+
+/// Whether a tenant's incremental cursor may move from `cursor` to `reached`, the
+/// `transactionTime` of a job that downloaded every file of its export from `since` on.
+/// Only forwards, and only when the job left no gap: it must have started at or before the
+/// cursor (or from the beginning), or the data between the cursor and its `since` would be
+/// skipped by the next incremental export. Unreadable instants never move it.
+pub(super) fn cursor_may_move(cursor: Option<&str>, since: Option<&str>, reached: &str) -> bool {
+    let Some(reached) = parse_instant(reached) else {
+        return false;
+    };
+    let Some(cursor) = cursor else {
+        // No cursor yet: only an export from the beginning sets it.
+        return since.is_none();
+    };
+    let Some(cursor) = parse_instant(cursor) else {
+        return false;
+    };
+    let no_gap = match since {
+        None => true,
+        Some(since) => parse_instant(since).is_some_and(|since| since <= cursor),
+    };
+    no_gap && reached > cursor
 }

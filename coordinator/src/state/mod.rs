@@ -213,17 +213,20 @@ impl Job {
         format!("{}/{}", self.id, self.names.next(file))
     }
 
-    fn settle(&mut self) {
+    /// Completes the job if its manifest is complete and every file is done or failed;
+    /// whether it completed now.
+    fn settle(&mut self) -> bool {
         if self.phase.is_final() || !self.manifest_complete {
-            return;
+            return false;
         }
-        if self
+        let settled = self
             .files
             .iter()
-            .all(|f| matches!(f.phase, FilePhase::Done | FilePhase::Failed))
-        {
+            .all(|f| matches!(f.phase, FilePhase::Done | FilePhase::Failed));
+        if settled {
             self.phase = JobPhase::Completed;
         }
+        settled
     }
 }
 
@@ -302,7 +305,9 @@ pub struct State {
     pub jobs: BTreeMap<String, Job>,
     pub workers: BTreeMap<String, WorkerRecord>,
     pub leases: BTreeMap<u64, LeaseIndex>,
-    /// Each tenant's last `transactionTime`: the `_since` of its next incremental export.
+    /// Each tenant's incremental cursor: the `_since` of its next incremental export. It
+    /// moves to a job's `transactionTime` only when that job completed with every file
+    /// downloaded and left no gap (see `apply::cursor_may_move`).
     pub tenant_since: BTreeMap<String, String>,
     /// Each coordinator's gRPC address, by raft node id (from membership changes and
     /// [`Command::SetCoordinatorAddress`]).

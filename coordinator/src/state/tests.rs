@@ -1,4 +1,5 @@
 use super::*;
+use fhirhaul_common::kickoff::ExportRequest;
 
 fn manifest_file(n: u32) -> ManifestFile {
     ManifestFile {
@@ -191,7 +192,11 @@ fn job_completes_when_the_manifest_is_complete_and_every_file_is_settled() {
     assert_eq!(job.phase, JobPhase::Completed);
     assert_eq!(job.files[1].phase, FilePhase::Failed);
     assert_eq!(job.files[1].failure.as_ref().unwrap().0, Category::Content);
-    assert_eq!(state.tenant_since["t"], "2024-01-01T00:00:00Z");
+    assert_eq!(
+        state.tenant_since.get("t"),
+        None,
+        "a failed file keeps the incremental cursor where it was"
+    );
 }
 
 #[test]
@@ -304,4 +309,177 @@ fn a_grant_nobody_received_goes_back_without_counting_an_attempt() {
         matches!(state.apply(returned), Applied::Refused(Refusal::LeaseNotLive { .. })),
         "returned once only"
     );
+}
+
+/// Submits and kicks off a job from `since` with `files` files (URLs unique to the job).
+fn start_job(state: &mut State, since: Option<&str>, files: u32) -> String {
+    let Applied::JobSubmitted { job_id } = state.apply(Command::SubmitJob {
+        tenant: "t".into(),
+        request: ExportRequest {
+            since: since.map(String::from),
+            ..ExportRequest::default()
+        },
+        max_file_attempts: 1,
+        at_ms: 0,
+    }) else {
+        panic!("submitted");
+    };
+    state.apply(Command::KickedOff {
+        job_id: job_id.clone(),
+        status_url: format!("https://ehr.example/status/{job_id}"),
+    });
+    state.apply(Command::AddFiles {
+        job_id: job_id.clone(),
+        files: (0..files)
+            .map(|n| ManifestFile {
+                url: format!("https://ehr.example/files/{job_id}/{n}").parse().unwrap(),
+                ..manifest_file(n)
+            })
+            .collect(),
+        requires_access_token: true,
+    });
+    state.apply(Command::RegisterWorker {
+        worker_id: "w1".into(),
+        concurrency: 2,
+        at_ms: 0,
+    });
+    job_id
+}
+
+fn cursor(state: &State) -> Option<&str> {
+    state.tenant_since.get("t").map(String::as_str)
+}
+
+/// Runs a whole job of `files` files from `since` to `reached`: every file downloaded,
+/// except the first `fail` of them.
+fn run_job(state: &mut State, since: Option<&str>, reached: &str, files: u32, fail: u32) {
+    let job_id = start_job(state, since, files);
+    let before = cursor(state).map(String::from);
+    state.apply(Command::ManifestComplete {
+        job_id: job_id.clone(),
+        transaction_time: reached.into(),
+    });
+    if files > 0 {
+        assert_eq!(cursor(state), before.as_deref(), "a manifest alone moves nothing");
+    }
+    for file in 0..files {
+        let lease = grant(state, &job_id, file, "w1");
+        if file < fail {
+            state.apply(Command::FailLease {
+                lease_id: lease.lease_id,
+                generation: lease.generation,
+                category: Category::Network,
+                reason: "reset".into(),
+                retryable: false,
+                released: false,
+            });
+        } else {
+            state.apply(complete(&lease));
+        }
+    }
+    assert_eq!(state.jobs[&job_id].phase, JobPhase::Completed);
+}
+
+#[test]
+fn the_incremental_cursor_moves_only_when_every_file_of_a_job_is_downloaded() {
+    let mut state = State::default();
+    run_job(&mut state, None, "2024-01-01T00:00:00Z", 2, 1);
+    assert_eq!(cursor(&state), None, "a job with a failed file leaves the cursor alone");
+    run_job(&mut state, None, "2024-02-01T00:00:00Z", 2, 0);
+    assert_eq!(cursor(&state), Some("2024-02-01T00:00:00Z"));
+    // An incremental export from the cursor moves it on.
+    run_job(&mut state, Some("2024-02-01T00:00:00Z"), "2024-03-01T00:00:00Z", 1, 0);
+    assert_eq!(cursor(&state), Some("2024-03-01T00:00:00Z"));
+    // An older export finishing late never moves it back.
+    run_job(&mut state, None, "2024-02-15T00:00:00Z", 1, 0);
+    assert_eq!(cursor(&state), Some("2024-03-01T00:00:00Z"));
+    // An export that started after the cursor would leave a gap: it does not move it.
+    run_job(&mut state, Some("2024-03-05T00:00:00Z"), "2024-04-01T00:00:00Z", 1, 0);
+    assert_eq!(cursor(&state), Some("2024-03-01T00:00:00Z"));
+    // An export with no files completes at once and moves it.
+    run_job(&mut state, None, "2024-05-01T00:00:00Z", 0, 0);
+    assert_eq!(cursor(&state), Some("2024-05-01T00:00:00Z"));
+}
+
+#[test]
+fn a_cancelled_job_never_moves_the_cursor() {
+    let mut state = State::default();
+    run_job(&mut state, None, "2024-01-01T00:00:00Z", 1, 0);
+    let job_id = start_job(&mut state, None, 1);
+    state.apply(Command::ManifestComplete {
+        job_id: job_id.clone(),
+        transaction_time: "2024-07-01T00:00:00Z".into(),
+    });
+    state.apply(Command::CancelJob { job_id });
+    assert_eq!(cursor(&state), Some("2024-01-01T00:00:00Z"));
+}
+
+#[test]
+fn the_cursor_rule_in_detail() {
+    use super::apply::cursor_may_move;
+    assert!(cursor_may_move(None, None, "2024-01-01T00:00:00Z"));
+    assert!(!cursor_may_move(
+        None,
+        Some("2023-01-01T00:00:00Z"),
+        "2024-01-01T00:00:00Z"
+    ));
+    assert!(cursor_may_move(
+        Some("2024-01-01T00:00:00Z"),
+        Some("2024-01-01T00:00:00Z"),
+        "2024-02-01T00:00:00Z"
+    ));
+    // Offsets are compared as instants, not as text.
+    assert!(cursor_may_move(
+        Some("2024-01-01T01:00:00+01:00"),
+        Some("2024-01-01T00:00:00Z"),
+        "2024-01-02T00:00:00Z"
+    ));
+    assert!(!cursor_may_move(
+        Some("2024-01-01T00:00:00Z"),
+        None,
+        "2023-12-31T00:00:00Z"
+    ));
+    assert!(!cursor_may_move(Some("2024-01-01T00:00:00Z"), None, "not an instant"));
+}
+
+#[test]
+fn a_refusal_of_the_client_fails_the_whole_job_once_with_the_ehrs_words() {
+    let (mut state, job_id) = state_with_job(3);
+    let first = grant(&mut state, &job_id, 0, "w1");
+    let second = grant(&mut state, &job_id, 1, "w2");
+    state.apply(Command::FailLease {
+        lease_id: first.lease_id,
+        generation: first.generation,
+        category: Category::Auth,
+        reason: "invalid_client (the key was revoked)".into(),
+        retryable: false,
+        released: false,
+    });
+    let job = &state.jobs[&job_id];
+    assert_eq!(job.phase, JobPhase::Failed);
+    assert!(job.error.as_deref().unwrap().contains("the key was revoked"));
+    assert!(job.files.iter().all(|f| f.phase == FilePhase::Failed));
+    assert!(job.files.iter().all(|f| {
+        f.failure
+            .as_ref()
+            .is_some_and(|(c, r)| *c == Category::Auth && r.contains("revoked"))
+    }));
+    assert!(state.leases.is_empty(), "every lease ended with the job");
+    assert!(
+        matches!(state.apply(complete(&second)), Applied::Refused(refusal) if refusal.is_fencing()),
+        "a worker still downloading is told to stop"
+    );
+    // A refusal that may pass (a token endpoint that is down) is retried as usual.
+    let (mut state, job_id) = state_with_job(1);
+    let lease = grant(&mut state, &job_id, 0, "w1");
+    state.apply(Command::FailLease {
+        lease_id: lease.lease_id,
+        generation: lease.generation,
+        category: Category::Auth,
+        reason: "token endpoint answered 503".into(),
+        retryable: true,
+        released: false,
+    });
+    assert_eq!(state.jobs[&job_id].phase, JobPhase::Polling);
+    assert_eq!(state.jobs[&job_id].files[0].phase, FilePhase::Pending);
 }

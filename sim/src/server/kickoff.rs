@@ -172,7 +172,14 @@ pub(super) async fn kickoff(shared: &Arc<Shared>, level: Level, request: Request
             &format!("the token's scopes do not allow reading {kind}"),
         );
     }
-    start_job(shared, client_id, validated)
+    let mut accepted = start_job(shared, client_id, validated);
+    let mut state = shared.lock();
+    if accepted.status() == StatusCode::ACCEPTED && state.faults.kickoff_drop_after_accept > 0 {
+        state.faults.kickoff_drop_after_accept -= 1;
+        accepted.extensions_mut().insert(DropConnection);
+    }
+    drop(state);
+    accepted
 }
 
 pub(super) fn validate_kickoff(

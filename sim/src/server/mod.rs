@@ -6,7 +6,6 @@
 //! handler can `?` its way out; the response is built once per request and never stored.
 #![allow(clippy::result_large_err)]
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +36,10 @@ use self::status::*;
 use crate::{FileRequestSeen, JoinPolicy, KickoffSeen, RetryAfterStyle, Shared, TokenInfo, random_hex};
 
 type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Marks a response that must not be sent: the connection is dropped instead.
+#[derive(Clone, Copy)]
+pub(crate) struct DropConnection;
 
 const MAX_LIFETIME_SECS: i64 = 300;
 const SUPPORTED_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
@@ -73,7 +76,14 @@ where
 {
     let service = hyper::service::service_fn(move |request| {
         let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(route(&shared, storage, request).await) }
+        async move {
+            let response = route(&shared, storage, request).await;
+            if response.extensions().get::<DropConnection>().is_some() {
+                // An error from the service makes hyper close the connection unanswered.
+                return Err(std::io::Error::other("dropping the connection (planted fault)"));
+            }
+            Ok(response)
+        }
     });
     let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
     tokio::select! {
