@@ -73,10 +73,19 @@ async fn fixture(megabytes: u64, spool: &std::path::Path) -> Fixture {
     };
     let mut backoff =
         fhirhaul_common::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(1), Entropy::from_os());
-    let accepted =
-        fhirhaul_common::kickoff::kick_off(&client, &request, &ServerProfile::default(), 3, false, &mut backoff)
-            .await
-            .unwrap();
+    let accepted = fhirhaul_common::kickoff::kick_off(
+        &client,
+        &request,
+        &ServerProfile::default(),
+        fhirhaul_common::kickoff::KickoffRetries {
+            max_attempts: 3,
+            retry_ambiguous: false,
+            throttled_at_most: Duration::from_secs(60),
+        },
+        &mut backoff,
+    )
+    .await
+    .unwrap();
     let poll = PollSettings {
         min_interval: Duration::from_millis(200),
         max_interval: Duration::from_secs(1),

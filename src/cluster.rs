@@ -321,18 +321,43 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         }
         None => String::new(),
     };
+    // One id for every attempt: a retry after a lost answer or a leader change can only
+    // find the job the first attempt created, never make a second.
     let request = pb::SubmitExportRequest {
         tenant: args.tenant.clone(),
         request_json,
         incremental: args.incremental,
+        request_id: Entropy::from_os().hex(16),
     };
-    let job_id = admin
-        .call("submit refused", request, |mut client, request| async move {
-            client.submit_export(request).await
-        })
-        .await?
-        .job_id;
-    println!("submitted {job_id}");
+    let mut uncertain_left = 5;
+    let submitted = loop {
+        let answer = admin
+            .coordinators
+            .call(|channel| {
+                let request = admin.coordinators.request(request.clone());
+                async move { AdminServiceClient::new(channel).submit_export(request).await }
+            })
+            .await;
+        match answer {
+            // A leader change left the proposal's fate unknown: ask again with the same id.
+            Err(status) if status.code() == tonic::Code::Unknown && uncertain_left > 0 => {
+                uncertain_left -= 1;
+                tracing::info!(status = %status.message(), "submission outcome unknown; asking again with the same request id");
+            }
+            Err(status) => bail!(
+                "submit refused: {} (coordinator {})",
+                status.message(),
+                admin.coordinators.current()
+            ),
+            Ok(response) => break response.into_inner(),
+        }
+    };
+    let job_id = submitted.job_id;
+    if submitted.created {
+        println!("submitted {job_id}");
+    } else {
+        println!("submitted {job_id} (found by its request id after a retry)");
+    }
     if args.no_wait {
         return Ok(ExitCode::SUCCESS);
     }

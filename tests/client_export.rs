@@ -333,7 +333,14 @@ async fn retry_after_as_seconds_and_as_http_date_is_honoured() {
             retry_after: style,
             ..sim_config()
         };
-        let h = harness_with(config, "ES384", |t| t.export.poll.max_interval = Duration::from_secs(3)).await;
+        // Our own backoff would wait 15 s at least; the EHR's hint is what counts.
+        let h = harness_with(config, "ES384", |t| {
+            t.export.poll.min_interval = Duration::from_secs(15);
+            t.export.poll.max_interval = Duration::from_secs(30);
+            t.export.poll.min_retry_after = Duration::from_secs(1);
+            t.export.poll.max_retry_after = Duration::from_secs(3);
+        })
+        .await;
         let (report, events) = h
             .export_collecting(&ExportRequest {
                 types: vec!["Patient".into()],
@@ -349,6 +356,10 @@ async fn retry_after_as_seconds_and_as_http_date_is_honoured() {
             .collect();
         assert!(!waits.is_empty(), "{events:?}");
         assert!(waits.iter().all(|w| *w >= at_least), "{style:?}: waited {waits:?}");
+        assert!(
+            waits.iter().all(|w| *w <= 3.0),
+            "{style:?}: the EHR's hint, not min_interval, sets the wait: {waits:?}"
+        );
         assert!(events.iter().any(|e| e.contains("Progress(")), "X-Progress surfaced");
     }
 }

@@ -133,6 +133,42 @@ async fn kickoff_protocol_violations_and_refusals_are_clear_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_with_a_retry_after_never_counts_toward_giving_up() {
+    let config = SimConfig {
+        job_duration: Duration::from_millis(100),
+        ..sim_config()
+    };
+    // Three transient failures in a row would end the export; forty throttled answers in
+    // a row, each with its Retry-After, do not, and neither do throttled kick-offs beyond
+    // the attempt limit.
+    let h = harness_with(config, "ES384", |tenant| {
+        tenant.export.poll.max_consecutive_errors = 3;
+        tenant.export.kickoff_attempts = 2;
+        tenant.export.poll.min_retry_after = Duration::from_millis(5);
+        tenant.export.poll.max_retry_after = Duration::from_millis(5);
+    })
+    .await;
+    h.sim.set_faults(|f| {
+        f.kickoff_429 = 6;
+        f.status_429 = 40;
+    });
+    let report = h.export(&one_type("Condition")).await.unwrap();
+    h.assert_identical(&report);
+    let observed = h.sim.observed();
+    assert_eq!(
+        observed.kickoffs.len(),
+        7,
+        "six throttled kick-offs waited out, then one accepted"
+    );
+    assert_eq!(h.sim.jobs().len(), 1);
+    assert!(observed.status_requests > 40);
+    // Transient failures still count.
+    h.sim.set_faults(|f| f.status_500 = 10);
+    let error = h.export(&one_type("Condition")).await.unwrap_err();
+    assert!(error.is_retryable(), "it gave up on transient errors: {error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_429_503_and_transient_500_slow_down_without_failing() {
     let config = SimConfig {
         job_duration: Duration::from_millis(100),
@@ -209,8 +245,11 @@ async fn delete_cancels_and_a_second_delete_still_counts_as_done() {
         &h.client,
         &one_type("Patient"),
         &Default::default(),
-        3,
-        false,
+        fhirhaul_common::kickoff::KickoffRetries {
+            max_attempts: 3,
+            retry_ambiguous: false,
+            throttled_at_most: Duration::from_secs(60),
+        },
         &mut backoff,
     )
     .await

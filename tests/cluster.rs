@@ -119,6 +119,7 @@ impl Cluster {
                 tenant: "sim".into(),
                 request_json: request_json.into(),
                 incremental,
+                request_id: String::new(),
             })
             .await
             .unwrap();
@@ -561,4 +562,60 @@ async fn a_revoked_client_ends_the_job_once_with_the_ehrs_words_and_few_token_re
             .all(|f| f.failure_category == Some(pb::FailureCategory::Auth as i32)),
         "every unfinished file failed as auth"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_sent_twice_with_one_request_id_is_one_job_and_one_kickoff() {
+    let config = SimConfig {
+        patients: 10,
+        job_duration: Duration::from_millis(100),
+        ..SimConfig::default()
+    };
+    let mut cluster = Cluster::start(config, "5s").await;
+    cluster.start_worker("w1");
+    let submit = || pb::SubmitExportRequest {
+        tenant: "sim".into(),
+        request_json: r#"{"types":["Patient"]}"#.into(),
+        incremental: false,
+        request_id: "cli-3b9e0c".into(),
+    };
+    let first = cluster
+        .admin()
+        .await
+        .submit_export(submit())
+        .await
+        .unwrap()
+        .into_inner();
+    // The answer was lost, say: the CLI asks again with the same id.
+    let again = cluster
+        .admin()
+        .await
+        .submit_export(submit())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    assert!(!again.created, "the retry found the first job");
+    assert_eq!(again.job_id, first.job_id);
+    cluster.wait_completed(&first.job_id, Duration::from_secs(60)).await;
+    let jobs = cluster
+        .admin()
+        .await
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(cluster.sim.observed().kickoffs.len(), 1, "one export at the EHR");
+    let refused = cluster
+        .admin()
+        .await
+        .submit_export(pb::SubmitExportRequest {
+            request_id: "not printable\u{7}".into(),
+            ..submit()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 }

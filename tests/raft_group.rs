@@ -123,6 +123,7 @@ async fn an_isolated_coordinator_cannot_grant_leases_or_change_state_and_catches
             tenant: "sim".into(),
             request_json: String::new(),
             incremental: false,
+            request_id: String::new(),
         })
         .await;
     assert!(

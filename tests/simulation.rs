@@ -793,14 +793,13 @@ async fn operator_export(
 ) -> fhirhaul_proto::v1::GetJobResponse {
     use fhirhaul_proto::v1 as pb;
     use pb::admin_service_client::AdminServiceClient;
-    let before: Vec<String> = loop {
-        let listed = cluster
-            .call(|channel| async move { AdminServiceClient::new(channel).list_jobs(pb::ListJobsRequest {}).await })
-            .await;
-        if let Ok(listed) = listed {
-            break listed.into_inner().jobs.into_iter().map(|j| j.job_id).collect();
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    // The same request id on every attempt: a retry after an uncertain outcome (a leader
+    // change while the proposal was pending), a lost answer or a timeout finds the job the
+    // first attempt created instead of creating a second.
+    let request_id = if incremental {
+        "operator-incremental"
+    } else {
+        "operator-first"
     };
     let job_id = loop {
         let submitted = cluster
@@ -810,31 +809,13 @@ async fn operator_export(
                         tenant: "sim".into(),
                         request_json: String::new(),
                         incremental,
+                        request_id: request_id.into(),
                     })
                     .await
             })
             .await;
-        match submitted {
-            Ok(response) => break response.into_inner().job_id,
-            // An uncertain outcome may have committed the job: look before submitting again.
-            Err(status) if status.code() == tonic::Code::Unknown => {
-                let listed =
-                    cluster
-                        .call(|channel| async move {
-                            AdminServiceClient::new(channel).list_jobs(pb::ListJobsRequest {}).await
-                        })
-                        .await;
-                if let Ok(listed) = listed
-                    && let Some(job) = listed
-                        .into_inner()
-                        .jobs
-                        .into_iter()
-                        .find(|j| !before.contains(&j.job_id))
-                {
-                    break job.job_id;
-                }
-            }
-            Err(_) => {}
+        if let Ok(response) = submitted {
+            break response.into_inner().job_id;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };

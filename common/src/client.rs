@@ -20,7 +20,7 @@ use crate::clock::{Clock, Entropy};
 use crate::error::{Error, Result};
 use crate::fhir::EhrMessage;
 use crate::http::{HttpRequest, HttpResponse, HttpTransport};
-use crate::retry::parse_retry_after;
+use crate::retry::{RetryAfterForm, parse_retry_after_form};
 use crate::url_util::SafeUrl;
 
 const MAX_REDIRECTS: usize = 5;
@@ -190,10 +190,21 @@ impl FhirClient {
         Error::Http { url, status, message }
     }
 
-    /// The response's `Retry-After`, if present and readable.
+    /// The response's `Retry-After`, if present and readable. A value that is an absolute
+    /// time rather than a delay (some servers send epoch seconds or milliseconds) is read
+    /// as one, and said so in the log.
     pub fn retry_after(&self, response: &HttpResponse) -> Option<Duration> {
-        response
-            .header_str("retry-after")
-            .and_then(|v| parse_retry_after(v, self.clock.now()))
+        let raw = response.header_str("retry-after")?;
+        let (delay, form) = parse_retry_after_form(raw, self.clock.now())?;
+        if matches!(form, RetryAfterForm::EpochSeconds | RetryAfterForm::EpochMillis) {
+            tracing::info!(
+                url = %SafeUrl::from(&response.url),
+                retry_after = raw,
+                ?form,
+                delay_s = delay.as_secs(),
+                "Retry-After is an absolute time, not a delay; reading it as one"
+            );
+        }
+        Some(delay)
     }
 }

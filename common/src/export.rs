@@ -17,7 +17,7 @@ use url::Url;
 use crate::client::FhirClient;
 use crate::download::{DownloadOptions, DownloadSettings, FileOutcome, download_file};
 use crate::error::{Category, Error, Result};
-use crate::kickoff::{ExportRequest, ServerProfile, kick_off};
+use crate::kickoff::{ExportRequest, KickoffRetries, ServerProfile, kick_off};
 use crate::manifest::{FileKind, ManifestFile};
 use crate::offload::Offload;
 use crate::output::{OutputNames, Summary, SummaryFailure, SummaryFile, write_summary};
@@ -187,13 +187,17 @@ pub async fn run_export(
         settings.poll.min_interval,
         settings.poll.max_interval,
         client.entropy().clone(),
-    );
+    )
+    .with_hint_bounds(settings.poll.min_retry_after, settings.poll.max_retry_after);
     let accepted = kick_off(
         client,
         request,
         profile,
-        settings.kickoff_attempts.max(1),
-        settings.kickoff_retry_ambiguous,
+        KickoffRetries {
+            max_attempts: settings.kickoff_attempts.max(1),
+            retry_ambiguous: settings.kickoff_retry_ambiguous,
+            throttled_at_most: settings.poll.deadline,
+        },
         &mut kickoff_backoff,
     )
     .await?;

@@ -1,6 +1,8 @@
 //! Starting an export: the request model, its validation, building the GET or POST, and the
 //! kick-off exchange (202 + `Content-Location`, bounded retries on 429/503).
 
+use std::time::Duration;
+
 use http::Method;
 use http::header::{ACCEPT, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
@@ -284,19 +286,33 @@ pub struct Accepted {
 
 /// Kicks off an export. 429 and 503 wait (`Retry-After`, else backoff) and retry up to
 /// `max_attempts` in all; any other failure is returned with the EHR's words.
+/// When a kick-off is sent again.
+#[derive(Debug, Clone, Copy)]
+pub struct KickoffRetries {
+    /// Attempts while the EHR cannot be reached, or throttles without saying for how long.
+    pub max_attempts: u32,
+    /// Send again after the connection broke once the request was sent (see
+    /// [`Error::AmbiguousKickoff`]).
+    pub retry_ambiguous: bool,
+    /// Throttling with a `Retry-After` is waited out and never counts as an attempt; this
+    /// bounds the whole wait (the export's deadline).
+    pub throttled_at_most: Duration,
+}
+
 /// Sends the kick-off, retrying while the EHR throttles and while the request provably
 /// never left (`Error::Unsent`). A connection that broke after the request was sent is
 /// [`Error::AmbiguousKickoff`] (the EHR may hold an export nobody will poll) unless
-/// `retry_ambiguous` says to send it again anyway.
+/// `retries.retry_ambiguous` says to send it again anyway.
 pub async fn kick_off(
     client: &FhirClient,
     request: &ExportRequest,
     profile: &ServerProfile,
-    max_attempts: u32,
-    retry_ambiguous: bool,
+    retries: KickoffRetries,
     backoff: &mut crate::retry::Backoff,
 ) -> Result<Accepted> {
     let http_request = request.build(client.base(), profile)?;
+    let (max_attempts, retry_ambiguous) = (retries.max_attempts, retries.retry_ambiguous);
+    let started = client.clock().now();
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -351,13 +367,21 @@ pub async fn kick_off(
             }
             _ => {
                 let error = client.error_from(response).await;
-                if matches!(error, Error::Throttled { .. }) && attempt < max_attempts {
-                    let delay = backoff.next_delay(error.retry_after());
-                    tracing::warn!(%error, attempt, delay_s = delay.as_secs_f64(), "kick-off throttled; waiting");
-                    tokio::time::sleep(delay).await;
-                    continue;
+                let throttled_for = client.clock().now().duration_since(started).unwrap_or_default();
+                match &error {
+                    // The EHR says when to come back: wait, and do not count it.
+                    Error::Throttled {
+                        retry_after: Some(_), ..
+                    } if throttled_for < retries.throttled_at_most => {
+                        attempt -= 1;
+                    }
+                    Error::Throttled { retry_after: None, .. } if attempt < max_attempts => {}
+                    _ => return Err(error),
                 }
-                return Err(error);
+                let delay = backoff.next_delay(error.retry_after());
+                tracing::warn!(%error, attempt, wait_s = delay.as_secs_f64(), "kick-off throttled; waiting");
+                tokio::time::sleep(delay).await;
+                continue;
             }
         }
     }

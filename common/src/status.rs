@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime};
 use http::Method;
 use http::header::ACCEPT;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -30,27 +29,37 @@ const MAX_MANIFEST_PAGES: usize = 100_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PollSettings {
-    /// Shortest wait between polls (a smaller `Retry-After` is raised to this).
+    /// First wait of our own backoff, when the EHR gives no `Retry-After`.
     #[serde(with = "crate::serde_duration")]
     pub min_interval: Duration,
-    /// Longest wait between polls (a larger `Retry-After` is lowered to this).
+    /// Longest wait of our own backoff.
     #[serde(with = "crate::serde_duration")]
     pub max_interval: Duration,
+    /// The EHR's `Retry-After` is honoured as given between these two bounds (a shorter
+    /// one is raised, a longer one lowered).
+    #[serde(with = "crate::serde_duration")]
+    pub min_retry_after: Duration,
+    #[serde(with = "crate::serde_duration")]
+    pub max_retry_after: Duration,
     /// Give up on an export that has not completed after this long.
     #[serde(with = "crate::serde_duration")]
     pub deadline: Duration,
     /// Give up when neither `X-Progress` nor the partial manifest changed for this long.
     #[serde(with = "crate::serde_duration")]
     pub stall_timeout: Duration,
-    /// Give up after this many transient failures in a row.
+    /// Give up after this many transient failures in a row. Throttling with a
+    /// `Retry-After` (429/503) is the EHR working as designed and never counts: only the
+    /// deadline ends a throttled export.
     pub max_consecutive_errors: u32,
 }
 
 impl Default for PollSettings {
     fn default() -> Self {
         PollSettings {
-            min_interval: Duration::from_secs(15),
+            min_interval: Duration::from_secs(2),
             max_interval: Duration::from_secs(300),
+            min_retry_after: crate::retry::HINT_BOUNDS.0,
+            max_retry_after: crate::retry::HINT_BOUNDS.1,
             deadline: Duration::from_secs(48 * 3600),
             stall_timeout: Duration::from_secs(6 * 3600),
             max_consecutive_errors: 30,
@@ -161,22 +170,39 @@ pub struct CompletedExport {
 pub struct Poller {
     settings: PollSettings,
     backoff: Backoff,
-    started: Instant,
-    last_change: Instant,
+    /// When the export was submitted, and when it last showed progress, by the client's
+    /// clock: the deadline and the stall watchdog count from these.
+    started: SystemTime,
+    last_change: SystemTime,
     last_progress: Option<String>,
     handed_out: HashSet<Url>,
 }
 
 impl Poller {
+    /// A poller whose deadline and stall watchdog start now.
     pub fn new(settings: PollSettings, client: &FhirClient) -> Self {
-        let backoff = Backoff::new(settings.min_interval, settings.max_interval, client.entropy().clone());
-        let now = Instant::now();
+        let now = client.clock().now();
+        Self::resuming(settings, client, now, now, None)
+    }
+
+    /// A poller for an export submitted at `started` that last showed progress
+    /// (`last_progress`) at `last_change`: a coordinator taking over an export keeps its
+    /// deadline and watchdog instead of starting them again.
+    pub fn resuming(
+        settings: PollSettings,
+        client: &FhirClient,
+        started: SystemTime,
+        last_change: SystemTime,
+        last_progress: Option<String>,
+    ) -> Self {
+        let backoff = Backoff::new(settings.min_interval, settings.max_interval, client.entropy().clone())
+            .with_hint_bounds(settings.min_retry_after, settings.max_retry_after);
         Poller {
             settings,
             backoff,
-            started: now,
-            last_change: now,
-            last_progress: None,
+            started,
+            last_change: last_change.max(started),
+            last_progress,
             handed_out: HashSet::new(),
         }
     }
@@ -191,14 +217,15 @@ impl Poller {
     ) -> Result<CompletedExport> {
         let safe_url = SafeUrl::from(status_url);
         let mut consecutive_errors = 0u32;
+        let since = |at: SystemTime| client.clock().now().duration_since(at).unwrap_or_default();
         loop {
-            if self.started.elapsed() > self.settings.deadline {
+            if since(self.started) > self.settings.deadline {
                 return Err(Error::Deadline {
                     url: safe_url,
                     limit: self.settings.deadline,
                 });
             }
-            if self.last_change.elapsed() > self.settings.stall_timeout {
+            if since(self.last_change) > self.settings.stall_timeout {
                 return Err(Error::Stalled {
                     url: safe_url,
                     limit: self.settings.stall_timeout,
@@ -216,7 +243,7 @@ impl Poller {
                 }) => {
                     consecutive_errors = 0;
                     if progress.is_some() && progress != self.last_progress {
-                        self.last_change = Instant::now();
+                        self.last_change = client.clock().now();
                         self.last_progress = progress.clone();
                         if let Some(text) = progress {
                             tracing::info!(progress = %text, "export in progress");
@@ -227,7 +254,7 @@ impl Poller {
                         let requires_access_token = partial.requires_access_token;
                         let fresh = self.fresh_files(partial.files);
                         if !fresh.is_empty() {
-                            self.last_change = Instant::now();
+                            self.last_change = client.clock().now();
                             on_event(PollEvent::PartialFiles {
                                 files: fresh,
                                 requires_access_token,
@@ -236,13 +263,25 @@ impl Poller {
                     }
                     (self.backoff.next_delay(retry_after), "in progress".to_string())
                 }
+                // Throttled with a hint: the EHR working as designed. It never counts toward
+                // giving up; only the deadline ends a throttled export.
+                Err(
+                    error @ Error::Throttled {
+                        retry_after: Some(_), ..
+                    },
+                ) => {
+                    let delay = self.backoff.next_delay(error.retry_after());
+                    tracing::info!(%error, wait_s = delay.as_secs_f64(), "status poll throttled; waiting as asked");
+                    (delay, error.to_string())
+                }
                 Err(error) if error.is_retryable() => {
                     consecutive_errors += 1;
                     if consecutive_errors > self.settings.max_consecutive_errors {
                         return Err(error);
                     }
-                    tracing::warn!(%error, consecutive_errors, "status poll failed; will retry");
-                    (self.backoff.next_delay(error.retry_after()), error.to_string())
+                    let delay = self.backoff.next_delay(error.retry_after());
+                    tracing::warn!(%error, consecutive_errors, wait_s = delay.as_secs_f64(), "status poll failed; will retry");
+                    (delay, error.to_string())
                 }
                 Err(error) => return Err(error),
             };

@@ -288,12 +288,18 @@ impl Coordinator {
     /// Commits a new export for `tenant` (nothing is sent to the EHR before the commit).
     /// Without a request, the tenant's configured one is used. `incremental` fills `since`
     /// with the tenant's last `transactionTime`, when it has one and the request has none.
+    ///
+    /// `request_id` makes the submission idempotent: the same id again (a retry after a
+    /// lost answer, or after a leader change left the first attempt's fate unknown) gets
+    /// the first attempt's job, never a second one. Returns the job id and whether it was
+    /// created by this call.
     pub async fn submit(
         &self,
         tenant: &str,
         request: Option<ExportRequest>,
         incremental: bool,
-    ) -> Result<String, CoordinatorError> {
+        request_id: Option<String>,
+    ) -> Result<(String, bool), CoordinatorError> {
         let config = self.tenant(tenant)?;
         let mut request = request.unwrap_or_else(|| config.request.clone());
         if incremental && request.since.is_none() {
@@ -309,10 +315,16 @@ impl Coordinator {
                 request,
                 max_file_attempts: self.inner.settings.max_file_attempts,
                 at_ms: self.now_ms(),
+                request_id,
             })
             .await?;
+        if let Ok(term) = self.leader_term() {
+            // Kick it off now, not at the next tick.
+            term.wake();
+        }
         match submitted {
-            Applied::JobSubmitted { job_id } => Ok(job_id),
+            Applied::JobSubmitted { job_id } => Ok((job_id, true)),
+            Applied::AlreadySubmitted { job_id } => Ok((job_id, false)),
             Applied::Refused(refusal) => Err(refusal.into()),
             other => unreachable!("SubmitJob applies as JobSubmitted, not {other:?}"),
         }
@@ -324,6 +336,10 @@ impl Coordinator {
                 job_id: job_id.to_string(),
             })
             .await?;
+        if let Ok(term) = self.leader_term() {
+            // Stop its driver and DELETE its export now.
+            term.wake();
+        }
         match cancelled {
             Applied::Refused(refusal) => Err(refusal.into()),
             _ => Ok(()),

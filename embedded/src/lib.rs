@@ -174,7 +174,8 @@ impl Embedded {
 
     /// Submits the tenant's configured export; returns its job id.
     pub async fn submit(&self) -> Result<String, EmbeddedError> {
-        Ok(self.coordinator.submit(&self.tenant, None, false).await?)
+        let (job_id, _) = self.coordinator.submit(&self.tenant, None, false, None).await?;
+        Ok(job_id)
     }
 
     /// Writes the job's `summary.json` into `dir` and returns it.

@@ -152,7 +152,15 @@ impl Group {
         panic!("no leader among {among:?}");
     }
 
+    /// Submits the tenant's export, with one request id for every attempt the leader-
+    /// finding client makes, so a retry cannot create a second job.
     pub async fn submit(&self) -> String {
+        static SUBMISSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let request_id = format!(
+            "testkit-{}-{}",
+            std::process::id(),
+            SUBMISSIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
         let cluster = self.cluster();
         cluster
             .call(|channel| {
@@ -160,6 +168,7 @@ impl Group {
                     tenant: "sim".into(),
                     request_json: String::new(),
                     incremental: false,
+                    request_id: request_id.clone(),
                 });
                 async move { AdminServiceClient::new(channel).submit_export(request).await }
             })

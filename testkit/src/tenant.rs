@@ -41,6 +41,8 @@ concurrency = 6
 [tenant.export.poll]
 min_interval = "100ms"
 max_interval = "500ms"
+min_retry_after = "100ms"
+max_retry_after = "500ms"
 [tenant.export.download]
 backoff_min = "50ms"
 backoff_max = "500ms"

@@ -36,12 +36,15 @@ pub fn sim_config() -> SimConfig {
     }
 }
 
-/// Timings shrunk for tests (the sim asks for 1 s between polls; we allow up to 300 ms).
+/// Timings shrunk for tests (the sim asks for 1 s between polls; the tests honour its
+/// hints only up to 300 ms).
 pub fn fast_settings() -> ExportSettings {
     ExportSettings {
         poll: PollSettings {
             min_interval: Duration::from_millis(20),
             max_interval: Duration::from_millis(300),
+            min_retry_after: Duration::from_millis(20),
+            max_retry_after: Duration::from_millis(300),
             ..PollSettings::default()
         },
         download: DownloadSettings {

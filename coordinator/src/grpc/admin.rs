@@ -35,13 +35,26 @@ impl AdminService for AdminApi {
                     .map_err(|e| Status::invalid_argument(format!("request_json: {e}")))?,
             )
         };
-        let job_id = self
+        let request_id = match request.request_id.as_str() {
+            "" => None,
+            id if id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic()) => Some(id.to_string()),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "request_id must be at most 128 printable ASCII characters",
+                ));
+            }
+        };
+        let (job_id, created) = self
             .coordinator
-            .submit(&request.tenant, export, request.incremental)
+            .submit(&request.tenant, export, request.incremental, request_id)
             .await
             .map_err(Status::from)?;
-        tracing::info!(job = %job_id, tenant = %request.tenant, "export submitted");
-        Ok(Response::new(pb::SubmitExportResponse { job_id }))
+        if created {
+            tracing::info!(job = %job_id, tenant = %request.tenant, "export submitted");
+        } else {
+            tracing::info!(job = %job_id, tenant = %request.tenant, "export submitted again with the same request id; answering with its job");
+        }
+        Ok(Response::new(pb::SubmitExportResponse { job_id, created }))
     }
 
     async fn cancel_export(

@@ -65,7 +65,7 @@ pub fn summary_to_pb(job: &Job) -> pb::JobSummary {
         files_done: job.files_done() as u32,
         files_failed: job.files_failed() as u32,
         bytes_done: job.bytes_done(),
-        progress: None,
+        progress: job.progress.clone(),
         error: job.error.clone(),
         transaction_time: job.transaction_time.clone(),
     }

@@ -49,13 +49,16 @@ pub async fn serve(
             }
         }
     }
-    serve_incoming(
-        coordinator,
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        tls,
-        cancel,
-    )
-    .await
+    // Small answers must not wait for Nagle's algorithm (~40 ms each): tonic sets
+    // TCP_NODELAY only on sockets it accepts itself, not on an incoming stream.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY on an accepted connection");
+            }
+        })
+    });
+    serve_incoming(coordinator, incoming, tls, cancel).await
 }
 
 /// [`serve`] over any stream of accepted connections (a simulated network's, say).

@@ -3,11 +3,11 @@
 //! poll, and commit the manifest's files as they arrive. Also the status URL's DELETE.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use fhirhaul_common::client::FhirClient;
 use fhirhaul_common::config::TenantConfig;
-use fhirhaul_common::kickoff::kick_off;
+use fhirhaul_common::kickoff::{KickoffRetries, kick_off};
 use fhirhaul_common::retry::Backoff;
 use fhirhaul_common::status::{PollEvent, Poller, delete_export};
 use fhirhaul_common::url_util::SafeUrl;
@@ -25,6 +25,12 @@ use crate::state::{Applied, Command, Job};
 /// How long a new leader keeps asking an unreachable former leader what came of its
 /// kick-off before sending one itself (and risking a second export at the EHR).
 const KICKOFF_HANDOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// What polling saw, to be committed.
+enum Seen {
+    Files(Vec<fhirhaul_common::manifest::ManifestFile>, bool),
+    Progress(Option<String>),
+}
 
 /// One job's driver for one term.
 pub(super) struct JobDriver {
@@ -97,33 +103,50 @@ impl JobDriver {
                 parse_url("status URL", &status_url)?
             }
         };
-        self.poll(client, tenant, &status_url).await
+        self.poll(client, tenant, &job, &status_url).await
     }
 
+    /// Polls until the manifest is complete, committing partial-manifest files and progress
+    /// as they come. The deadline and the stall watchdog count from the job's submission and
+    /// its last committed progress, so a new leader does not start them again.
     async fn poll(
         &self,
         client: &FhirClient,
         tenant: &TenantConfig,
+        job: &Job,
         status_url: &url::Url,
     ) -> Result<(), CoordinatorError> {
-        let (partial_tx, mut partial_rx) = mpsc::channel(16);
+        let (seen_tx, mut seen_rx) = mpsc::channel(16);
         let forward_to = self.coordinator.clone();
         let forward_job = self.job_id.clone();
         let forwarder = self.coordinator.tracker().spawn(
             async move {
-                while let Some((files, requires_access_token)) = partial_rx.recv().await {
-                    let _ = forward_to
-                        .propose(Command::AddFiles {
+                while let Some(seen) = seen_rx.recv().await {
+                    let command = match seen {
+                        Seen::Files(files, requires_access_token) => Command::AddFiles {
                             job_id: forward_job.clone(),
                             files,
                             requires_access_token,
-                        })
-                        .await;
+                        },
+                        Seen::Progress(progress) => Command::JobProgress {
+                            job_id: forward_job.clone(),
+                            progress,
+                            at_ms: forward_to.now_ms(),
+                        },
+                    };
+                    let _ = forward_to.propose(command).await;
                 }
             }
             .in_current_span(),
         );
-        let mut poller = Poller::new(tenant.export.poll.clone(), client);
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        let mut poller = Poller::resuming(
+            tenant.export.poll.clone(),
+            client,
+            at(job.submitted_ms),
+            at(job.progress_at_ms.unwrap_or(job.submitted_ms)),
+            job.progress.clone(),
+        );
         let completed = poller
             .run(client, status_url, &self.cancel, |event| match event {
                 PollEvent::PartialFiles {
@@ -131,13 +154,17 @@ impl JobDriver {
                     requires_access_token,
                 } => {
                     // The final manifest lists these again, so a full queue loses nothing.
-                    let _ = partial_tx.try_send((files, requires_access_token));
+                    let _ = seen_tx.try_send(Seen::Files(files, requires_access_token));
+                    let _ = seen_tx.try_send(Seen::Progress(None));
                 }
-                PollEvent::Progress(text) => tracing::info!(progress = %text, "export in progress"),
+                PollEvent::Progress(text) => {
+                    tracing::info!(progress = %text, "export in progress");
+                    let _ = seen_tx.try_send(Seen::Progress(Some(text)));
+                }
                 PollEvent::Waiting { .. } => {}
             })
             .await;
-        drop(partial_tx);
+        drop(seen_tx);
         let _ = forwarder.await;
         let completed = completed?;
         self.coordinator
@@ -185,13 +212,17 @@ impl JobDriver {
                     settings.poll.min_interval,
                     settings.poll.max_interval,
                     client.entropy().clone(),
-                );
+                )
+                .with_hint_bounds(settings.poll.min_retry_after, settings.poll.max_retry_after);
                 let sent = kick_off(
                     &client,
                     &request,
                     &profile,
-                    settings.kickoff_attempts.max(1),
-                    settings.kickoff_retry_ambiguous,
+                    KickoffRetries {
+                        max_attempts: settings.kickoff_attempts.max(1),
+                        retry_ambiguous: settings.kickoff_retry_ambiguous,
+                        throttled_at_most: settings.poll.deadline,
+                    },
                     &mut backoff,
                 )
                 .await;

@@ -309,6 +309,7 @@ mod tests {
             request: ExportRequest::default(),
             max_file_attempts: 3,
             at_ms: 0,
+            request_id: None,
         });
         state.apply(Command::KickedOff {
             job_id: "job-1".into(),

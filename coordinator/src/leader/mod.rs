@@ -34,6 +34,8 @@ pub struct LeaderTerm {
     pub since_ms: u64,
     clients: BTreeMap<String, FhirClient>,
     leases: LeaseManager,
+    /// Plans at once instead of at the next tick (a job was submitted or cancelled).
+    wake: tokio::sync::Notify,
     cancel: CancellationToken,
 }
 
@@ -51,6 +53,11 @@ impl LeaderTerm {
     /// Whether this term has ended (leadership lost, or the node is stopping).
     pub fn is_over(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    /// Asks the term to plan now rather than at its next tick.
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// Resolves when this term ends.
@@ -119,6 +126,7 @@ async fn lead(
         since_ms: coordinator.now_ms(),
         clients,
         leases,
+        wake: tokio::sync::Notify::new(),
         cancel: cancel.clone(),
     });
     coordinator.set_leader_term(Some(Arc::clone(&term)));
@@ -152,6 +160,7 @@ async fn lead(
                 continue;
             }
             _ = ticker.tick() => {}
+            _ = term.wake.notified() => {}
         }
         match work.step(&plan_settings).await {
             Ok(()) => {}

@@ -120,6 +120,7 @@ mod tests {
             request: ExportRequest::default(),
             max_file_attempts: 3,
             at_ms: 0,
+            request_id: None,
         }) {
             Applied::JobSubmitted { job_id } => job_id,
             other => panic!("{other:?}"),

@@ -30,6 +30,7 @@ fn submit() -> Command {
         request: ExportRequest::default(),
         max_file_attempts: 3,
         at_ms: 1,
+        request_id: None,
     }
 }
 

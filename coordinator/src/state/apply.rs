@@ -56,9 +56,16 @@ impl State {
                 request,
                 max_file_attempts,
                 at_ms,
+                request_id,
             } => {
+                if let Some(job_id) = request_id.as_ref().and_then(|id| self.submissions.get(id)) {
+                    return Applied::AlreadySubmitted { job_id: job_id.clone() };
+                }
                 self.next_job += 1;
                 let id = format!("job-{}", self.next_job);
+                if let Some(request_id) = request_id {
+                    self.submissions.insert(request_id, id.clone());
+                }
                 self.jobs.insert(
                     id.clone(),
                     Job {
@@ -75,6 +82,8 @@ impl State {
                         transaction_time: None,
                         error: None,
                         status_deleted: false,
+                        progress: None,
+                        progress_at_ms: None,
                         files: Vec::new(),
                         names: Default::default(),
                     },
@@ -111,9 +120,13 @@ impl State {
             } => match self.jobs.get_mut(&job_id) {
                 Some(job) if !job.phase.is_final() => {
                     job.requires_access_token = requires_access_token;
+                    // Partial pages and the final manifest list files again: each URL once,
+                    // found in constant time (not by a scan per file).
+                    let mut known: std::collections::HashSet<String> =
+                        job.files.iter().map(|f| f.url.clone()).collect();
                     for file in files {
                         let url = file.url.to_string();
-                        if job.files.iter().any(|f| f.url == url) {
+                        if !known.insert(url.clone()) {
                             continue;
                         }
                         let relative_path = job.relative_path(&file);
@@ -134,6 +147,21 @@ impl State {
                             preferred_worker: None,
                         });
                     }
+                    Applied::Done
+                }
+                Some(_) => refused(Refusal::JobEnded(job_id)),
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
+            Command::JobProgress {
+                job_id,
+                progress,
+                at_ms,
+            } => match self.jobs.get_mut(&job_id) {
+                Some(job) if !job.phase.is_final() => {
+                    if progress.is_some() {
+                        job.progress = progress;
+                    }
+                    job.progress_at_ms = Some(job.progress_at_ms.unwrap_or(0).max(at_ms));
                     Applied::Done
                 }
                 Some(_) => refused(Refusal::JobEnded(job_id)),

@@ -13,6 +13,9 @@ use fhirhaul_common::output::OutputNames;
 use serde::{Deserialize, Serialize};
 
 /// A change to replicated state. Proposed by the leader, applied by every node.
+// A command lives briefly (proposed, encoded into the log, applied); a submission's export
+// request inline is simpler than boxing it everywhere commands are built.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// A worker joined (or re-joined after a restart: its old leases go back to pending,
@@ -33,6 +36,11 @@ pub enum Command {
         request: ExportRequest,
         max_file_attempts: u32,
         at_ms: u64,
+        /// The caller's id for this submission: a second command with the same id (a
+        /// retry whose first attempt may have committed) creates nothing and answers with
+        /// the first one's job.
+        #[serde(default)]
+        request_id: Option<String>,
     },
     /// The leader `node_id` is about to send the job's kick-off. A later leader that finds
     /// this and no status URL asks that node what came of it before kicking off itself.
@@ -50,6 +58,14 @@ pub enum Command {
         job_id: String,
         files: Vec<ManifestFile>,
         requires_access_token: bool,
+    },
+    /// The export showed progress: a new `X-Progress` (`progress`), or new partial-manifest
+    /// files (`progress` none). The stall watchdog counts from the last one, whichever
+    /// coordinator leads.
+    JobProgress {
+        job_id: String,
+        progress: Option<String>,
+        at_ms: u64,
     },
     /// The final manifest (every page) has been added.
     ManifestComplete {
@@ -190,6 +206,11 @@ pub struct Job {
     pub transaction_time: Option<String>,
     pub error: Option<String>,
     pub status_deleted: bool,
+    /// The EHR's last `X-Progress`, and when the export last showed progress.
+    #[serde(default)]
+    pub progress: Option<String>,
+    #[serde(default)]
+    pub progress_at_ms: Option<u64>,
     pub files: Vec<FileRecord>,
     names: OutputNames,
 }
@@ -254,6 +275,10 @@ pub enum Applied {
     JobSubmitted {
         job_id: String,
     },
+    /// A submission with this request id was committed before: its job.
+    AlreadySubmitted {
+        job_id: String,
+    },
     LeaseGranted(LeaseGrant),
     /// The command was valid when proposed but not when applied (a stale lease, a job
     /// already finished); state is unchanged.
@@ -313,6 +338,9 @@ pub struct State {
     /// [`Command::SetCoordinatorAddress`]).
     #[serde(default)]
     pub coordinators: BTreeMap<u64, String>,
+    /// The job each submission's request id created (see [`Command::SubmitJob`]).
+    #[serde(default)]
+    pub submissions: BTreeMap<String, String>,
     next_job: u64,
     next_lease: u64,
 }

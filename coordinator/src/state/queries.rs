@@ -68,10 +68,17 @@ impl State {
         taken: &BTreeSet<(&str, u32)>,
         per_tenant_limit: &impl Fn(&str) -> usize,
     ) -> Option<(&'a Job, u32)> {
-        let candidates = self.jobs.values().filter(|job| {
-            matches!(job.phase, JobPhase::Polling | JobPhase::Downloading)
-                && leased_per_tenant.get(job.tenant.as_str()).copied().unwrap_or(0) < per_tenant_limit(&job.tenant)
-        });
+        let mut candidates: Vec<&Job> = self
+            .jobs
+            .values()
+            .filter(|job| {
+                matches!(job.phase, JobPhase::Polling | JobPhase::Downloading)
+                    && leased_per_tenant.get(job.tenant.as_str()).copied().unwrap_or(0) < per_tenant_limit(&job.tenant)
+            })
+            .collect();
+        // Oldest job first, by submission order (`job-10` comes after `job-9`, not before
+        // `job-2` as the map's text order has it).
+        candidates.sort_by_key(|job| (job_number(&job.id), job.id.as_str()));
         let mut fallback = None;
         for job in candidates {
             for (index, file) in job.files.iter().enumerate() {
@@ -92,4 +99,9 @@ impl State {
         }
         fallback
     }
+}
+
+/// The submission number in a job id (`job-12` → 12); ids of another shape sort last.
+pub(super) fn job_number(id: &str) -> u64 {
+    id.strip_prefix("job-").and_then(|n| n.parse().ok()).unwrap_or(u64::MAX)
 }

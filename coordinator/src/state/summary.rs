@@ -73,6 +73,7 @@ mod tests {
             request: ExportRequest::default(),
             max_file_attempts: 1,
             at_ms: 0,
+            request_id: None,
         });
         state.apply(Command::KickedOff {
             job_id: "job-1".into(),

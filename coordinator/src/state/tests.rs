@@ -18,6 +18,7 @@ fn state_with_submitted_job() -> (State, String) {
         request: ExportRequest::default(),
         max_file_attempts: 3,
         at_ms: 0,
+        request_id: None,
     }) else {
         panic!()
     };
@@ -321,6 +322,7 @@ fn start_job(state: &mut State, since: Option<&str>, files: u32) -> String {
         },
         max_file_attempts: 1,
         at_ms: 0,
+        request_id: None,
     }) else {
         panic!("submitted");
     };
@@ -482,4 +484,62 @@ fn a_refusal_of_the_client_fails_the_whole_job_once_with_the_ehrs_words() {
     });
     assert_eq!(state.jobs[&job_id].phase, JobPhase::Polling);
     assert_eq!(state.jobs[&job_id].files[0].phase, FilePhase::Pending);
+}
+
+#[test]
+fn a_submission_retried_with_its_request_id_creates_one_job() {
+    let mut state = State::default();
+    let submit = |request_id: Option<&str>| Command::SubmitJob {
+        tenant: "t".into(),
+        request: ExportRequest::default(),
+        max_file_attempts: 1,
+        at_ms: 0,
+        request_id: request_id.map(String::from),
+    };
+    let first = state.apply(submit(Some("cli-7f3a")));
+    assert_eq!(first, Applied::JobSubmitted { job_id: "job-1".into() });
+    assert_eq!(
+        state.apply(submit(Some("cli-7f3a"))),
+        Applied::AlreadySubmitted { job_id: "job-1".into() },
+        "the retry finds the first attempt's job"
+    );
+    assert_eq!(state.jobs.len(), 1);
+    assert_eq!(
+        state.apply(submit(Some("cli-other"))),
+        Applied::JobSubmitted { job_id: "job-2".into() }
+    );
+    assert_eq!(
+        state.apply(submit(None)),
+        Applied::JobSubmitted { job_id: "job-3".into() }
+    );
+    assert_eq!(
+        state.apply(submit(None)),
+        Applied::JobSubmitted { job_id: "job-4".into() }
+    );
+    // The ids survive a snapshot.
+    let restored: State = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    let mut restored = restored;
+    assert_eq!(
+        restored.apply(submit(Some("cli-7f3a"))),
+        Applied::AlreadySubmitted { job_id: "job-1".into() }
+    );
+}
+
+#[test]
+fn the_oldest_job_is_served_first_by_submission_number_not_by_text() {
+    let mut state = State::default();
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(start_job(&mut state, None, 1));
+    }
+    assert_eq!(ids[1], "job-2");
+    assert_eq!(ids[9], "job-10");
+    // Jobs 1 and 3..9 have nothing left; job-10 and job-2 each have a pending file.
+    for id in ids.iter().filter(|id| !["job-2", "job-10"].contains(&id.as_str())) {
+        let lease = grant(&mut state, id, 0, "w1");
+        state.apply(complete(&lease));
+    }
+    assert_eq!(state.next_file_for("w1", |_| 10), Some(("job-2".into(), 0)));
+    assert_eq!(super::queries::job_number("job-10"), 10);
+    assert_eq!(super::queries::job_number("other"), u64::MAX);
 }
