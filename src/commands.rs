@@ -38,6 +38,11 @@ pub struct RunArgs {
     /// Local workers.
     #[arg(long, default_value_t = 3)]
     workers: u32,
+    /// Start a new export even if an earlier run left one unfinished (that one is
+    /// cancelled, and DELETEd at the EHR). Without it, the same command carries on with
+    /// the unfinished export: same status URL, no new kick-off, partial files resumed.
+    #[arg(long)]
+    fresh: bool,
 }
 
 #[derive(clap::Args)]
@@ -92,7 +97,7 @@ fn timestamp() -> String {
 /// built-in simulated one.
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cancel = shutdown_on_signal();
-    let (tenant, out_root, _sim) = match &args.config {
+    let (tenant, out_root, sim) = match &args.config {
         Some(path) => {
             let config = Config::load(path)?;
             let tenant = match &args.tenant {
@@ -121,19 +126,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             (tenant, out, Some(sim))
         }
     };
-    let run_dir = out_root.join(&tenant.name).join(timestamp());
+    // One state directory per tenant, so the same command again resumes; the built-in
+    // simulated EHR starts anew each time (its exports do not outlive it), so it gets a
+    // fresh one per run.
+    let state_dir = match &sim {
+        None => out_root.join(&tenant.name).join(".fhirhaul"),
+        Some(_) => out_root.join(&tenant.name).join(".fhirhaul").join(timestamp()),
+    };
     let embedded = Embedded::start(
         EmbeddedSettings {
             tenant: tenant.clone(),
-            state_dir: run_dir.join(".fhirhaul"),
-            output_dir: run_dir.clone(),
+            state_dir: state_dir.clone(),
+            output_dir: out_root.clone(),
             workers: args.workers,
             cluster_token: cluster_token(),
         },
         transport()?,
         Arc::new(SystemClock),
         Entropy::from_os(),
-        cancel.child_token(),
     )
     .await?;
     println!(
@@ -143,12 +153,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.workers.max(1)
     );
     let started = Instant::now();
-    let job_id = embedded.submit().await?;
+    let job_id = match embedded.unfinished().await? {
+        Some(job_id) if !args.fresh => {
+            println!(
+                "resuming {job_id}, left unfinished by an earlier run (state in {}); no new kick-off",
+                state_dir.display()
+            );
+            job_id
+        }
+        unfinished => {
+            if let Some(job_id) = unfinished {
+                println!("--fresh: cancelling {job_id}, left unfinished by an earlier run");
+                embedded.cancel(&job_id).await?;
+            }
+            embedded.submit().await?
+        }
+    };
     let admin = crate::cluster::Admin::new(&[embedded.address().to_string()], None)?;
-    let job = crate::cluster::follow(&admin, &job_id).await?;
-    let export_dir = run_dir.join(&job_id);
-    let summary = embedded.write_summary(&job_id, &export_dir).await?;
+    let followed = tokio::select! {
+        job = crate::cluster::follow(&admin, &job_id) => Some(job?),
+        _ = cancel.cancelled() => None,
+    };
+    let (summary, export_dir) = embedded.write_summary(&job_id, &out_root).await?;
+    let files_known = embedded.coordinator().job(&job_id).await?.files.len();
     embedded.shutdown().await;
+    let Some(job) = followed else {
+        println!(
+            "stopped: {} of {files_known} file(s) saved in {}; partial files keep their checkpoints (summary so far in summary.json).\n\
+             Run the same command again to resume it (no new kick-off), or add --fresh to start over.",
+            summary.files.len(),
+            export_dir.display()
+        );
+        return Ok(ExitCode::from(130));
+    };
     print_report(&summary, &export_dir, started.elapsed());
     Ok(crate::cluster::exit_for(&job))
 }

@@ -23,14 +23,20 @@ fn run_with_no_config_exports_from_the_built_in_simulated_ehr() {
     );
     assert!(stdout.contains("done in"), "{stdout}");
     assert!(stdout.contains("summary with SHA-256"), "{stdout}");
-    let export_dir = std::fs::read_dir(out.join("sim"))
+    // <out>/<tenant>/<export id>/, beside the state in <out>/<tenant>/.fhirhaul/.
+    let exports: Vec<std::path::PathBuf> = std::fs::read_dir(out.join("sim"))
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.file_name().is_some_and(|n| n != ".fhirhaul"))
+        .collect();
+    assert_eq!(exports.len(), 1, "{exports:?}");
+    let export_dir = &exports[0];
+    assert!(
+        stdout.contains(&export_dir.display().to_string()),
+        "the export's directory is printed: {stdout}"
+    );
     let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(export_dir.join("job-1").join("summary.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(export_dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["phase"], "Completed");
     let files = summary["files"].as_array().unwrap();
     assert!(files.len() >= 5);

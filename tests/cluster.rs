@@ -16,8 +16,8 @@ use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use fhirhaul_sim::{SimConfig, SimEhr};
 use fhirhaul_testkit::processes::{
-    Process, assert_completed, assert_output_identical, free_port, has_ended, sim_with_tenant, spawn_coordinator,
-    spawn_worker, wait_for_job,
+    Process, assert_completed, assert_output_identical, export_dir, free_port, has_ended, sim_with_tenant,
+    spawn_coordinator, spawn_worker, wait_for_job,
 };
 
 struct Cluster {
@@ -151,8 +151,9 @@ impl Cluster {
         job
     }
 
-    fn assert_output_identical(&self, job_id: &str) -> usize {
-        assert_output_identical(&self.sim, &self.out().join(job_id))
+    async fn assert_output_identical(&self, job_id: &str) -> usize {
+        let job = self.wait_for(job_id, Duration::from_secs(10), |_| true).await;
+        assert_output_identical(&self.sim, &export_dir(&self.out(), &job))
     }
 }
 
@@ -179,7 +180,7 @@ async fn fifty_files_over_three_worker_processes_arrive_byte_identical() {
     }
     let job_id = cluster.submit("").await;
     cluster.wait_completed(&job_id, Duration::from_secs(120)).await;
-    let files = cluster.assert_output_identical(&job_id);
+    let files = cluster.assert_output_identical(&job_id).await;
     assert!(files >= 50, "only {files} files");
     assert_eq!(cluster.sim.observed().kickoffs.len(), 1);
     let mut admin = cluster.admin().await;
@@ -226,7 +227,7 @@ async fn a_killed_workers_leases_expire_and_others_finish_the_export() {
         .unwrap();
     cluster.workers.get_mut(&victim).unwrap().kill_hard();
     let job = cluster.wait_completed(&job_id, Duration::from_secs(120)).await;
-    cluster.assert_output_identical(&job_id);
+    cluster.assert_output_identical(&job_id).await;
     assert!(
         job.files[file].attempts >= 2,
         "the killed worker's file was leased again"
@@ -249,7 +250,7 @@ async fn a_restarted_worker_resumes_its_partial_file_with_a_range_request() {
     cluster.sim.set_faults(|f| f.throttle_bytes_per_sec = None);
     cluster.start_worker("w1");
     cluster.wait_completed(&job_id, Duration::from_secs(60)).await;
-    cluster.assert_output_identical(&job_id);
+    cluster.assert_output_identical(&job_id).await;
     let observed = cluster.sim.observed();
     let served = std::fs::read(&cluster.sim.served_files(1)[0].path).unwrap();
     let resumed: Vec<u64> = observed
@@ -289,7 +290,7 @@ async fn a_restarted_coordinator_resumes_polling_and_never_kicks_off_twice() {
     cluster.coordinator.take().unwrap().kill_hard();
     cluster.start_coordinator();
     cluster.wait_completed(&job_id, Duration::from_secs(60)).await;
-    cluster.assert_output_identical(&job_id);
+    cluster.assert_output_identical(&job_id).await;
     let observed = cluster.sim.observed();
     assert_eq!(observed.kickoffs.len(), 1, "exactly one kick-off reached the EHR");
     assert!(observed.status_requests >= 2);
@@ -315,7 +316,7 @@ async fn an_access_token_expiring_during_the_export_fails_no_file() {
         started.elapsed() > Duration::from_secs(2),
         "the export outlived the first token"
     );
-    cluster.assert_output_identical(&job_id);
+    cluster.assert_output_identical(&job_id).await;
     let observed = cluster.sim.observed();
     assert!(
         observed.tokens_issued >= 2,
@@ -458,7 +459,7 @@ async fn mutual_tls_protects_the_cluster_apis() {
     cluster.start_worker("w1");
     let job_id = cluster.submit("").await;
     cluster.wait_completed(&job_id, Duration::from_secs(60)).await;
-    cluster.assert_output_identical(&job_id);
+    cluster.assert_output_identical(&job_id).await;
 
     // Without a client certificate, or without TLS, nothing gets through.
     let no_identity = tonic::transport::ClientTlsConfig::new().ca_certificate(ca_certificate);
@@ -618,4 +619,37 @@ async fn a_submission_sent_twice_with_one_request_id_is_one_job_and_one_kickoff(
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_started_again_with_fresh_state_never_overwrites_the_first_export() {
+    let config = SimConfig {
+        patients: 20,
+        job_duration: Duration::from_millis(100),
+        ..SimConfig::default()
+    };
+    let mut cluster = Cluster::start(config, "5s").await;
+    cluster.start_worker("w1");
+    let first_id = cluster.submit(r#"{"types":["Patient","Condition"]}"#).await;
+    let first = cluster.wait_completed(&first_id, Duration::from_secs(60)).await;
+    // A new user's mistake: the same output directory, a new data directory.
+    cluster.coordinator.take().unwrap().kill_hard();
+    cluster.workers.clear();
+    std::fs::remove_dir_all(cluster.dir.path().join("coordinator")).unwrap();
+    std::fs::remove_dir_all(cluster.dir.path().join("workers")).unwrap();
+    cluster.start_coordinator();
+    cluster.start_worker("w1");
+    let second_id = cluster.submit(r#"{"types":["Patient","Condition"]}"#).await;
+    assert_eq!(second_id, first_id, "fresh state numbers its jobs from 1 again");
+    let second = cluster.wait_completed(&second_id, Duration::from_secs(60)).await;
+    let (first_dir, second_dir) = (export_dir(&cluster.out(), &first), export_dir(&cluster.out(), &second));
+    assert_ne!(first_dir, second_dir, "each export has a directory of its own");
+    for job in [&first, &second] {
+        for file in &job.files {
+            let location = file.location.as_ref().expect("published");
+            let bytes = std::fs::read(location).unwrap();
+            let sha: String = fhirhaul_testkit::processes::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            assert_eq!(Some(&sha), file.sha256.as_ref(), "{location} is intact");
+        }
+    }
 }

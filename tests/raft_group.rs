@@ -13,7 +13,7 @@ use fhirhaul_proto::v1::admin_service_client::AdminServiceClient;
 use fhirhaul_proto::v1::worker_service_client::WorkerServiceClient;
 use fhirhaul_sim::SimConfig;
 use fhirhaul_testkit::group::{Group, address};
-use fhirhaul_testkit::processes::{self, assert_output_identical, free_port};
+use fhirhaul_testkit::processes::{self, assert_output_identical, export_dir, free_port};
 
 fn phase(job: &pb::GetJobResponse) -> i32 {
     job.summary.as_ref().map(|s| s.phase).unwrap_or_default()
@@ -63,7 +63,7 @@ async fn killing_the_leader_while_polling_and_again_while_downloading_loses_noth
         1,
         "two leader failures, one kick-off: the new leaders polled the committed status URL"
     );
-    let files = assert_output_identical(&group.sim, &group.dir.path().join("out").join(&job_id));
+    let files = assert_output_identical(&group.sim, &export_dir(&group.dir.path().join("out"), &job));
     assert!(files >= 50, "only {files} files");
     assert_eq!(job.files.len(), files);
 
@@ -227,8 +227,8 @@ async fn a_coordinator_added_at_run_time_catches_up_from_a_snapshot_and_can_lead
 
     // Workers find the new leader through redirects and the next export completes under it.
     let second_job = group.submit().await;
-    group.wait_completed(&second_job).await;
-    assert_output_identical(&group.sim, &group.dir.path().join("out").join(&second_job));
+    let second = group.wait_completed(&second_job).await;
+    assert_output_identical(&group.sim, &export_dir(&group.dir.path().join("out"), &second));
     assert_eq!(group.status_of(4).await.unwrap().role, "leader");
     assert_eq!(group.sim.observed().kickoffs.len(), 2);
 

@@ -890,7 +890,8 @@ fn check_export(
         "every served file arrived exactly once, byte-identical"
     );
     let mut published_files = Vec::new();
-    collect(&disk.path().join("out").join(&summary.job_id), &mut published_files);
+    assert!(!summary.output_dir.is_empty());
+    collect(&disk.path().join("out").join(&summary.output_dir), &mut published_files);
     assert_eq!(
         published_files.len(),
         expected.len(),

@@ -309,13 +309,15 @@ impl Coordinator {
                 .await?;
         }
         request.validate(&config.profile)?;
+        let at_ms = self.now_ms();
         let submitted = self
             .propose(Command::SubmitJob {
                 tenant: tenant.to_string(),
                 request,
                 max_file_attempts: self.inner.settings.max_file_attempts,
-                at_ms: self.now_ms(),
+                at_ms,
                 request_id,
+                export_id: Some(export_id(at_ms, &self.inner.entropy)),
             })
             .await?;
         if let Ok(term) = self.leader_term() {
@@ -475,6 +477,34 @@ impl Coordinator {
             },
             Outcome::NotAccepted => KickoffOutcome::NotAccepted,
         })
+    }
+}
+
+/// A new export's id: its submission time (UTC, to the second, so ids sort by age and read
+/// as dates) and 32 random bits, so two clusters, or one started again with fresh state,
+/// never name two exports alike: `20261202T094700Z-3fa9c01b`.
+fn export_id(at_ms: u64, entropy: &Entropy) -> String {
+    let at = fhirhaul_common::fhir::system_time_to_offset(UNIX_EPOCH + Duration::from_secs(at_ms / 1000));
+    let stamp: String = fhirhaul_common::fhir::format_instant(at)
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    format!("{stamp}-{}", entropy.hex(4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_ids_sort_by_time_and_never_repeat() {
+        let entropy = Entropy::from_seed(1);
+        let first = export_id(1_764_668_820_345, &entropy);
+        assert_eq!(&first[..17], "20251202T094700Z-", "{first}");
+        assert_eq!(first.len(), 17 + 8);
+        let again = export_id(1_764_668_820_000, &entropy);
+        assert_ne!(first, again, "the same second, another export");
+        assert!(export_id(1_764_668_821_000, &entropy) > first);
     }
 }
 

@@ -92,28 +92,35 @@ pub struct EmbeddedSettings {
     pub cluster_token: Option<Secret>,
 }
 
-/// A coordinator and local workers in this process.
+/// A coordinator and local workers in this process. Its state lives in
+/// `EmbeddedSettings::state_dir`: started again on the same directory, the coordinator
+/// carries on with an unfinished export (same status URL, no new kick-off) and the workers
+/// resume their partial files.
 pub struct Embedded {
     coordinator: Coordinator,
     address: String,
     tenant: String,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
+    /// The coordinator's server, and the workers.
+    servers: TaskTracker,
+    workers: TaskTracker,
+    stop_workers: CancellationToken,
+    stop_coordinator: CancellationToken,
 }
 
 impl Embedded {
     /// Starts the coordinator on a loopback port (plaintext: nothing leaves the machine)
-    /// and the workers, each with an equal share of the tenant's download concurrency.
+    /// and the workers, each with an equal share of the tenant's download concurrency. It
+    /// runs until [`Embedded::shutdown`].
     pub async fn start(
         settings: EmbeddedSettings,
         transport: Arc<dyn HttpTransport>,
         clock: Arc<dyn Clock>,
         entropy: Entropy,
-        cancel: CancellationToken,
     ) -> Result<Embedded, EmbeddedError> {
         let listener = TcpListener::bind("127.0.0.1:0").await.map_err(EmbeddedError::Bind)?;
         let address = format!("http://{}", listener.local_addr().map_err(EmbeddedError::Bind)?);
-        let tracker = TaskTracker::new();
+        let (servers, workers) = (TaskTracker::new(), TaskTracker::new());
+        let (stop_workers, stop_coordinator) = (CancellationToken::new(), CancellationToken::new());
         let coordinator_settings = CoordinatorSettings {
             data_dir: settings.state_dir.join("coordinator"),
             cluster_token: settings.cluster_token.clone(),
@@ -127,13 +134,15 @@ impl Embedded {
             Arc::clone(&transport),
             Arc::clone(&clock),
             entropy.clone(),
-            &tracker,
-            cancel.clone(),
+            &servers,
+            stop_coordinator.clone(),
         )
         .await?;
-        let workers = settings.workers.max(1);
-        let per_worker = (settings.tenant.export.concurrency as u32).div_ceil(workers).max(1);
-        for index in 1..=workers {
+        let worker_count = settings.workers.max(1);
+        let per_worker = (settings.tenant.export.concurrency as u32)
+            .div_ceil(worker_count)
+            .max(1);
+        for index in 1..=worker_count {
             let worker = worker_settings(
                 vec![address.clone()],
                 format!("local-{index}"),
@@ -146,9 +155,9 @@ impl Embedded {
                 Arc::clone(&transport),
                 Arc::clone(&clock),
                 entropy.clone(),
-                cancel.clone(),
+                stop_workers.clone(),
             );
-            tracker.spawn(async move {
+            workers.spawn(async move {
                 if let Err(error) = fhirhaul_worker::run(worker, transport, clock, entropy, cancel).await {
                     tracing::error!(%error, "a local worker stopped");
                 }
@@ -158,9 +167,33 @@ impl Embedded {
             coordinator,
             address,
             tenant: settings.tenant.name.clone(),
-            tracker,
-            cancel,
+            servers,
+            workers,
+            stop_workers,
+            stop_coordinator,
         })
+    }
+
+    /// The tenant's oldest export that has not ended (left by an earlier run that was
+    /// stopped): its job id.
+    pub async fn unfinished(&self) -> Result<Option<String>, EmbeddedError> {
+        let tenant = self.tenant.clone();
+        Ok(self
+            .coordinator
+            .read_linearizable(move |state| {
+                state
+                    .jobs
+                    .values()
+                    .filter(|job| job.tenant == tenant && !job.phase.is_final())
+                    .min_by_key(|job| job.submitted_ms)
+                    .map(|job| job.id.clone())
+            })
+            .await?)
+    }
+
+    /// Cancels a job (its export is DELETEd at the EHR).
+    pub async fn cancel(&self, job_id: &str) -> Result<(), EmbeddedError> {
+        Ok(self.coordinator.cancel(job_id).await?)
     }
 
     /// The coordinator's gRPC address (`http://127.0.0.1:<port>`).
@@ -178,19 +211,30 @@ impl Embedded {
         Ok(job_id)
     }
 
-    /// Writes the job's `summary.json` into `dir` and returns it.
-    pub async fn write_summary(&self, job_id: &str, dir: &std::path::Path) -> Result<Summary, EmbeddedError> {
-        let summary = self.coordinator.job(job_id).await?.summary();
-        write_summary(dir, &summary, Offload::Threads).await?;
-        Ok(summary)
+    /// Writes the job's `summary.json` into its export's directory under `output_root`;
+    /// returns the summary and that directory.
+    pub async fn write_summary(
+        &self,
+        job_id: &str,
+        output_root: &std::path::Path,
+    ) -> Result<(Summary, PathBuf), EmbeddedError> {
+        let job = self.coordinator.job(job_id).await?;
+        let dir = output_root.join(job.output_dir());
+        let summary = job.summary();
+        write_summary(&dir, &summary, Offload::Threads).await?;
+        Ok((summary, dir))
     }
 
-    /// Stops the workers (they give their leases back; checkpoints stay) and the
-    /// coordinator, and waits until every task has ended.
+    /// Stops the workers first (they give their leases back to the coordinator, which is
+    /// still there to take them; checkpoints stay), then the coordinator, and waits until
+    /// every task has ended.
     pub async fn shutdown(self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
+        self.stop_workers.cancel();
+        self.workers.close();
+        self.workers.wait().await;
+        self.stop_coordinator.cancel();
+        self.servers.close();
+        self.servers.wait().await;
         self.coordinator.drained().await;
     }
 }

@@ -63,9 +63,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Every file under `dir` but the export directories' ownership markers.
 pub fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .is_some_and(|n| n == fhirhaul_worker::sink::EXPORT_MARKER)
+        {
+            continue;
+        }
         if path.is_dir() {
             collect_files(&path, out);
         } else {
@@ -188,12 +195,21 @@ pub fn spawn_worker(coordinators: &str, name: &str, out: &Path, state_dir: &Path
     Process(child)
 }
 
+/// Where a job's files are: its export's directory under the output root `out`.
+pub fn export_dir(out: &Path, job: &pb::GetJobResponse) -> PathBuf {
+    let dir = job.summary.as_ref().map(|s| s.output_dir.clone()).unwrap_or_default();
+    assert!(!dir.is_empty(), "the job names its output directory: {job:?}");
+    out.join(dir)
+}
+
 /// Every file the EHR served for its latest export is under `dir` exactly once,
 /// byte-identical, and nothing else is there. Returns the number of files.
 pub fn assert_output_identical(sim: &fhirhaul_sim::SimEhr, dir: &Path) -> usize {
     let served = sim.served_files(*sim.jobs().last().expect("the EHR ran an export"));
     let mut saved = Vec::new();
     collect_files(dir, &mut saved);
+    // `fhirhaul run` writes the export's summary beside its files.
+    saved.retain(|path| path.file_name().is_none_or(|n| n != "summary.json"));
     let parts: Vec<_> = saved
         .iter()
         .filter(|p| p.extension().is_none_or(|e| e != "ndjson"))

@@ -53,7 +53,7 @@ pub struct WorkerSettings {
     /// Stable name: a restarted worker with the same name gets its partial files back.
     pub name: String,
     pub concurrency: u32,
-    /// Where verified files are published (`<output_dir>/<job>/<Type>.<n>.ndjson`).
+    /// Where verified files are published (`<output_dir>/<tenant>/<export id>/<Type>.<n>.ndjson`).
     pub output_dir: PathBuf,
     /// Local staging and the checkpoint store.
     pub state_dir: PathBuf,

@@ -21,9 +21,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::checkpoints::CheckpointStore;
-use crate::sink::Sink;
+use crate::sink::{ExportDir, Sink, SinkError};
 use crate::tokens::CoordinatorTokens;
 use crate::{Coordinator, WorkerSettings, register};
+
+/// The export's directory a file lies in: `<tenant>/<export id>` of
+/// `<tenant>/<export id>/[deleted/|error/]<Type>.<n>.ndjson` (the parent, for a shorter
+/// path written before export ids existed).
+pub(crate) fn export_dir(relative: &Path) -> PathBuf {
+    if relative.components().count() >= 3 {
+        relative.components().take(2).collect()
+    } else {
+        relative.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+}
 
 /// A path inside the output tree, refusing anything that could leave it.
 pub(crate) fn safe_relative(path: &str) -> Option<PathBuf> {
@@ -184,14 +195,20 @@ impl SlotContext {
         let (checkpoint_tx, checkpoint_rx) = watch::channel(resume.clone().unwrap_or_default());
         let download_cancel = shutdown.child_token();
         let fenced = CancellationToken::new();
+        // The keeper outlives a cancelled download until the download has returned, so it
+        // stores the checkpoint a stopped download publishes last.
+        let download_ended = CancellationToken::new();
         let keeper = tokio::spawn(keep_lease(
             self.coordinator.clone(),
             lease.clone(),
             Arc::clone(&self.store),
             key.clone(),
             checkpoint_rx,
-            download_cancel.clone(),
-            fenced.clone(),
+            Keeping {
+                download: download_cancel.clone(),
+                ended: download_ended.clone(),
+                fenced: fenced.clone(),
+            },
         ));
         let options = DownloadOptions {
             resume,
@@ -209,6 +226,7 @@ impl SlotContext {
         )
         .await;
         download_cancel.cancel();
+        download_ended.cancel();
         let _ = keeper.await;
         if fenced.is_cancelled() {
             tracing::warn!("lease was taken over by another worker; dropping this attempt");
@@ -251,11 +269,17 @@ impl SlotContext {
                     }
                     return;
                 }
-                let location = match self.sink.publish(&staging, &relative).await {
+                let export = ExportDir {
+                    relative: export_dir(&relative),
+                    id: lease.export_id.clone(),
+                };
+                let location = match self.sink.publish(&staging, &relative, &export).await {
                     Ok(location) => location,
                     Err(error) => {
+                        // A directory of another export is not a passing disk problem.
+                        let retryable = !matches!(error, SinkError::AnotherExport { .. });
                         return self
-                            .fail(&lease, Failure::new(Category::Storage, true, error.to_string()))
+                            .fail(&lease, Failure::new(Category::Storage, retryable, error.to_string()))
                             .await;
                     }
                 };
@@ -334,9 +358,13 @@ async fn keep_lease(
     store: Arc<dyn CheckpointStore>,
     key: String,
     mut checkpoints: watch::Receiver<Checkpoint>,
-    download: CancellationToken,
-    fenced: CancellationToken,
+    keeping: Keeping,
 ) {
+    let Keeping {
+        download,
+        ended,
+        fenced,
+    } = keeping;
     let renew_every = Duration::from_millis(lease.renew_every_ms.max(100));
     let mut renew = tokio::time::interval(renew_every);
     renew.tick().await;
@@ -347,7 +375,15 @@ async fn keep_lease(
     let mut renewal: Option<Renewal<'_>> = None;
     loop {
         tokio::select! {
-            _ = download.cancelled() => return,
+            _ = ended.cancelled() => {
+                // The download's last checkpoint (a stopped download publishes one) is
+                // stored before letting go, so a resume starts from it.
+                if checkpoints.has_changed().unwrap_or(false) {
+                    let checkpoint = checkpoints.borrow_and_update().clone();
+                    store_checkpoint(&*store, &coordinator.worker_id, &lease, &key, &checkpoint).await;
+                }
+                return;
+            }
             changed = checkpoints.changed() => {
                 if changed.is_err() { return }
                 let checkpoint = checkpoints.borrow_and_update().clone();
@@ -382,6 +418,15 @@ async fn keep_lease(
     }
 }
 
+/// What the lease keeper is told and tells: `download` stops the download (the keeper
+/// cancels it when the lease is fenced), `ended` says the download has returned, and
+/// `fenced` that another worker owns the lease now.
+struct Keeping {
+    download: CancellationToken,
+    ended: CancellationToken,
+    fenced: CancellationToken,
+}
+
 /// How a lease ended without a file, as the coordinator is told.
 struct Failure {
     category: Category,
@@ -405,6 +450,19 @@ impl Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_files_export_directory_is_its_tenant_and_export_id() {
+        assert_eq!(
+            export_dir(Path::new("sim/20261202T094700Z-3fa9c01b/Patient.1.ndjson")),
+            Path::new("sim/20261202T094700Z-3fa9c01b")
+        );
+        assert_eq!(
+            export_dir(Path::new("sim/20261202T094700Z-3fa9c01b/deleted/Patient.1.ndjson")),
+            Path::new("sim/20261202T094700Z-3fa9c01b")
+        );
+        assert_eq!(export_dir(Path::new("job-1/Patient.1.ndjson")), Path::new("job-1"));
+    }
 
     #[test]
     fn relative_paths_cannot_leave_the_output_directory() {

@@ -221,6 +221,7 @@ impl Writer {
                 return Ok(());
             }
         }
+        self.abandoned();
         Ok(())
     }
 
@@ -232,7 +233,25 @@ impl Writer {
                 return Ok(());
             }
         }
+        self.abandoned();
         Ok(())
+    }
+
+    /// The download stopped before its end (cancelled, or a failure on the async side):
+    /// make every whole line written so far durable and publish it as a checkpoint, so a
+    /// resume continues from here rather than from the last periodic checkpoint.
+    fn abandoned(&mut self) {
+        tracing::debug!(
+            written = self.written,
+            last_checkpoint = self.last_checkpoint,
+            "download stopped before its end"
+        );
+        if self.checkpoints.is_none() || self.written <= self.last_checkpoint {
+            return;
+        }
+        if let Err(error) = self.sync_checkpoint() {
+            tracing::warn!(%error, "could not record a checkpoint for the stopped download");
+        }
     }
 
     /// One command; the reply to send the finished file's stats to, once it is asked for.

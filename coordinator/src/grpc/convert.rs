@@ -53,6 +53,7 @@ pub fn lease_to_pb(leased: LeasedFile, renew_every: Duration) -> pb::Lease {
         fhir_base_url: leased.fhir_base_url,
         token_allow_list: leased.token_allow_list,
         renew_every_ms: renew_every.as_millis() as u64,
+        export_id: leased.export_id,
     }
 }
 
@@ -68,6 +69,7 @@ pub fn summary_to_pb(job: &Job) -> pb::JobSummary {
         progress: job.progress.clone(),
         error: job.error.clone(),
         transaction_time: job.transaction_time.clone(),
+        output_dir: job.output_dir(),
     }
 }
 

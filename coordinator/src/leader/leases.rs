@@ -26,6 +26,7 @@ use crate::state::{Applied, Command, FileRecord, LeaseGrant, Refusal, State};
 pub struct LeasedFile {
     pub grant: LeaseGrant,
     pub tenant: String,
+    pub export_id: String,
     pub file: FileRecord,
     pub requires_access_token: bool,
     pub fhir_base_url: String,
@@ -206,6 +207,7 @@ impl Actor {
                 let leased = LeasedFile {
                     grant: grant.clone(),
                     tenant: candidate.tenant,
+                    export_id: candidate.export_id,
                     file: candidate.record,
                     requires_access_token: candidate.requires_access_token,
                     fhir_base_url: tenant.map(|t| t.base_url.to_string()).unwrap_or_default(),
@@ -245,6 +247,7 @@ struct Candidate {
     job_id: String,
     file: u32,
     tenant: String,
+    export_id: String,
     record: FileRecord,
     requires_access_token: bool,
 }
@@ -279,6 +282,7 @@ fn picks(state: &State, workers: &[String], limits: &BTreeMap<String, usize>) ->
             Pick::File(Box::new(Candidate {
                 record: job.files[file as usize].clone(),
                 tenant: job.tenant.clone(),
+                export_id: job.export_id.clone(),
                 requires_access_token: job.requires_access_token,
                 job_id,
                 file,
@@ -310,6 +314,7 @@ mod tests {
             max_file_attempts: 3,
             at_ms: 0,
             request_id: None,
+            export_id: None,
         });
         state.apply(Command::KickedOff {
             job_id: "job-1".into(),

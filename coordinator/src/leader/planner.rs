@@ -121,6 +121,7 @@ mod tests {
             max_file_attempts: 3,
             at_ms: 0,
             request_id: None,
+            export_id: None,
         }) {
             Applied::JobSubmitted { job_id } => job_id,
             other => panic!("{other:?}"),

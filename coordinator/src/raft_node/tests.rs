@@ -31,6 +31,7 @@ fn submit() -> Command {
         max_file_attempts: 3,
         at_ms: 1,
         request_id: None,
+        export_id: None,
     }
 }
 

@@ -57,6 +57,7 @@ impl State {
                 max_file_attempts,
                 at_ms,
                 request_id,
+                export_id,
             } => {
                 if let Some(job_id) = request_id.as_ref().and_then(|id| self.submissions.get(id)) {
                     return Applied::AlreadySubmitted { job_id: job_id.clone() };
@@ -69,6 +70,7 @@ impl State {
                 self.jobs.insert(
                     id.clone(),
                     Job {
+                        export_id: export_id.unwrap_or_else(|| id.clone()),
                         id: id.clone(),
                         tenant,
                         request,

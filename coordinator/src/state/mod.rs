@@ -41,6 +41,11 @@ pub enum Command {
         /// the first one's job.
         #[serde(default)]
         request_id: Option<String>,
+        /// The export's own id, chosen by the proposer: time-ordered with a random part,
+        /// so it never repeats across restarts or clusters. Its files go under
+        /// `<tenant>/<export id>/`. (Entries written before it existed use the job id.)
+        #[serde(default)]
+        export_id: Option<String>,
     },
     /// The leader `node_id` is about to send the job's kick-off. A later leader that finds
     /// this and no status URL asks that node what came of it before kicking off itself.
@@ -192,6 +197,9 @@ pub struct FileRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
+    /// Unique to this export (see [`Command::SubmitJob`]).
+    #[serde(default)]
+    pub export_id: String,
     pub tenant: String,
     pub request: ExportRequest,
     pub max_file_attempts: u32,
@@ -228,10 +236,20 @@ impl Job {
         self.files.iter().map(|f| f.progress.offset).sum()
     }
 
-    /// Where `file` goes under the output root: `<job>/` and the one naming rule every
-    /// export path shares ([`OutputNames`]).
+    /// The export's directory under the output root: `<tenant>/<export id>`.
+    pub fn output_dir(&self) -> String {
+        let export = if self.export_id.is_empty() {
+            &self.id
+        } else {
+            &self.export_id
+        };
+        format!("{}/{export}", self.tenant)
+    }
+
+    /// Where `file` goes under the output root: the export's directory and the one naming
+    /// rule every export path shares ([`OutputNames`]).
     fn relative_path(&mut self, file: &ManifestFile) -> String {
-        format!("{}/{}", self.id, self.names.next(file))
+        format!("{}/{}", self.output_dir(), self.names.next(file))
     }
 
     /// Completes the job if its manifest is complete and every file is done or failed;

@@ -74,6 +74,7 @@ mod tests {
             max_file_attempts: 1,
             at_ms: 0,
             request_id: None,
+            export_id: None,
         });
         state.apply(Command::KickedOff {
             job_id: "job-1".into(),

@@ -19,6 +19,7 @@ fn state_with_submitted_job() -> (State, String) {
         max_file_attempts: 3,
         at_ms: 0,
         request_id: None,
+        export_id: None,
     }) else {
         panic!()
     };
@@ -112,14 +113,38 @@ fn files_get_stable_names_and_duplicates_are_ignored() {
     });
     let job = &state.jobs[&job_id];
     let names: Vec<&str> = job.files.iter().map(|f| f.relative_path.as_str()).collect();
+    // Under <tenant>/<export id>: this job was submitted without one (as log entries
+    // written before export ids existed), so its job id stands in.
     assert_eq!(
         names,
         [
-            "job-1/Patient.1.ndjson",
-            "job-1/Patient.2.ndjson",
-            "job-1/Patient.3.ndjson"
+            "t/job-1/Patient.1.ndjson",
+            "t/job-1/Patient.2.ndjson",
+            "t/job-1/Patient.3.ndjson"
         ]
     );
+}
+
+#[test]
+fn each_export_has_a_directory_of_its_own() {
+    let mut state = State::default();
+    let mut submit = |export_id: &str| {
+        let Applied::JobSubmitted { job_id } = state.apply(Command::SubmitJob {
+            tenant: "epic-prod".into(),
+            request: ExportRequest::default(),
+            max_file_attempts: 1,
+            at_ms: 0,
+            request_id: None,
+            export_id: Some(export_id.into()),
+        }) else {
+            panic!("submitted")
+        };
+        job_id
+    };
+    let first = submit("20261202T094700Z-3fa9c01b");
+    let second = submit("20261202T094700Z-77d0e412");
+    assert_eq!(state.jobs[&first].output_dir(), "epic-prod/20261202T094700Z-3fa9c01b");
+    assert_eq!(state.jobs[&second].output_dir(), "epic-prod/20261202T094700Z-77d0e412");
 }
 
 #[test]
@@ -323,6 +348,7 @@ fn start_job(state: &mut State, since: Option<&str>, files: u32) -> String {
         max_file_attempts: 1,
         at_ms: 0,
         request_id: None,
+        export_id: None,
     }) else {
         panic!("submitted");
     };
@@ -495,6 +521,7 @@ fn a_submission_retried_with_its_request_id_creates_one_job() {
         max_file_attempts: 1,
         at_ms: 0,
         request_id: request_id.map(String::from),
+        export_id: None,
     };
     let first = state.apply(submit(Some("cli-7f3a")));
     assert_eq!(first, Applied::JobSubmitted { job_id: "job-1".into() });

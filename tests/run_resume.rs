@@ -1,0 +1,144 @@
+//! `fhirhaul run` as a user interrupts it: Ctrl-C (SIGINT) while the export is polled and
+//! again while its files download. Each interrupted run stops within 2 s keeping its
+//! state; the same command then carries on with the same export (no new kick-off,
+//! partial files resumed with Range) and ends with files identical to what the EHR served.
+
+// Tests set up files and measure wall time directly; clippy.toml lists what the simulated
+// crates may not call.
+#![allow(clippy::disallowed_methods)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use fhirhaul_sim::{SimConfig, SimEhr};
+use fhirhaul_testkit::processes::{assert_output_identical, fhirhaul, sim_with_tenant};
+
+fn start_run(config: &Path, out: &Path) -> Child {
+    fhirhaul()
+        .args(["run", "--workers", "2", "--config"])
+        .arg(config)
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGINT and returns how long the run took to exit, and its exit code.
+async fn interrupt(mut child: Child) -> (Duration, Option<i32>, String) {
+    let sent = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the interrupted run did not exit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let took = sent.elapsed();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    (took, status.code(), stdout)
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn export_dirs(out: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(out.join("sim"))
+        .map(|entries| {
+            entries
+                .map(|entry| entry.unwrap().path())
+                .filter(|path| path.file_name().is_some_and(|n| n != ".fhirhaul"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_run_resumes_the_same_export_without_a_second_kickoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tenant) = sim_with_tenant(
+        SimConfig {
+            patients: 120,
+            max_resources_per_file: 1000,
+            job_duration: Duration::from_secs(3),
+            // Identity bytes, so a throttled body yields whole lines as it comes.
+            compress: false,
+            ..SimConfig::default()
+        },
+        dir.path(),
+    )
+    .await;
+    let config = dir.path().join("fhirhaul.toml");
+    std::fs::write(&config, &tenant).unwrap();
+    let out = dir.path().join("out");
+
+    // 1. Interrupted while the export is being polled.
+    let run = start_run(&config, &out);
+    wait_until("the kick-off", Duration::from_secs(30), || {
+        !sim.observed().kickoffs.is_empty()
+    })
+    .await;
+    let (took, code, stdout) = interrupt(run).await;
+    assert!(took < Duration::from_secs(2), "stopping took {took:?}: {stdout}");
+    assert_eq!(code, Some(130), "{stdout}");
+    assert!(stdout.contains("Run the same command again to resume"), "{stdout}");
+
+    // 2. Interrupted again while files download (slowly).
+    // Files of a few hundred KB sent in 64 KiB chunks at 150 KB/s: each takes seconds, so
+    // the interrupt finds them half-way.
+    sim.set_faults(|f| f.throttle_bytes_per_sec = Some(150_000));
+    let run = start_run(&config, &out);
+    wait_until("downloads", Duration::from_secs(60), || {
+        sim.observed().file_requests.iter().filter(|r| r.status < 300).count() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (took, code, stdout) = interrupt(run).await;
+    assert!(stdout.contains("no new kick-off"), "the second run resumed: {stdout}");
+    assert!(took < Duration::from_secs(2), "stopping took {took:?}: {stdout}");
+    assert_eq!(code, Some(130), "{stdout}");
+    let requests_before = sim.observed().file_requests.len();
+
+    // 3. The same command once more finishes the export.
+    sim.set_faults(|f| f.throttle_bytes_per_sec = None);
+    let finished = fhirhaul()
+        .args(["run", "--workers", "2", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&finished.stdout);
+    assert!(
+        finished.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    assert!(stdout.contains("no new kick-off"), "{stdout}");
+    let observed = sim.observed();
+    assert_eq!(observed.kickoffs.len(), 1, "one export at the EHR across three runs");
+    assert!(
+        observed.file_requests[requests_before..]
+            .iter()
+            .any(|r| r.range.is_some()),
+        "partial files continued with Range requests"
+    );
+    let exports = export_dirs(&out);
+    assert_eq!(exports.len(), 1, "{exports:?}");
+    assert_output_identical(&sim, &exports[0]);
+    assert!(exports[0].join("summary.json").is_file());
+    drop::<SimEhr>(sim);
+}
