@@ -66,6 +66,11 @@ pub struct CoordinatorArgs {
     /// A lease not renewed for this long goes to another worker (overrides cluster.lease_duration).
     #[arg(long, value_parser = parse_duration)]
     lease_duration: Option<Duration>,
+    /// Serve on a non-loopback address with neither mutual TLS nor a cluster token. Anyone
+    /// who can reach the port can then take the EHR's access tokens: only for a network
+    /// you trust entirely.
+    #[arg(long)]
+    insecure_no_auth_on_network: bool,
 }
 
 /// The coordinators to talk to (any of them; calls find the leader).
@@ -257,6 +262,15 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         ..CoordinatorSettings::default()
     };
     let tls = cluster.tls.as_ref().map(crate::config::TlsFiles::server).transpose()?;
+    fhirhaul_coordinator::grpc::check_exposure(
+        listen,
+        tls.is_some(),
+        settings.cluster_token.is_some(),
+        args.insecure_no_auth_on_network,
+    )?;
+    if args.insecure_no_auth_on_network && !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "serving WITHOUT authentication on the network, as --insecure-no-auth-on-network asks");
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     let cancel = shutdown_on_signal();
     let listener = tokio::net::TcpListener::bind(listen)

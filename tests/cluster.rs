@@ -653,3 +653,65 @@ async fn a_cluster_started_again_with_fresh_state_never_overwrites_the_first_exp
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_is_closed_to_the_network_unless_told_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sim, tenant) = sim_with_tenant(SimConfig::default(), dir.path()).await;
+    let config = dir.path().join("fhirhaul.toml");
+    std::fs::write(&config, &tenant).unwrap();
+    let coordinator = |listen: &str, token: Option<&str>| {
+        let mut command = fhirhaul_testkit::processes::fhirhaul();
+        command
+            .arg("coordinator")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", listen])
+            .arg("--data-dir")
+            .arg(dir.path().join("coordinator"))
+            .env_remove("FHIRHAUL_CLUSTER_TOKEN")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(token) = token {
+            command.env("FHIRHAUL_CLUSTER_TOKEN", token);
+        }
+        command
+    };
+    // Every interface, no TLS, no token: refused, naming both ways to fix it.
+    let refused = coordinator("0.0.0.0:0", None).output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("[cluster.tls]") && stderr.contains("FHIRHAUL_CLUSTER_TOKEN"),
+        "{stderr}"
+    );
+    // With a cluster token it serves, and a call without the token gets nothing.
+    let port = free_port();
+    let mut child = coordinator(&format!("0.0.0.0:{port}"), Some("s3cret-token"))
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let _running = Process(child);
+    assert!(line.contains("coordinator listening on"), "{line:?}");
+    let mut workers = WorkerServiceClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let refused = workers
+        .get_token(pb::GetTokenRequest {
+            worker_id: "intruder".into(),
+            tenant: "sim".into(),
+            refused_generation: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let refused = workers
+        .register(pb::RegisterRequest {
+            name: "intruder".into(),
+            concurrency: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+}

@@ -390,11 +390,14 @@ impl Coordinator {
         Ok(())
     }
 
-    pub async fn heartbeat(&self, worker_id: &str) -> Result<(), CoordinatorError> {
+    /// A worker is alive; `lease_ids`, when it reports them, are every lease it holds (a
+    /// lease it does not list is reclaimed, see `planner::plan`).
+    pub async fn heartbeat(&self, worker_id: &str, lease_ids: Option<Vec<u64>>) -> Result<(), CoordinatorError> {
         let beat = self
             .propose(Command::Heartbeat {
                 worker_id: worker_id.to_string(),
                 at_ms: self.now_ms(),
+                lease_ids,
             })
             .await?;
         match beat {

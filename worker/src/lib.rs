@@ -141,9 +141,11 @@ pub async fn run(
         return Ok(());
     };
     let tracker = TaskTracker::new();
+    let held = HeldLeases::default();
     tracker.spawn(heartbeats(
         coordinator.clone(),
         settings.clone(),
+        held.clone(),
         heartbeat_every,
         cancel.clone(),
     ));
@@ -156,6 +158,7 @@ pub async fn run(
             entropy: entropy.clone(),
             store: Arc::clone(&store) as _,
             sink: Arc::clone(&sink) as _,
+            held: held.clone(),
         };
         let span = tracing::info_span!("slot", worker = %settings.name, slot);
         tracker.spawn(context.run(cancel.clone()).instrument(span));
@@ -199,7 +202,40 @@ pub(crate) async fn register(
     }
 }
 
-async fn heartbeats(coordinator: Coordinator, settings: WorkerSettings, every: Duration, cancel: CancellationToken) {
+/// The leases this worker's slots hold right now, reported with every heartbeat so the
+/// coordinator can reclaim a grant whose answer never arrived.
+#[derive(Clone, Default)]
+pub(crate) struct HeldLeases(Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>);
+
+impl HeldLeases {
+    pub(crate) fn hold(&self, lease_id: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(lease_id.to_string());
+    }
+
+    pub(crate) fn let_go(&self, lease_id: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(lease_id);
+    }
+
+    fn now(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+async fn heartbeats(
+    coordinator: Coordinator,
+    settings: WorkerSettings,
+    held: HeldLeases,
+    every: Duration,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -207,7 +243,8 @@ async fn heartbeats(coordinator: Coordinator, settings: WorkerSettings, every: D
         }
         let request = pb::HeartbeatRequest {
             worker_id: coordinator.worker_id.clone(),
-            lease_ids: vec![],
+            lease_ids: held.now(),
+            reports_leases: true,
         };
         if let Err(status) = coordinator
             .call(

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::checkpoints::CheckpointStore;
 use crate::sink::{ExportDir, Sink, SinkError};
 use crate::tokens::CoordinatorTokens;
-use crate::{Coordinator, WorkerSettings, register};
+use crate::{Coordinator, HeldLeases, WorkerSettings, register};
 
 /// The export's directory a file lies in: `<tenant>/<export id>` of
 /// `<tenant>/<export id>/[deleted/|error/]<Type>.<n>.ndjson` (the parent, for a shorter
@@ -51,6 +51,7 @@ pub(crate) struct SlotContext {
     pub entropy: Entropy,
     pub store: Arc<dyn CheckpointStore>,
     pub sink: Arc<dyn Sink>,
+    pub held: HeldLeases,
 }
 
 impl SlotContext {
@@ -77,7 +78,10 @@ impl SlotContext {
                         // Holding starts and ends are events (not only a span) so a simulation
                         // can check that no two live workers hold one file in one generation.
                         tracing::debug!(%worker, %job, %file, generation, "lease held");
+                        let lease_id = lease.lease_id.clone();
+                        self.held.hold(&lease_id);
                         self.handle(lease, &cancel).instrument(span).await;
+                        self.held.let_go(&lease_id);
                         tracing::debug!(%worker, %job, %file, generation, "lease let go");
                     }
                 }

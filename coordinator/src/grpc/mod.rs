@@ -30,6 +30,34 @@ use self::worker::WorkerApi;
 use crate::node::Coordinator;
 use crate::peers::MAX_RAFT_MESSAGE_BYTES;
 
+/// A coordinator about to listen where anything on the network could call it, with
+/// nothing to tell a worker from an intruder: anyone could `Register` and take a tenant's
+/// EHR token with `GetToken`, or send raft messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "refusing to serve on {address} without authentication: set [cluster.tls] for mutual TLS, or a cluster token \
+     in FHIRHAUL_CLUSTER_TOKEN (or both), or listen on a loopback address; \
+     --insecure-no-auth-on-network overrides this, for a network you trust entirely"
+)]
+pub struct OpenToTheNetwork {
+    pub address: std::net::SocketAddr,
+}
+
+/// Whether a coordinator may serve on `address`: on loopback always; anywhere else only
+/// with mutual TLS or a cluster token, unless the operator said otherwise explicitly.
+pub fn check_exposure(
+    address: std::net::SocketAddr,
+    mutual_tls: bool,
+    cluster_token: bool,
+    insecure_allowed: bool,
+) -> Result<(), OpenToTheNetwork> {
+    if address.ip().is_loopback() || mutual_tls || cluster_token || insecure_allowed {
+        Ok(())
+    } else {
+        Err(OpenToTheNetwork { address })
+    }
+}
+
 /// Serves the worker, admin and raft APIs, gRPC health and reflection on `listener` until
 /// `cancel`, with mutual TLS when `tls` is given. Every call must carry the coordinator's
 /// cluster token when it has one (the same one it sends to its peers). Plaintext is meant
@@ -117,4 +145,33 @@ where
     router
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_coordinator_is_closed_to_the_network_by_default() {
+        let anywhere: std::net::SocketAddr = "0.0.0.0:7400".parse().unwrap();
+        let host: std::net::SocketAddr = "10.0.0.5:7400".parse().unwrap();
+        let loopback: std::net::SocketAddr = "127.0.0.1:7400".parse().unwrap();
+        let loopback6: std::net::SocketAddr = "[::1]:7400".parse().unwrap();
+        for address in [anywhere, host] {
+            let refused = check_exposure(address, false, false, false).unwrap_err();
+            let message = refused.to_string();
+            assert!(
+                message.contains("[cluster.tls]") && message.contains("FHIRHAUL_CLUSTER_TOKEN"),
+                "{message}"
+            );
+            assert!(check_exposure(address, true, false, false).is_ok(), "mutual TLS");
+            assert!(check_exposure(address, false, true, false).is_ok(), "a cluster token");
+            assert!(
+                check_exposure(address, false, false, true).is_ok(),
+                "the explicit override"
+            );
+        }
+        assert!(check_exposure(loopback, false, false, false).is_ok());
+        assert!(check_exposure(loopback6, false, false, false).is_ok());
+    }
 }

@@ -44,8 +44,22 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        // Workers that report their leases say so; an older worker sends none and no
+        // flag, and its leases are never reclaimed by report.
+        let lease_ids = if request.reports_leases {
+            Some(
+                request
+                    .lease_ids
+                    .iter()
+                    .map(|id| parse_lease_id(id))
+                    .collect::<Result<Vec<u64>, Status>>()?,
+            )
+        } else {
+            None
+        };
         self.coordinator
-            .heartbeat(&request.into_inner().worker_id)
+            .heartbeat(&request.worker_id, lease_ids)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::HeartbeatResponse {}))

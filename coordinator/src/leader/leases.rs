@@ -190,7 +190,8 @@ impl Actor {
         if waiter.reply.is_closed() {
             return None;
         }
-        let expires_at_ms = now_ms(&*self.context.clock) + self.context.lease_duration.as_millis() as u64;
+        let granted_at_ms = now_ms(&*self.context.clock);
+        let expires_at_ms = granted_at_ms + self.context.lease_duration.as_millis() as u64;
         let proposed = self
             .context
             .raft
@@ -199,6 +200,7 @@ impl Actor {
                 file: candidate.file,
                 worker_id: waiter.worker_id.clone(),
                 expires_at_ms,
+                granted_at_ms,
             })
             .await;
         match proposed {

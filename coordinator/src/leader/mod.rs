@@ -141,6 +141,8 @@ async fn lead(
             .filter(|(_, t)| t.export.delete_when_done)
             .map(|(name, _)| name.clone())
             .collect(),
+        // Workers heartbeat every third of a lease period (see `grpc::worker`).
+        report_grace_ms: (coordinator.settings().lease_duration / 3).as_millis() as u64,
     };
     let mut work = TermWork {
         coordinator,

@@ -42,6 +42,10 @@ pub struct PlanSettings {
     pub term_since_ms: u64,
     /// Tenants whose status URL is DELETEd once their export completes.
     pub delete_when_done: BTreeSet<String>,
+    /// How long after a grant a worker's heartbeat must list the lease (one heartbeat
+    /// period): a report at least this much later that leaves it out means the worker
+    /// never got it.
+    pub report_grace_ms: u64,
 }
 
 /// Decides what the leader does now.
@@ -77,10 +81,44 @@ pub fn plan(state: &State, running: &Running, now_ms: u64, settings: &PlanSettin
             actions.push(Action::StopDriver { job_id: job_id.clone() });
         }
     }
+    // A lease its holder's latest heartbeat leaves out, a heartbeat period after the
+    // grant: the grant's answer never reached the worker (lost, or sent by a leader that
+    // died first). It goes back to pending now, not a lease period from now.
+    let mut reclaimed = BTreeSet::new();
+    for (lease_id, at) in &state.leases {
+        let Some(file) = state
+            .jobs
+            .get(&at.job_id)
+            .and_then(|job| job.files.get(at.file as usize))
+        else {
+            continue;
+        };
+        let FilePhase::Leased {
+            worker_id,
+            granted_at_ms,
+            ..
+        } = &file.phase
+        else {
+            continue;
+        };
+        let reported = state.workers.get(worker_id).and_then(|w| w.holding.as_ref());
+        if let Some(report) = reported
+            && report.at_ms >= granted_at_ms.saturating_add(settings.report_grace_ms)
+            && !report.lease_ids.contains(lease_id)
+        {
+            reclaimed.insert(*lease_id);
+            actions.push(Action::ExpireLease {
+                lease_id: *lease_id,
+                generation: file.generation,
+            });
+        }
+    }
     // Lease expiry, with a full lease period of grace after this node took over.
     if now_ms >= settings.term_since_ms.saturating_add(settings.lease_ms) {
         for (lease_id, generation) in state.expired_leases(now_ms) {
-            actions.push(Action::ExpireLease { lease_id, generation });
+            if !reclaimed.contains(&lease_id) {
+                actions.push(Action::ExpireLease { lease_id, generation });
+            }
         }
         let stale_before_ms = now_ms.saturating_sub(settings.lease_ms);
         let waits_for_absent_worker = state.jobs.values().flat_map(|j| j.files.iter()).any(|f| {
@@ -105,12 +143,14 @@ mod tests {
     use crate::state::{Applied, Command};
 
     const LEASE_MS: u64 = 30_000;
+    const REPORT_GRACE_MS: u64 = 10_000;
 
     fn settings(delete_when_done: &[&str]) -> PlanSettings {
         PlanSettings {
             lease_ms: LEASE_MS,
             term_since_ms: 1_000,
             delete_when_done: delete_when_done.iter().map(|t| t.to_string()).collect(),
+            report_grace_ms: REPORT_GRACE_MS,
         }
     }
 
@@ -253,6 +293,7 @@ mod tests {
             file: 0,
             worker_id: "w1".into(),
             expires_at_ms: 100_000,
+            granted_at_ms: 0,
         }) else {
             panic!("granted");
         };
@@ -288,6 +329,7 @@ mod tests {
             file: 0,
             worker_id: "w1".into(),
             expires_at_ms: 500,
+            granted_at_ms: 0,
         }) else {
             panic!("granted");
         };
@@ -320,6 +362,7 @@ mod tests {
             file: 0,
             worker_id: "w1".into(),
             expires_at_ms: 100_000,
+            granted_at_ms: 0,
         });
         // w1 restarts: its lease goes back to pending, kept for it.
         state.apply(Command::RegisterWorker {
@@ -338,5 +381,77 @@ mod tests {
                 stale_before_ms: 40_001
             }]
         );
+    }
+
+    #[test]
+    fn a_lease_its_worker_does_not_report_a_heartbeat_after_the_grant_is_reclaimed_at_once() {
+        let mut state = State::default();
+        let job = submit(&mut state, "t");
+        kicked_off(&mut state, &job);
+        with_file(&mut state, &job);
+        with_file_named(&mut state, &job, "second");
+        state.apply(Command::RegisterWorker {
+            worker_id: "w1".into(),
+            concurrency: 2,
+            at_ms: 0,
+        });
+        let grant = |state: &mut State, file: u32| {
+            let Applied::LeaseGranted(grant) = state.apply(Command::GrantLease {
+                job_id: job.clone(),
+                file,
+                worker_id: "w1".into(),
+                expires_at_ms: 200_000,
+                granted_at_ms: 50_000,
+            }) else {
+                panic!("granted");
+            };
+            grant
+        };
+        let (held, lost) = (grant(&mut state, 0), grant(&mut state, 1));
+        let heartbeat = |state: &mut State, at_ms: u64, leases: &[u64]| {
+            state.apply(Command::Heartbeat {
+                worker_id: "w1".into(),
+                at_ms,
+                lease_ids: Some(leases.to_vec()),
+            });
+        };
+        let drivers = running(&[&job], &[]);
+        // A report sent before the worker could have heard of the grants proves nothing.
+        heartbeat(&mut state, 50_000 + REPORT_GRACE_MS - 1, &[]);
+        assert!(plan(&state, &drivers, 60_000, &settings(&[])).is_empty());
+        // A heartbeat period later it lists one of them: the other's answer was lost.
+        heartbeat(&mut state, 50_000 + REPORT_GRACE_MS, &[held.lease_id]);
+        assert_eq!(
+            plan(&state, &drivers, 60_000, &settings(&[])),
+            [Action::ExpireLease {
+                lease_id: lost.lease_id,
+                generation: lost.generation
+            }],
+            "reclaimed long before its expiry at 200 s"
+        );
+        // A worker that does not report leases keeps them until they expire.
+        state.apply(Command::Heartbeat {
+            worker_id: "w1".into(),
+            at_ms: 70_000,
+            lease_ids: None,
+        });
+        assert_eq!(
+            plan(&state, &drivers, 60_000, &settings(&[])).len(),
+            1,
+            "the last report still counts"
+        );
+    }
+
+    fn with_file_named(state: &mut State, job_id: &str, name: &str) {
+        state.apply(Command::AddFiles {
+            job_id: job_id.into(),
+            files: vec![ManifestFile {
+                kind: FileKind::Output,
+                resource_type: Some("Patient".into()),
+                url: format!("https://ehr.example/files/{job_id}/{name}").parse().unwrap(),
+                count: None,
+            }],
+            requires_access_token: true,
+        });
     }
 }

@@ -3,7 +3,8 @@ use fhirhaul_common::download::Checkpoint;
 use fhirhaul_common::fhir::parse_instant;
 
 use super::{
-    Applied, Command, FilePhase, FileRecord, Job, JobPhase, LeaseGrant, LeaseIndex, Refusal, State, WorkerRecord,
+    Applied, Command, FilePhase, FileRecord, HeldLeases, Job, JobPhase, LeaseGrant, LeaseIndex, Refusal, State,
+    WorkerRecord,
 };
 
 fn refused(refusal: Refusal) -> Applied {
@@ -40,13 +41,26 @@ impl State {
                         id: worker_id,
                         concurrency,
                         last_seen_ms: at_ms,
+                        holding: None,
                     },
                 );
                 Applied::Done
             }
-            Command::Heartbeat { worker_id, at_ms } => match self.workers.get_mut(&worker_id) {
+            Command::Heartbeat {
+                worker_id,
+                at_ms,
+                lease_ids,
+            } => match self.workers.get_mut(&worker_id) {
                 Some(worker) => {
                     worker.last_seen_ms = worker.last_seen_ms.max(at_ms);
+                    if let Some(lease_ids) = lease_ids
+                        && worker.holding.as_ref().is_none_or(|h| h.at_ms <= at_ms)
+                    {
+                        worker.holding = Some(HeldLeases {
+                            at_ms,
+                            lease_ids: lease_ids.into_iter().collect(),
+                        });
+                    }
                     Applied::Done
                 }
                 None => refused(Refusal::UnknownWorker(worker_id)),
@@ -210,6 +224,7 @@ impl State {
                 file,
                 worker_id,
                 expires_at_ms,
+                granted_at_ms,
             } => {
                 if !self.workers.contains_key(&worker_id) {
                     return refused(Refusal::UnknownWorker(worker_id));
@@ -234,6 +249,7 @@ impl State {
                     lease_id,
                     worker_id,
                     expires_at_ms,
+                    granted_at_ms,
                 };
                 self.leases.insert(
                     lease_id,

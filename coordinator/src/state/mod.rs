@@ -25,10 +25,12 @@ pub enum Command {
         concurrency: u32,
         at_ms: u64,
     },
-    /// A worker is alive.
+    /// A worker is alive, and (when `lease_ids` is given) holds exactly these leases.
     Heartbeat {
         worker_id: String,
         at_ms: u64,
+        #[serde(default)]
+        lease_ids: Option<Vec<u64>>,
     },
     /// A new export job; nothing has been sent to the EHR yet.
     SubmitJob {
@@ -91,6 +93,8 @@ pub enum Command {
         file: u32,
         worker_id: String,
         expires_at_ms: u64,
+        #[serde(default)]
+        granted_at_ms: u64,
     },
     RenewLease {
         lease_id: u64,
@@ -166,6 +170,9 @@ pub enum FilePhase {
         lease_id: u64,
         worker_id: String,
         expires_at_ms: u64,
+        /// When it was granted (0 in entries written before this was recorded).
+        #[serde(default)]
+        granted_at_ms: u64,
     },
     Done,
     Failed,
@@ -274,6 +281,17 @@ pub struct WorkerRecord {
     pub id: String,
     pub concurrency: u32,
     pub last_seen_ms: u64,
+    /// The leases the worker last said it holds, and when (a worker that does not report
+    /// them has none here).
+    #[serde(default)]
+    pub holding: Option<HeldLeases>,
+}
+
+/// What a worker's heartbeat said it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLeases {
+    pub at_ms: u64,
+    pub lease_ids: std::collections::BTreeSet<u64>,
 }
 
 /// A lease as handed to a worker.

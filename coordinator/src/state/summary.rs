@@ -104,6 +104,7 @@ mod tests {
                 file,
                 worker_id: "w".into(),
                 expires_at_ms: 10,
+                granted_at_ms: 0,
             }) else {
                 panic!("granted")
             };

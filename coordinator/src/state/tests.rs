@@ -53,6 +53,7 @@ fn grant(state: &mut State, job_id: &str, file: u32, worker: &str) -> LeaseGrant
         file,
         worker_id: worker.into(),
         expires_at_ms: 1000,
+        granted_at_ms: 0,
     }) {
         Applied::LeaseGranted(grant) => grant,
         other => panic!("{other:?}"),
@@ -283,6 +284,7 @@ fn commands_round_trip_through_json() {
         file: 3,
         worker_id: "w".into(),
         expires_at_ms: 9,
+        granted_at_ms: 0,
     };
     let text = serde_json::to_vec(&command).unwrap();
     assert_eq!(serde_json::from_slice::<Command>(&text).unwrap(), command);
