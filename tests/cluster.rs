@@ -715,3 +715,62 @@ async fn a_coordinator_is_closed_to_the_network_unless_told_otherwise() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_count_disagrees_is_fetched_once_more_then_failed_as_incomplete() {
+    let config = SimConfig {
+        patients: 30,
+        job_duration: Duration::from_millis(100),
+        ..SimConfig::default()
+    };
+    let mut cluster = Cluster::start(config, "5s").await;
+    // The manifest says every Patient file holds one resource more than it does.
+    cluster.sim.set_faults(|f| f.count_off_by = Some(("Patient".into(), 1)));
+    cluster.start_worker("w1");
+    let job_id = cluster.submit(r#"{"types":["Patient","Condition"]}"#).await;
+    let job = cluster.wait_for(&job_id, Duration::from_secs(60), has_ended).await;
+    let summary = job.summary.clone().unwrap();
+    assert_eq!(summary.phase, pb::JobPhase::Completed as i32);
+    let patients: Vec<&pb::FileState> = job
+        .files
+        .iter()
+        .filter(|f| f.resource_type.as_deref() == Some("Patient"))
+        .collect();
+    assert!(!patients.is_empty());
+    for file in &patients {
+        assert_eq!(
+            file.phase,
+            pb::FilePhase::Failed as i32,
+            "a short file does not pass: {file:?}"
+        );
+        assert_eq!(file.failure_category, Some(pb::FailureCategory::Incomplete as i32));
+        let reason = file.failure.clone().unwrap_or_default();
+        assert!(reason.contains("manifest's count is"), "{reason}");
+        assert_eq!(file.attempts, 1, "the second download happens within the one lease");
+    }
+    for file in job
+        .files
+        .iter()
+        .filter(|f| f.resource_type.as_deref() == Some("Condition"))
+    {
+        assert_eq!(file.phase, pb::FilePhase::Done as i32);
+        assert_eq!(file.expected_count, Some(file.resources), "counts shown side by side");
+    }
+    let downloads_of = |index: usize| {
+        cluster
+            .sim
+            .observed()
+            .file_requests
+            .iter()
+            .filter(|r| r.file == index && r.status < 300)
+            .count()
+    };
+    let first_patient = cluster
+        .sim
+        .served_files(1)
+        .iter()
+        .find(|f| f.resource_type.as_deref() == Some("Patient"))
+        .map(|f| f.index)
+        .unwrap();
+    assert_eq!(downloads_of(first_patient), 2, "downloaded once more before failing");
+}

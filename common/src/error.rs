@@ -37,6 +37,9 @@ pub enum Category {
     Config,
     /// Cancelled by the user, or an internal component has stopped.
     Cancelled,
+    /// A file ended whole by its framing, but with another number of resources than the
+    /// manifest's `count`.
+    Incomplete,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -132,6 +135,11 @@ pub enum Error {
     )]
     AmbiguousKickoff { url: SafeUrl, message: String },
 
+    #[error(
+        "file {url} has {actual} resources but the manifest's count is {expected} (downloaded twice, the same both times)"
+    )]
+    CountMismatch { url: SafeUrl, expected: u64, actual: u64 },
+
     #[error("cancelled")]
     Cancelled,
 
@@ -151,7 +159,7 @@ pub enum Error {
 }
 
 impl Category {
-    pub const ALL: [Category; 11] = [
+    pub const ALL: [Category; 12] = [
         Category::Network,
         Category::Throttled,
         Category::Server,
@@ -163,6 +171,7 @@ impl Category {
         Category::Storage,
         Category::Config,
         Category::Cancelled,
+        Category::Incomplete,
     ];
 
     /// The lowercase name used in status displays, summaries and replicated state.
@@ -179,6 +188,7 @@ impl Category {
             Category::Storage => "storage",
             Category::Config => "config",
             Category::Cancelled => "cancelled",
+            Category::Incomplete => "incomplete",
         }
     }
 
@@ -231,6 +241,7 @@ impl Error {
             Error::OAuth { .. } | Error::Discovery { .. } | Error::Key { .. } => Category::Auth,
             Error::Protocol { .. } | Error::Manifest { .. } | Error::ForeignOrigin { .. } => Category::Protocol,
             Error::Content { .. } => Category::Content,
+            Error::CountMismatch { .. } => Category::Incomplete,
             Error::Deadline { .. } | Error::Stalled { .. } => Category::Timeout,
             Error::Io { .. } => Category::Storage,
             Error::Config { .. } | Error::InvalidRequest { .. } => Category::Config,

@@ -72,6 +72,9 @@ pub struct SavedFile {
     pub kind: FileKind,
     pub resource_type: Option<String>,
     pub url: String,
+    /// The manifest's `count`, when it gave one.
+    #[serde(default)]
+    pub count: Option<u64>,
     #[serde(flatten)]
     pub outcome: FileOutcome,
 }
@@ -121,6 +124,7 @@ impl ExportReport {
                     sha256: f.outcome.sha256.clone(),
                     bytes: f.outcome.bytes,
                     resources: f.outcome.resources,
+                    expected_count: f.count,
                     issues: f.outcome.issues.clone(),
                 })
                 .collect(),
@@ -253,6 +257,7 @@ pub async fn run_export(
                     kind: file.kind,
                     resource_type: file.resource_type.clone(),
                     url: SafeUrl::from(&file.url).to_string(),
+                    count: file.count,
                     outcome: outcome.clone(),
                 });
                 on_event(ExportEvent::FileDone { file, outcome });

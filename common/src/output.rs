@@ -71,6 +71,9 @@ pub struct SummaryFile {
     pub sha256: String,
     pub bytes: u64,
     pub resources: u64,
+    /// The manifest's `count`, when it gave one.
+    #[serde(default)]
+    pub expected_count: Option<u64>,
     pub issues: Vec<String>,
 }
 

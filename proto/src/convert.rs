@@ -32,6 +32,7 @@ impl From<Category> for pb::FailureCategory {
             Category::Storage => pb::FailureCategory::Storage,
             Category::Config => pb::FailureCategory::Config,
             Category::Cancelled => pb::FailureCategory::Cancelled,
+            Category::Incomplete => pb::FailureCategory::Incomplete,
         }
     }
 }
@@ -57,6 +58,7 @@ impl TryFrom<pb::FailureCategory> for Category {
             pb::FailureCategory::Storage => Category::Storage,
             pb::FailureCategory::Config => Category::Config,
             pb::FailureCategory::Cancelled => Category::Cancelled,
+            pb::FailureCategory::Incomplete => Category::Incomplete,
             pb::FailureCategory::Unspecified => return Err(UnknownCategory(0)),
         })
     }

@@ -132,6 +132,9 @@ impl Default for SimConfig {
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     pub kickoff_429: u32,
+    /// The manifest lies about the `count` of files of this type, by this much (a file
+    /// that looks short, or long, though it is served whole).
+    pub count_off_by: Option<(String, i64)>,
     /// The next N kick-offs are accepted (the export exists and runs) and then the
     /// connection is dropped without an answer, as when a proxy or the network fails
     /// between the EHR and the client.

@@ -165,77 +165,113 @@ impl SlotContext {
         // Our own partial file from before a restart, if it is for this URL and still holds
         // every byte its checkpoint counts.
         let part = fhirhaul_common::download::part_path(&staging);
-        let recorded = self.store.get(&key, &lease.file_url).await;
-        let part_length = {
-            let part = part.clone();
-            self.settings
-                .offload
-                .run(
-                    #[allow(clippy::disallowed_methods)] // Inside the offload seam.
-                    move || std::fs::metadata(part).map(|m| m.len()).ok(),
-                )
-                .await
-        };
-        let resume = recorded.filter(|c| c.offset > 0 && part_length.is_some_and(|length| length >= c.offset));
-        match &resume {
-            Some(checkpoint) => tracing::info!(
-                offset = checkpoint.offset,
-                "resuming a partial download from its checkpoint"
-            ),
-            // Starting from zero: forget any older checkpoint first (its partial file is
-            // gone, or was finished but not published), so a crash before the first new
-            // checkpoint cannot resume the new partial file at the old offset.
-            None => {
-                store_checkpoint(
-                    &*self.store,
-                    &self.coordinator.worker_id,
-                    &lease,
-                    &key,
-                    &Checkpoint::default(),
-                )
-                .await
+        // A file whose resource count differs from the manifest's is downloaded once more
+        // from zero; a second mismatch fails it (category incomplete) unless configured to
+        // accept it.
+        let mut passes = 0;
+        let result = loop {
+            passes += 1;
+            let recorded = self.store.get(&key, &lease.file_url).await;
+            let part_length = {
+                let part = part.clone();
+                self.settings
+                    .offload
+                    .run(
+                        #[allow(clippy::disallowed_methods)] // Inside the offload seam.
+                        move || std::fs::metadata(part).map(|m| m.len()).ok(),
+                    )
+                    .await
+            };
+            let resume = recorded.filter(|c| c.offset > 0 && part_length.is_some_and(|length| length >= c.offset));
+            match &resume {
+                Some(checkpoint) => tracing::info!(
+                    offset = checkpoint.offset,
+                    "resuming a partial download from its checkpoint"
+                ),
+                // Starting from zero: forget any older checkpoint first (its partial file is
+                // gone, or was finished but not published), so a crash before the first new
+                // checkpoint cannot resume the new partial file at the old offset.
+                None => {
+                    store_checkpoint(
+                        &*self.store,
+                        &self.coordinator.worker_id,
+                        &lease,
+                        &key,
+                        &Checkpoint::default(),
+                    )
+                    .await
+                }
             }
-        }
-        let (checkpoint_tx, checkpoint_rx) = watch::channel(resume.clone().unwrap_or_default());
-        let download_cancel = shutdown.child_token();
-        let fenced = CancellationToken::new();
-        // The keeper outlives a cancelled download until the download has returned, so it
-        // stores the checkpoint a stopped download publishes last.
-        let download_ended = CancellationToken::new();
-        let keeper = tokio::spawn(keep_lease(
-            self.coordinator.clone(),
-            lease.clone(),
-            Arc::clone(&self.store),
-            key.clone(),
-            checkpoint_rx,
-            Keeping {
-                download: download_cancel.clone(),
-                ended: download_ended.clone(),
-                fenced: fenced.clone(),
-            },
-        ));
-        let options = DownloadOptions {
-            resume,
-            checkpoints: Some(checkpoint_tx),
-            cancel: download_cancel.clone(),
-            offload: self.settings.offload,
+            let (checkpoint_tx, checkpoint_rx) = watch::channel(resume.clone().unwrap_or_default());
+            let download_cancel = shutdown.child_token();
+            let fenced = CancellationToken::new();
+            // The keeper outlives a cancelled download until the download has returned, so it
+            // stores the checkpoint a stopped download publishes last.
+            let download_ended = CancellationToken::new();
+            let keeper = tokio::spawn(keep_lease(
+                self.coordinator.clone(),
+                lease.clone(),
+                Arc::clone(&self.store),
+                key.clone(),
+                checkpoint_rx,
+                Keeping {
+                    download: download_cancel.clone(),
+                    ended: download_ended.clone(),
+                    fenced: fenced.clone(),
+                },
+            ));
+            let options = DownloadOptions {
+                resume,
+                checkpoints: Some(checkpoint_tx),
+                cancel: download_cancel.clone(),
+                offload: self.settings.offload,
+            };
+            let result = download_file(
+                &client,
+                &file,
+                lease.requires_access_token,
+                &staging,
+                &self.settings.download,
+                options,
+            )
+            .await;
+            download_cancel.cancel();
+            download_ended.cancel();
+            let _ = keeper.await;
+            if fenced.is_cancelled() {
+                tracing::warn!("lease was taken over by another worker; dropping this attempt");
+                return;
+            }
+            match result {
+                Ok(mut outcome) if let Some(expected) = outcome.count_mismatch => {
+                    let actual = outcome.resources;
+                    if self.settings.download.accept_count_mismatch {
+                        outcome.issues.push(format!(
+                            "the manifest's count is {expected}, the file has {actual} resources (accepted as configured)"
+                        ));
+                        break Ok(outcome);
+                    }
+                    if passes == 2 {
+                        break Err(fhirhaul_common::Error::CountMismatch {
+                            url: fhirhaul_common::url_util::SafeUrl::from(&file.url),
+                            expected,
+                            actual,
+                        });
+                    }
+                    // Framing said complete but the count disagrees: once more from zero
+                    // before believing either.
+                    tracing::warn!(
+                        expected,
+                        actual,
+                        "resource count differs from the manifest's; downloading the file once more"
+                    );
+                    let finished = staging.clone();
+                    #[allow(clippy::disallowed_methods)] // Inside the offload seam.
+                    let _ = self.settings.offload.run(move || std::fs::remove_file(finished)).await;
+                }
+                other => break other,
+            }
         };
-        let result = download_file(
-            &client,
-            &file,
-            lease.requires_access_token,
-            &staging,
-            &self.settings.download,
-            options,
-        )
-        .await;
-        download_cancel.cancel();
-        download_ended.cancel();
-        let _ = keeper.await;
-        if fenced.is_cancelled() {
-            tracing::warn!("lease was taken over by another worker; dropping this attempt");
-            return;
-        }
         match result {
             Ok(outcome) => {
                 // Confirm the lease is still ours right before publishing, so a worker that

@@ -46,6 +46,10 @@ pub struct DownloadSettings {
     /// Sync the partial file and publish a checkpoint every this many bytes (only when
     /// someone receives checkpoints).
     pub checkpoint_every_bytes: u64,
+    /// Accept a file whose number of resources differs from the manifest's `count` (with
+    /// a warning in its issues) instead of downloading it once more and then failing it.
+    #[serde(default)]
+    pub accept_count_mismatch: bool,
 }
 
 impl Default for DownloadSettings {
@@ -56,6 +60,7 @@ impl Default for DownloadSettings {
             backoff_max: Duration::from_secs(60),
             max_line_bytes: 64 * 1024 * 1024,
             checkpoint_every_bytes: 32 * 1024 * 1024,
+            accept_count_mismatch: false,
         }
     }
 }

@@ -91,6 +91,7 @@ fn file_to_pb(file: &FileRecord) -> pb::FileState {
         attempts: file.attempts,
         failure_category: file.failure.as_ref().map(|(category, _)| category_to_wire(*category)),
         failure: file.failure.as_ref().map(|(_, reason)| reason.clone()),
+        expected_count: file.count,
     }
 }
 

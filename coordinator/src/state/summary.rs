@@ -21,6 +21,7 @@ impl Job {
                 sha256: f.sha256.clone().unwrap_or_default(),
                 bytes: f.progress.offset,
                 resources: f.progress.resources,
+                expected_count: f.count,
                 issues: f.issues.clone(),
             })
             .collect();

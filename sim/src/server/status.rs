@@ -28,10 +28,13 @@ pub(super) fn storage_url(shared: &Shared, job: u64, index: usize, _version: u32
     )
 }
 
+/// The manifest's `output`, `deleted` and `error` entries; `count_lie` is the planted
+/// fault (a type whose `count` is off by some amount).
 pub(super) fn manifest_entries(
     shared: &Shared,
     job: &Job,
     files: &[&spool::SpooledFile],
+    count_lie: Option<&(String, i64)>,
 ) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
     let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
     for file in files {
@@ -40,7 +43,10 @@ pub(super) fn manifest_entries(
             entry["type"] = Value::String(kind.clone());
         }
         if file.kind == FileKind::Output {
-            entry["count"] = json!(file.count);
+            let lie = count_lie
+                .filter(|(kind, _)| file.resource_type.as_deref() == Some(kind.as_str()))
+                .map_or(0, |(_, by)| *by);
+            entry["count"] = json!((file.count as i64 + lie).max(0));
         }
         match file.kind {
             FileKind::Output => output.push(entry),
@@ -101,6 +107,7 @@ pub(super) async fn status(shared: &Arc<Shared>, job: &str, request: Request<Inc
         );
     }
     let never_complete = state.faults.never_complete;
+    let count_lie = state.faults.count_off_by.clone();
     let Some(job) = parse_job(job).and_then(|id| state.jobs.get(&id)) else {
         return outcome(StatusCode::NOT_FOUND, "not-found", "no such export");
     };
@@ -146,7 +153,7 @@ pub(super) async fn status(shared: &Arc<Shared>, job: &str, request: Request<Inc
     if fraction < 1.0 {
         let ready: Vec<&spool::SpooledFile> = files.iter().filter(|f| f.ready_fraction <= fraction).collect();
         let partial = (job.params.allow_partial && shared.config.partial_manifests && !ready.is_empty()).then(|| {
-            let (output, deleted, error) = manifest_entries(shared, job, &ready);
+            let (output, deleted, error) = manifest_entries(shared, job, &ready, count_lie.as_ref());
             json!({
                 "transactionTime": transaction_time,
                 "request": job.params.request_url,
@@ -157,7 +164,7 @@ pub(super) async fn status(shared: &Arc<Shared>, job: &str, request: Request<Inc
         return in_progress(format!("{:.0}% complete", fraction * 100.0), partial);
     }
     let all: Vec<&spool::SpooledFile> = files.iter().collect();
-    let (output, deleted, error) = manifest_entries(shared, job, &all);
+    let (output, deleted, error) = manifest_entries(shared, job, &all, count_lie.as_ref());
     let page_size = shared.config.manifest_page_size.unwrap_or(usize::MAX).max(1);
     let pages = output.len().div_ceil(page_size).max(1);
     let page = page.clamp(1, pages);
