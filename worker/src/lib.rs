@@ -142,6 +142,7 @@ pub async fn run(
     };
     let tracker = TaskTracker::new();
     let held = HeldLeases::default();
+    let tokens = Arc::new(tokens::TokenCache::default());
     tracker.spawn(heartbeats(
         coordinator.clone(),
         settings.clone(),
@@ -159,6 +160,7 @@ pub async fn run(
             store: Arc::clone(&store) as _,
             sink: Arc::clone(&sink) as _,
             held: held.clone(),
+            tokens: Arc::clone(&tokens),
         };
         let span = tracing::info_span!("slot", worker = %settings.name, slot);
         tracker.spawn(context.run(cancel.clone()).instrument(span));

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::checkpoints::CheckpointStore;
 use crate::sink::{ExportDir, Sink, SinkError};
-use crate::tokens::CoordinatorTokens;
+use crate::tokens::{CoordinatorTokens, TokenCache};
 use crate::{Coordinator, HeldLeases, WorkerSettings, register};
 
 /// The export's directory a file lies in: `<tenant>/<export id>` of
@@ -52,6 +52,8 @@ pub(crate) struct SlotContext {
     pub store: Arc<dyn CheckpointStore>,
     pub sink: Arc<dyn Sink>,
     pub held: HeldLeases,
+    /// Each tenant's token, shared by the worker's slots.
+    pub tokens: Arc<TokenCache>,
 }
 
 impl SlotContext {
@@ -151,7 +153,12 @@ impl SlotContext {
             url,
             count: lease.expected_count,
         };
-        let tokens = CoordinatorTokens::new(self.coordinator.clone(), lease.tenant.clone(), Arc::clone(&self.clock));
+        let tokens = CoordinatorTokens::new(
+            self.coordinator.clone(),
+            lease.tenant.clone(),
+            Arc::clone(&self.clock),
+            Arc::clone(&self.tokens),
+        );
         let client = FhirClient::new(
             Arc::clone(&self.transport),
             base,

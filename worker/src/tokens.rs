@@ -1,6 +1,8 @@
 //! The client core's [`TokenProvider`] for a worker: every token comes from the
 //! coordinator's token manager for the tenant, so a worker never holds a private key and
-//! a 401 seen by many workers causes one refresh. A refusal keeps the coordinator's
+//! a 401 seen by many workers causes one refresh. The worker keeps each tenant's token
+//! ([`TokenCache`], shared by its slots) until it nears expiry or the EHR refuses it, so a
+//! request costs no round trip to the coordinator. A refusal keeps the coordinator's
 //! category and retryability: the EHR refusing the client arrives as a non-retryable auth
 //! error, not as a flaky network.
 
@@ -16,18 +18,63 @@ use fhirhaul_proto::v1 as pb;
 
 use crate::Coordinator;
 
+/// A token is asked for again when less than this (or half its lifetime) remains.
+const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
+/// Each tenant's current token, as this worker last got it from the coordinator.
+#[derive(Default)]
+pub(crate) struct TokenCache {
+    tokens: std::sync::Mutex<std::collections::BTreeMap<String, AccessToken>>,
+}
+
+impl TokenCache {
+    /// The tenant's token, if it has time left at `now`.
+    fn fresh(&self, tenant: &str, now: std::time::SystemTime) -> Option<AccessToken> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let token = tokens.get(tenant)?;
+        let margin = REFRESH_MARGIN.min(token.lifetime / 2);
+        let left = token.expires_at.duration_since(now).ok()?;
+        (left > margin).then(|| token.clone())
+    }
+
+    /// The EHR answered 401 to `generation`: forget it (unless a newer one is held, which
+    /// is returned).
+    fn refused(&self, tenant: &str, generation: u64) -> Option<AccessToken> {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        match tokens.get(tenant) {
+            Some(token) if token.generation > generation => Some(token.clone()),
+            _ => {
+                tokens.remove(tenant);
+                None
+            }
+        }
+    }
+
+    fn keep(&self, tenant: &str, token: &AccessToken) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let newer = tokens
+            .get(tenant)
+            .is_none_or(|held| held.generation <= token.generation);
+        if newer {
+            tokens.insert(tenant.to_string(), token.clone());
+        }
+    }
+}
+
 pub(crate) struct CoordinatorTokens {
     coordinator: Coordinator,
     tenant: String,
     clock: Arc<dyn Clock>,
+    cache: Arc<TokenCache>,
 }
 
 impl CoordinatorTokens {
-    pub(crate) fn new(coordinator: Coordinator, tenant: String, clock: Arc<dyn Clock>) -> Self {
+    pub(crate) fn new(coordinator: Coordinator, tenant: String, clock: Arc<dyn Clock>, cache: Arc<TokenCache>) -> Self {
         CoordinatorTokens {
             coordinator,
             tenant,
             clock,
+            cache,
         }
     }
 
@@ -45,7 +92,9 @@ impl CoordinatorTokens {
             )
             .await
             .map_err(|status| error_from_status(&status, "the coordinator could not provide a token"))?;
-        Ok(access_token(token, self.clock.now()))
+        let token = access_token(token, self.clock.now());
+        self.cache.keep(&self.tenant, &token);
+        Ok(token)
     }
 }
 
@@ -64,10 +113,16 @@ fn access_token(token: pb::GetTokenResponse, now: std::time::SystemTime) -> Acce
 #[async_trait::async_trait]
 impl TokenProvider for CoordinatorTokens {
     async fn token(&self) -> Result<AccessToken> {
+        if let Some(token) = self.cache.fresh(&self.tenant, self.clock.now()) {
+            return Ok(token);
+        }
         self.ask(None).await
     }
 
     async fn token_refused(&self, generation: u64) -> Result<AccessToken> {
+        if let Some(newer) = self.cache.refused(&self.tenant, generation) {
+            return Ok(newer);
+        }
         self.ask(Some(generation)).await
     }
 }
@@ -75,6 +130,43 @@ impl TokenProvider for CoordinatorTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn token(generation: u64, expires_at: std::time::SystemTime, lifetime: Duration) -> AccessToken {
+        AccessToken {
+            value: Secret::new(format!("t{generation}")),
+            expires_at,
+            lifetime,
+            scope: None,
+            generation,
+        }
+    }
+
+    #[test]
+    fn a_cached_token_serves_until_it_nears_expiry_or_is_refused() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let cache = TokenCache::default();
+        assert!(cache.fresh("epic", now).is_none());
+        cache.keep(
+            "epic",
+            &token(3, now + Duration::from_secs(300), Duration::from_secs(300)),
+        );
+        assert_eq!(cache.fresh("epic", now).unwrap().generation, 3);
+        assert!(cache.fresh("cerner", now).is_none(), "per tenant");
+        // Within the refresh margin (60 s, or half a short lifetime), ask again.
+        assert!(cache.fresh("epic", now + Duration::from_secs(241)).is_none());
+        assert!(cache.fresh("epic", now + Duration::from_secs(239)).is_some());
+        // An older generation never replaces a newer one.
+        cache.keep(
+            "epic",
+            &token(2, now + Duration::from_secs(900), Duration::from_secs(900)),
+        );
+        assert_eq!(cache.fresh("epic", now).unwrap().generation, 3);
+        // A 401 on an older token: the newer one held is the answer, nothing to ask.
+        assert_eq!(cache.refused("epic", 2).unwrap().generation, 3);
+        // A 401 on the current one: forgotten, the coordinator is asked.
+        assert!(cache.refused("epic", 3).is_none());
+        assert!(cache.fresh("epic", now).is_none());
+    }
 
     #[test]
     fn a_token_lifetime_is_counted_from_the_given_clock() {
