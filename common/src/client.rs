@@ -23,6 +23,9 @@ use crate::http::{HttpRequest, HttpResponse, HttpTransport};
 use crate::retry::{RetryAfterForm, parse_retry_after_form};
 use crate::url_util::SafeUrl;
 
+/// Refreshes of the token for one request answered 401 (see [`FhirClient::send`]).
+const MAX_REFRESHES_PER_REQUEST: u32 = 2;
+
 const MAX_REDIRECTS: usize = 5;
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
@@ -89,8 +92,11 @@ impl FhirClient {
         self.token_origins.contains(&url.origin())
     }
 
-    /// Sends `request`, adding the token when `auth` says so, refreshing it once on 401 and
-    /// following redirects.
+    /// Sends `request`, adding the token when `auth` says so, refreshing it on 401 and
+    /// following redirects. A 401 is answered with the provider's current token, or a new
+    /// one if the refused token was the current one; that current token may itself have
+    /// been revoked meanwhile (a worker's cached token was older than the coordinator's),
+    /// so a second 401 refreshes once more, and only then is the 401 the answer.
     pub async fn send(&self, request: HttpRequest, auth: Auth) -> Result<HttpResponse> {
         let mut token = match auth {
             Auth::Anonymous => None,
@@ -103,17 +109,22 @@ impl FhirClient {
                 Some(self.tokens.token().await?)
             }
         };
-        let mut refreshed = false;
+        let mut refreshes = 0;
         loop {
             let (response, token_reached_responder) =
                 self.send_following_redirects(request.clone(), token.as_ref()).await?;
             if response.status == StatusCode::UNAUTHORIZED
                 && token_reached_responder
-                && !refreshed
+                && refreshes < MAX_REFRESHES_PER_REQUEST
                 && let Some(refused) = &token
             {
-                refreshed = true;
-                token = Some(self.tokens.token_refused(refused.generation).await?);
+                refreshes += 1;
+                let fresh = self.tokens.token_refused(refused.generation).await?;
+                // The same token again: the provider has nothing better; the 401 stands.
+                if fresh.generation == refused.generation && fresh.value.expose() == refused.value.expose() {
+                    return Ok(response);
+                }
+                token = Some(fresh);
                 continue;
             }
             return Ok(response);

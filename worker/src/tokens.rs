@@ -37,27 +37,20 @@ impl TokenCache {
         (left > margin).then(|| token.clone())
     }
 
-    /// The EHR answered 401 to `generation`: forget it (unless a newer one is held, which
-    /// is returned).
-    fn refused(&self, tenant: &str, generation: u64) -> Option<AccessToken> {
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        match tokens.get(tenant) {
-            Some(token) if token.generation > generation => Some(token.clone()),
-            _ => {
-                tokens.remove(tenant);
-                None
-            }
-        }
+    /// The EHR answered 401: forget the tenant's token, whichever it is. (Generations are
+    /// numbered by each leader's token manager from 1, so they cannot tell an older token
+    /// from a newer one across leader changes; the coordinator, asked with the refused
+    /// generation, decides whether to refresh.)
+    fn refused(&self, tenant: &str) {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
     }
 
+    /// The token the coordinator just gave, replacing any held one.
     fn keep(&self, tenant: &str, token: &AccessToken) {
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        let newer = tokens
-            .get(tenant)
-            .is_none_or(|held| held.generation <= token.generation);
-        if newer {
-            tokens.insert(tenant.to_string(), token.clone());
-        }
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_string(), token.clone());
     }
 }
 
@@ -120,9 +113,7 @@ impl TokenProvider for CoordinatorTokens {
     }
 
     async fn token_refused(&self, generation: u64) -> Result<AccessToken> {
-        if let Some(newer) = self.cache.refused(&self.tenant, generation) {
-            return Ok(newer);
-        }
+        self.cache.refused(&self.tenant);
         self.ask(Some(generation)).await
     }
 }
@@ -155,16 +146,15 @@ mod tests {
         // Within the refresh margin (60 s, or half a short lifetime), ask again.
         assert!(cache.fresh("epic", now + Duration::from_secs(241)).is_none());
         assert!(cache.fresh("epic", now + Duration::from_secs(239)).is_some());
-        // An older generation never replaces a newer one.
+        // What the coordinator gives last is held, whatever its generation (a new leader
+        // numbers its tokens from 1 again).
         cache.keep(
             "epic",
-            &token(2, now + Duration::from_secs(900), Duration::from_secs(900)),
+            &token(1, now + Duration::from_secs(900), Duration::from_secs(900)),
         );
-        assert_eq!(cache.fresh("epic", now).unwrap().generation, 3);
-        // A 401 on an older token: the newer one held is the answer, nothing to ask.
-        assert_eq!(cache.refused("epic", 2).unwrap().generation, 3);
-        // A 401 on the current one: forgotten, the coordinator is asked.
-        assert!(cache.refused("epic", 3).is_none());
+        assert_eq!(cache.fresh("epic", now).unwrap().generation, 1);
+        // A 401: forgotten, and the coordinator is asked.
+        cache.refused("epic");
         assert!(cache.fresh("epic", now).is_none());
     }
 
