@@ -21,6 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("fhirhaul_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // The access token must never reach a log through `{:?}`: its Debug is written by
+    // hand, redacting it (`src/lib.rs`).
+    tonic_prost_build::configure()
+        .skip_debug(["fhirhaul.v1.GetTokenResponse"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -176,6 +176,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let (summary, export_dir) = embedded.write_summary(&job_id, &out_root).await?;
     let files_known = embedded.coordinator().job(&job_id).await?.files.len();
+    let cursor = embedded.cursor().await?;
     embedded.shutdown().await;
     let Some(job) = followed else {
         println!(
@@ -186,7 +187,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(130));
     };
-    print_report(&summary, &export_dir, started.elapsed());
+    print_report(&summary, &export_dir, started.elapsed(), cursor.as_deref());
     Ok(crate::cluster::exit_for(&job))
 }
 
@@ -223,7 +224,9 @@ async fn embedded_sim_tenant(args: &RunArgs, out: &Path) -> anyhow::Result<(Tena
     Ok((tenant, sim))
 }
 
-fn print_report(summary: &Summary, export_dir: &Path, elapsed: Duration) {
+/// The end-of-run report. `cursor` is the tenant's incremental cursor after the job: the
+/// next `_since` is announced only when this export moved it there.
+fn print_report(summary: &Summary, export_dir: &Path, elapsed: Duration, cursor: Option<&str>) {
     if let Some(error) = &summary.error {
         println!("export failed: {error}");
     }
@@ -239,8 +242,17 @@ fn print_report(summary: &Summary, export_dir: &Path, elapsed: Duration) {
         "summary with SHA-256 of every file: {}",
         export_dir.join("summary.json").display()
     );
-    if let Some(since) = &summary.transaction_time {
-        println!("next incremental export: _since={since}");
+    match (&summary.transaction_time, cursor) {
+        (Some(reached), Some(cursor)) if reached == cursor => {
+            println!("next incremental export: _since={cursor}");
+        }
+        (Some(_), cursor) => println!(
+            "the incremental cursor did not move (it moves only when every file of an export is downloaded){}",
+            cursor
+                .map(|c| format!("; next incremental export: _since={c}"))
+                .unwrap_or_default()
+        ),
+        (None, _) => {}
     }
     if !summary.failed.is_empty() {
         println!("{} file(s) failed:", summary.failed.len());

@@ -23,6 +23,10 @@ fn run_with_no_config_exports_from_the_built_in_simulated_ehr() {
     );
     assert!(stdout.contains("done in"), "{stdout}");
     assert!(stdout.contains("summary with SHA-256"), "{stdout}");
+    assert!(
+        stdout.contains("next incremental export: _since="),
+        "every file arrived, so the cursor moved: {stdout}"
+    );
     // <out>/<tenant>/<export id>/, beside the state in <out>/<tenant>/.fhirhaul/.
     let exports: Vec<std::path::PathBuf> = std::fs::read_dir(out.join("sim"))
         .unwrap()

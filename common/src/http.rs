@@ -19,13 +19,38 @@ use crate::url_util::SafeUrl;
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
 
-/// A request as the client logic sees it.
-#[derive(Debug, Clone)]
+/// A request as the client logic sees it. Its `Debug` shows the URL without its query
+/// (signed storage URLs carry credentials there), header names with the values of
+/// `Authorization` redacted, and only the body's length (a token request's body holds the
+/// signed client assertion).
+#[derive(Clone)]
 pub struct HttpRequest {
     pub method: Method,
     pub url: Url,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for HttpRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<String> = self
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                if name == http::header::AUTHORIZATION || value.is_sensitive() {
+                    format!("{name}: <redacted>")
+                } else {
+                    format!("{name}: {}", value.to_str().unwrap_or("<binary>"))
+                }
+            })
+            .collect();
+        f.debug_struct("HttpRequest")
+            .field("method", &self.method)
+            .field("url", &SafeUrl::from(&self.url).to_string())
+            .field("headers", &headers)
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
 }
 
 impl HttpRequest {
@@ -42,7 +67,11 @@ impl HttpRequest {
     /// values; an invalid one is a bug, reported as a protocol error rather than a panic.
     pub fn header(mut self, name: http::header::HeaderName, value: &str) -> Self {
         match http::HeaderValue::from_str(value) {
-            Ok(value) => {
+            Ok(mut value) => {
+                // `http` prints a sensitive value as "Sensitive" in any Debug.
+                if name == http::header::AUTHORIZATION {
+                    value.set_sensitive(true);
+                }
                 self.headers.append(name, value);
             }
             Err(_) => tracing::warn!(header = %name, "dropping header with invalid characters"),
@@ -343,6 +372,28 @@ impl<D: Dialer> HttpTransport for HyperTransport<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_never_shows_its_token_its_assertion_or_its_signed_query() {
+        let request = HttpRequest::new(
+            Method::POST,
+            "https://storage.example/files/1?X-Amz-Signature=SIGNED-SECRET"
+                .parse()
+                .unwrap(),
+        )
+        .header(http::header::AUTHORIZATION, "Bearer ACCESS-SECRET")
+        .header(http::header::ACCEPT, "application/fhir+ndjson")
+        .body("grant_type=client_credentials&client_assertion=ASSERTION-SECRET");
+        let shown = format!("{request:?} {request:#?} {:?}", request.headers);
+        for secret in ["ACCESS-SECRET", "ASSERTION-SECRET", "SIGNED-SECRET"] {
+            assert!(!shown.contains(secret), "{secret} shows in {shown}");
+        }
+        assert!(
+            shown.contains("application/fhir+ndjson"),
+            "other headers still show: {shown}"
+        );
+        assert!(shown.contains("storage.example/files/1"), "{shown}");
+    }
 
     struct Loopback;
 

@@ -191,6 +191,15 @@ impl Embedded {
             .await?)
     }
 
+    /// The tenant's incremental cursor: the `_since` its next incremental export will use.
+    pub async fn cursor(&self) -> Result<Option<String>, EmbeddedError> {
+        let tenant = self.tenant.clone();
+        Ok(self
+            .coordinator
+            .read_linearizable(move |state| state.tenant_since.get(&tenant).cloned())
+            .await?)
+    }
+
     /// Cancels a job (its export is DELETEd at the EHR).
     pub async fn cancel(&self, job_id: &str) -> Result<(), EmbeddedError> {
         Ok(self.coordinator.cancel(job_id).await?)

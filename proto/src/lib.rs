@@ -24,4 +24,29 @@ pub mod v1 {
 
     /// The encoded descriptors of every fhirhaul.v1 file, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fhirhaul_descriptor");
+
+    impl std::fmt::Debug for GetTokenResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("GetTokenResponse")
+                .field("access_token", &"<redacted>")
+                .field("generation", &self.generation)
+                .field("expires_at_unix_ms", &self.expires_at_unix_ms)
+                .finish()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn a_token_response_never_shows_its_token() {
+            let response = super::GetTokenResponse {
+                access_token: "eyJhbGciOiJSUzM4NCJ9.secret-token".into(),
+                generation: 4,
+                expires_at_unix_ms: 1,
+            };
+            let shown = format!("{response:?} {response:#?}");
+            assert!(!shown.contains("secret-token"), "{shown}");
+            assert!(shown.contains("generation: 4"), "{shown}");
+        }
+    }
 }
