@@ -175,6 +175,11 @@ fn env_value(text: &str) -> toml::Value {
     }
 }
 
+/// The part of `FHIRHAUL_TENANT_<NAME>_<KEY>` that names a tenant: `epic-prod` → `EPIC_PROD_`.
+fn env_prefix(tenant: &str) -> String {
+    format!("{}_", tenant.to_uppercase().replace('-', "_"))
+}
+
 /// Applies `FHIRHAUL_TENANT_<NAME>_<KEY>` and `FHIRHAUL_CLUSTER_<KEY>` overrides.
 fn apply_overrides(table: &mut toml::Table, environment: impl Iterator<Item = (String, String)>) {
     for (name, value) in environment {
@@ -191,14 +196,18 @@ fn apply_overrides(table: &mut toml::Table, environment: impl Iterator<Item = (S
         } else if let Some(rest) = name.strip_prefix("FHIRHAUL_TENANT_")
             && let Some(tenants) = table.get_mut("tenant").and_then(toml::Value::as_array_mut)
         {
-            for tenant in tenants.iter_mut().filter_map(toml::Value::as_table_mut) {
-                let Some(tenant_name) = tenant.get("name").and_then(toml::Value::as_str) else {
-                    continue;
-                };
-                let prefix = format!("{}_", tenant_name.to_uppercase().replace('-', "_"));
-                if let Some(key) = rest.strip_prefix(&prefix) {
-                    tenant.insert(key.to_lowercase(), env_value(&value));
-                }
+            // The tenant with the longest matching prefix: FHIRHAUL_TENANT_EPIC_PROD_X is
+            // epic-prod's `x`, not epic's `prod_x`.
+            let target = tenants
+                .iter_mut()
+                .filter_map(toml::Value::as_table_mut)
+                .filter_map(|tenant| {
+                    let prefix = env_prefix(tenant.get("name")?.as_str()?);
+                    rest.starts_with(&prefix).then_some((prefix.len(), tenant))
+                })
+                .max_by_key(|(length, _)| *length);
+            if let Some((length, tenant)) = target {
+                tenant.insert(rest[length..].to_lowercase(), env_value(&value));
             }
         }
     }
@@ -238,6 +247,27 @@ impl Config {
 
     pub fn parse(text: &str, environment: impl Iterator<Item = (String, String)>) -> Result<Config, Error> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| syntax_error(text, &e))?;
+        // Two tenants whose override prefixes are the same could not be told apart.
+        let mut prefixes: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+        let names = table
+            .get("tenant")
+            .and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|tenant| tenant.get("name")?.as_str());
+        for name in names {
+            if let Some(other) = prefixes.insert(env_prefix(name), name.to_string())
+                && other != name
+            {
+                return Err(config_error_for(
+                    "tenant.name",
+                    format!(
+                        "`{other}` and `{name}` would share the environment prefix FHIRHAUL_TENANT_{}: rename one",
+                        env_prefix(name)
+                    ),
+                ));
+            }
+        }
         let before = table.clone();
         apply_overrides(&mut table, environment);
         // With overrides, check the merged document, so their values are reported by key too.
@@ -381,5 +411,42 @@ lease_duration = "45s"
         )];
         let error = Config::parse(GOOD, bad.into_iter()).unwrap_err().to_string();
         assert!(error.contains("base_url"), "{error}");
+    }
+
+    fn with_second_tenant(name: &str) -> String {
+        format!(
+            r#"{GOOD}
+[[tenant]]
+name = "{name}"
+base_url = "https://other.example/fhir"
+client_id = "other"
+private_key = "/keys/other.pem"
+"#
+        )
+    }
+
+    #[test]
+    fn tenants_whose_override_prefixes_collide_are_refused() {
+        let text = with_second_tenant("epic_prod");
+        let error = Config::parse(&text, std::iter::empty()).unwrap_err().to_string();
+        assert!(
+            error.contains("epic-prod") && error.contains("epic_prod") && error.contains("FHIRHAUL_TENANT_EPIC_PROD_"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_override_goes_to_the_tenant_with_the_longest_matching_name() {
+        // `epic` is a prefix of `epic-prod`: EPIC_PROD_CLIENT_ID is epic-prod's client_id,
+        // not epic's `prod_client_id`.
+        let text = with_second_tenant("epic");
+        let environment = vec![
+            ("FHIRHAUL_TENANT_EPIC_PROD_CLIENT_ID".to_string(), "prod-id".to_string()),
+            ("FHIRHAUL_TENANT_EPIC_CLIENT_ID".to_string(), "epic-id".to_string()),
+        ];
+        let config = Config::parse(&text, environment.into_iter()).unwrap();
+        let client = |name: &str| config.tenant.iter().find(|t| t.name == name).unwrap().client_id.clone();
+        assert_eq!(client("epic-prod"), "prod-id");
+        assert_eq!(client("epic"), "epic-id");
     }
 }
