@@ -76,7 +76,7 @@ async fn an_ambiguous_kickoff_is_retried_only_when_configured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kickoff_that_never_left_is_retried() {
+async fn a_refused_connection_is_unsent_so_a_kickoff_may_retry_it() {
     // A port nobody listens on: every attempt is refused before anything is sent.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();

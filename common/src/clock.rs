@@ -13,6 +13,15 @@ use rand::{Rng, RngCore, SeedableRng};
 /// A source of calendar time.
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> SystemTime;
+
+    /// [`Clock::now`] in milliseconds since 1970 (0 before it), as replicated state keeps
+    /// times.
+    fn now_unix_ms(&self) -> u64 {
+        self.now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default()
+    }
 }
 
 /// The operating system's clock.

@@ -228,12 +228,7 @@ impl Coordinator {
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.inner
-            .clock
-            .now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default()
+        self.inner.clock.now_unix_ms()
     }
 
     pub(crate) fn clock(&self) -> Arc<dyn Clock> {

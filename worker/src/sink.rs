@@ -51,11 +51,18 @@ pub trait Sink: Send + Sync {
 pub struct LocalDirectory {
     root: PathBuf,
     offload: Offload,
+    /// Export directories already found (or made) the named export's: a marker never
+    /// changes once written, so each is checked once, not for every file.
+    claimed: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<(PathBuf, String)>>>,
 }
 
 impl LocalDirectory {
     pub fn new(root: PathBuf, offload: Offload) -> Self {
-        LocalDirectory { root, offload }
+        LocalDirectory {
+            root,
+            offload,
+            claimed: Default::default(),
+        }
     }
 }
 
@@ -65,10 +72,16 @@ impl Sink for LocalDirectory {
         let destination = self.root.join(relative);
         let directory = self.root.join(&export.relative);
         let (from, to, id) = (staged.to_path_buf(), destination.clone(), export.id.clone());
+        let claimed = std::sync::Arc::clone(&self.claimed);
         let moved = self
             .offload
             .run(move || -> Result<(), Published> {
-                claim(&directory, &id)?;
+                let key = (directory, id);
+                let known = claimed.lock().unwrap_or_else(|p| p.into_inner()).contains(&key);
+                if !known {
+                    claim(&key.0, &key.1)?;
+                    claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+                }
                 move_into_place(&from, &to).map_err(Published::Io)
             })
             .await;

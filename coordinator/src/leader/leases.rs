@@ -190,7 +190,7 @@ impl Actor {
         if waiter.reply.is_closed() {
             return None;
         }
-        let granted_at_ms = now_ms(&*self.context.clock);
+        let granted_at_ms = self.context.clock.now_unix_ms();
         let expires_at_ms = granted_at_ms + self.context.lease_duration.as_millis() as u64;
         let proposed = self
             .context
@@ -291,14 +291,6 @@ fn picks(state: &State, workers: &[String], limits: &BTreeMap<String, usize>) ->
             }))
         })
         .collect()
-}
-
-fn now_ms(clock: &dyn Clock) -> u64 {
-    clock
-        .now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -59,11 +59,6 @@ impl LeaderTerm {
     pub fn wake(&self) {
         self.wake.notify_one();
     }
-
-    /// Resolves when this term ends.
-    pub async fn ended(&self) {
-        self.cancel.cancelled().await
-    }
 }
 
 /// Waits for leadership, leads until it is lost, and again, until the node stops.
