@@ -487,3 +487,97 @@ async fn the_token_is_never_sent_to_a_foreign_origin() {
     );
     assert_eq!(h.sim.observed().file_requests.len(), 0, "nothing was sent");
 }
+
+/// [`big_file_config`] served in identity encoding: the body's end is only its framing.
+fn identity_config() -> SimConfig {
+    SimConfig {
+        compress: false,
+        ..big_file_config()
+    }
+}
+
+/// The ranged requests the EHR saw for the export's files, with their answers.
+fn ranged_requests(h: &support::Harness) -> Vec<(String, u16)> {
+    h.sim
+        .observed()
+        .file_requests
+        .iter()
+        .filter_map(|r| Some((r.range.clone()?, r.status)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_without_length_is_confirmed_with_a_range_request_when_there_is_no_count() {
+    let h = harness(identity_config()).await;
+    h.sim.set_faults(|f| {
+        f.close_delimited = true;
+        f.omit_count = true;
+    });
+    let report = h.export(&one_type("Observation")).await.unwrap();
+    h.assert_identical(&report);
+    let served = h.sim.served_files(1)[0].bytes;
+    assert_eq!(
+        ranged_requests(&h),
+        vec![(format!("bytes={served}-"), 416)],
+        "one Range request at the end confirms it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_without_length_whose_count_matches_needs_no_confirmation() {
+    let h = harness(identity_config()).await;
+    h.sim.set_faults(|f| f.close_delimited = true);
+    let report = h.export(&one_type("Observation")).await.unwrap();
+    h.assert_identical(&report);
+    assert_eq!(ranged_requests(&h), vec![], "the manifest's count confirmed the end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_without_length_cut_at_a_line_boundary_is_not_taken_for_the_whole_file() {
+    for omit_count in [true, false] {
+        let h = harness(identity_config()).await;
+        h.sim.set_faults(|f| {
+            f.close_delimited = true;
+            f.omit_count = omit_count;
+            f.cut_after_bytes = Some(50_000);
+            f.cut_at_line_boundary = true;
+            f.cuts = 2;
+        });
+        let report = h.export(&one_type("Observation")).await.unwrap();
+        h.assert_identical(&report);
+        let ranged = ranged_requests(&h);
+        assert!(
+            ranged.iter().filter(|(_, status)| *status == 206).count() >= 2,
+            "each cut continued with a Range request (count given: {}): {ranged:?}",
+            !omit_count
+        );
+        let served = std::fs::read(&h.sim.served_files(1)[0].path).unwrap();
+        for (range, _) in &ranged {
+            let offset: usize = range
+                .trim_start_matches("bytes=")
+                .trim_end_matches('-')
+                .parse()
+                .unwrap();
+            assert_eq!(served[offset - 1], b'\n', "the cut landed at a line boundary: {range}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_body_without_length_cut_short_resumes_instead_of_failing() {
+    let h = harness(big_file_config()).await;
+    h.sim.set_faults(|f| {
+        f.close_delimited = true;
+        f.omit_count = true;
+        f.cut_after_bytes = Some(30_000);
+        f.cuts = 1;
+    });
+    let report = h.export(&one_type("Observation")).await.unwrap();
+    h.assert_identical(&report);
+    let observed = h.sim.observed();
+    assert_eq!(observed.file_requests[0].accept_encoding.as_deref(), Some("gzip"));
+    assert!(
+        ranged_requests(&h).iter().any(|(_, status)| *status == 206),
+        "the missing gzip trailer showed the cut; the rest came by Range"
+    );
+}

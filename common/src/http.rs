@@ -88,6 +88,8 @@ impl HttpRequest {
 /// A response whose body has not been read yet.
 pub struct HttpResponse {
     pub status: StatusCode,
+    /// The HTTP version the server answered with (framing rules differ by version).
+    pub version: http::Version,
     pub headers: HeaderMap,
     /// The URL this response came from.
     pub url: Url,
@@ -110,6 +112,18 @@ impl HttpResponse {
 
     pub fn content_type(&self) -> Option<&str> {
         self.header_str("content-type")
+    }
+
+    /// Whether the body ends only where the server closes the connection (HTTP/1 with
+    /// neither `Content-Length` nor chunked transfer coding, RFC 9112 §6.3 rule 8). Such a
+    /// body looks complete when it was cut, so its end must be confirmed some other way.
+    pub fn close_delimited(&self) -> bool {
+        let chunked = self
+            .headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("chunked")));
+        self.version <= http::Version::HTTP_11 && !chunked && !self.headers.contains_key(http::header::CONTENT_LENGTH)
     }
 
     /// Reads the whole body, refusing more than `limit` bytes (manifests, token responses and
@@ -226,6 +240,7 @@ impl HttpTransport for ReqwestTransport {
                 }
             })?;
         let status = response.status();
+        let version = response.version();
         let headers = response.headers().clone();
         let body_url = SafeUrl::from(&url);
         let body = response.bytes_stream().map(move |chunk| {
@@ -236,6 +251,7 @@ impl HttpTransport for ReqwestTransport {
         });
         Ok(HttpResponse {
             status,
+            version,
             headers,
             url,
             body: Box::pin(body),
@@ -362,6 +378,7 @@ impl<D: Dialer> HttpTransport for HyperTransport<D> {
         });
         Ok(HttpResponse {
             status: parts.status,
+            version: parts.version,
             headers: parts.headers,
             url,
             body: Box::pin(frames),

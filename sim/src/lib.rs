@@ -135,6 +135,13 @@ pub struct Faults {
     /// The manifest lies about the `count` of files of this type, by this much (a file
     /// that looks short, or long, though it is served whole).
     pub count_off_by: Option<(String, i64)>,
+    /// The manifest gives no `count` for any file (the spec makes it optional).
+    pub omit_count: bool,
+    /// File bodies in identity encoding go out as HTTP/1.0 without `Content-Length`: their
+    /// end is where the server closes the connection, so a cut looks like an end.
+    pub close_delimited: bool,
+    /// A cut (`cut_after_bytes`) lands at the end of a line rather than inside one.
+    pub cut_at_line_boundary: bool,
     /// The next N kick-offs are accepted (the export exists and runs) and then the
     /// connection is dropped without an answer, as when a proxy or the network fails
     /// between the EHR and the client.

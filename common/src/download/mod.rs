@@ -11,6 +11,12 @@
 //! the file holds. A 200 (validator changed, or Range ignored), a 206 for the wrong range or
 //! with another ETag, or a 416 restarts the file from zero. The `.part` is renamed to its
 //! final name only after the whole body checked out and was synced.
+//!
+//! A body is whole when its framing says so: Content-Length, the chunked terminator, or the
+//! gzip trailer. An identity body without framing (HTTP/1 close-delimited) looks whole even
+//! when it was cut, so its end is confirmed: by the manifest's `count` when the body ended
+//! on a line boundary with exactly that many resources, else by a `Range` request from the
+//! byte after it (416: the end; 206: the rest of the file, continuing the last line).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -221,7 +227,12 @@ pub async fn download_file(
         cancel: options.cancel.clone(),
     };
     let result = driver.drive(resume).await;
-    let (position, resumes, restarts) = match result {
+    let Driven {
+        position,
+        resumes,
+        restarts,
+        notes,
+    } = match result {
         Ok(done) => done,
         Err(error) => {
             // Closing the channel lets the writer stop; it keeps the .part for a resume.
@@ -267,7 +278,7 @@ pub async fn download_file(
         count_mismatch,
         resumes,
         restarts,
-        issues: stats.issues,
+        issues: stats.issues.into_iter().chain(notes).collect(),
     })
 }
 
@@ -285,12 +296,32 @@ struct Driver<'a> {
 enum BodyEnd {
     Complete(Checkpoint),
     Cut(Checkpoint, Error),
+    /// The connection closed with no framing to say the body was whole: `received` bytes
+    /// are in (the checkpoint and a last line that may be partial). A Range request from
+    /// there confirms the end or continues the file.
+    Unconfirmed(Checkpoint, u64),
+}
+
+/// Where a request starts and why.
+#[derive(Clone, Copy)]
+struct Start {
+    /// Byte of the file the request asks from.
+    at: u64,
+    /// Confirming the end of an unframed body (else resuming from a checkpoint, or whole).
+    confirming: bool,
+}
+
+/// What `drive` brings back: the final position and the history that led there.
+struct Driven {
+    position: Checkpoint,
+    resumes: u32,
+    restarts: u32,
+    notes: Vec<String>,
 }
 
 impl Driver<'_> {
-    /// Runs requests until one body arrives whole. Returns the final position and how many
-    /// resumes and restarts it took.
-    async fn drive(&self, resume: Checkpoint) -> Result<(Checkpoint, u32, u32)> {
+    /// Runs requests until one body arrives whole.
+    async fn drive(&self, resume: Checkpoint) -> Result<Driven> {
         let mut position = resume;
         let mut backoff = Backoff::new(
             self.settings.backoff_min,
@@ -300,48 +331,104 @@ impl Driver<'_> {
         let mut failures = 0u32;
         let mut resumes = 0u32;
         let mut restarts = 0u32;
+        let mut notes = Vec::new();
         let mut warned_content_type = false;
+        // Set after an unframed body: the byte its end must be confirmed at.
+        let mut confirm_at: Option<u64> = None;
         loop {
             if self.cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
+            let start = Start {
+                at: confirm_at.unwrap_or(position.offset),
+                confirming: confirm_at.is_some(),
+            };
             let if_range = position
                 .validator
                 .as_ref()
                 .and_then(Validator::if_range)
-                .filter(|_| position.offset > 0);
-            let ranged = if_range.is_some();
+                .filter(|_| start.at > 0);
+            let ranged = start.confirming || if_range.is_some();
             let mut request =
                 HttpRequest::new(Method::GET, self.file.url.clone()).header(ACCEPT, "application/fhir+ndjson");
-            if let Some(if_range) = if_range {
+            if ranged {
                 request = request
                     .header(ACCEPT_ENCODING, "identity")
-                    .header(RANGE, &format!("bytes={}-", position.offset))
-                    .header(IF_RANGE, if_range);
+                    .header(RANGE, &format!("bytes={}-", start.at));
+                if let Some(if_range) = if_range {
+                    request = request.header(IF_RANGE, if_range);
+                }
             } else {
                 request = request.header(ACCEPT_ENCODING, "gzip");
             }
-            let outcome = self.attempt(request, &position, &mut warned_content_type).await;
+            let outcome = self.attempt(request, &position, start, &mut warned_content_type).await;
             let error = match outcome {
-                Ok(Attempt::Body(BodyEnd::Complete(done), restarted)) => {
+                Ok(Attempt::Body(end, restarted)) => {
                     restarts += u32::from(restarted);
                     resumes += u32::from(ranged && !restarted);
-                    return Ok((done, resumes, restarts));
-                }
-                Ok(Attempt::Body(BodyEnd::Cut(reached, error), restarted)) => {
-                    restarts += u32::from(restarted);
-                    resumes += u32::from(ranged && !restarted);
-                    let progressed = reached.offset > position.offset || restarted;
-                    position = reached;
-                    if progressed {
-                        failures = 0;
-                        backoff.reset();
+                    match end {
+                        BodyEnd::Complete(done) => {
+                            return Ok(Driven {
+                                position: done,
+                                resumes,
+                                restarts,
+                                notes,
+                            });
+                        }
+                        BodyEnd::Unconfirmed(reached, received) => {
+                            let stuck = !restarted && start.confirming && received == start.at;
+                            position = reached;
+                            if !stuck {
+                                failures = 0;
+                                backoff.reset();
+                                // Ended on a line boundary with exactly the manifest's count:
+                                // the count confirms the end.
+                                if received == position.offset && self.file.count == Some(position.resources) {
+                                    let done = self.end_body(writer::End::Complete).await?;
+                                    return Ok(Driven {
+                                        position: done.checkpoint,
+                                        resumes,
+                                        restarts,
+                                        notes,
+                                    });
+                                }
+                                confirm_at = Some(received);
+                                tracing::debug!(file = %self.url, received, "body ended without framing; confirming its end with a Range request");
+                                continue;
+                            }
+                            confirm_at = Some(received);
+                            Error::Protocol {
+                                url: self.url.clone(),
+                                reason: format!(
+                                    "answered a request for the bytes after {received} with an empty body and no length"
+                                ),
+                            }
+                        }
+                        BodyEnd::Cut(reached, error) => {
+                            let progressed = reached.offset > position.offset || restarted;
+                            position = reached;
+                            confirm_at = None;
+                            if progressed {
+                                failures = 0;
+                                backoff.reset();
+                            }
+                            error
+                        }
                     }
-                    error
+                }
+                Ok(Attempt::Confirmed(done, note)) => {
+                    notes.extend(note);
+                    return Ok(Driven {
+                        position: done,
+                        resumes,
+                        restarts,
+                        notes,
+                    });
                 }
                 Ok(Attempt::RestartWithoutRange(reason)) => {
                     tracing::info!(file = %self.url, %reason, "restarting the file from zero");
                     position = Checkpoint::default();
+                    confirm_at = None;
                     restarts += 1;
                     continue;
                 }
@@ -366,11 +453,36 @@ impl Driver<'_> {
         &self,
         request: HttpRequest,
         position: &Checkpoint,
+        start: Start,
         warned_content_type: &mut bool,
     ) -> Result<Attempt> {
         let response = self.client.send(request, self.auth).await?;
         let status = response.status.as_u16();
         let restart = match status {
+            200 if start.confirming => {
+                // The server sent the whole file again: either it changed (restart), or the
+                // server ignores Range and the end cannot be confirmed that way.
+                let changed = position.validator.as_ref().and_then(|v| v.changed_in(&response));
+                if changed.is_none() {
+                    let length = response
+                        .header_str("content-length")
+                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    let note = (length != Some(start.at)).then(|| {
+                        format!(
+                            "the server sent the file without a length and ignores Range requests, so its end \
+                             at byte {} could not be confirmed",
+                            start.at
+                        )
+                    });
+                    if let Some(note) = &note {
+                        tracing::warn!(file = %self.url, "{note}");
+                    }
+                    drop(response);
+                    let done = self.end_body(writer::End::Complete).await?;
+                    return Ok(Attempt::Confirmed(done.checkpoint, note));
+                }
+                true
+            }
             200 => position.offset > 0,
             206 => {
                 let range_start = response
@@ -378,10 +490,10 @@ impl Driver<'_> {
                     .and_then(|v| v.strip_prefix("bytes "))
                     .and_then(|v| v.split('-').next())
                     .and_then(|v| v.trim().parse::<u64>().ok());
-                if range_start != Some(position.offset) {
+                if range_start != Some(start.at) {
                     return Ok(Attempt::RestartWithoutRange(format!(
                         "asked for bytes from {} but got Content-Range {:?}",
-                        position.offset,
+                        start.at,
                         response.header_str("content-range")
                     )));
                 }
@@ -389,6 +501,23 @@ impl Driver<'_> {
                     return Ok(Attempt::RestartWithoutRange(change));
                 }
                 false
+            }
+            416 if start.confirming => {
+                // Nothing after the bytes we have: the end is confirmed, unless the server
+                // states a length that disagrees.
+                let total = response
+                    .header_str("content-range")
+                    .and_then(|v| v.strip_prefix("bytes */"))
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                if total.is_some_and(|total| total != start.at) {
+                    return Ok(Attempt::RestartWithoutRange(format!(
+                        "the file ended after {} bytes but the server says it has {:?}",
+                        start.at,
+                        response.header_str("content-range")
+                    )));
+                }
+                let done = self.end_body(writer::End::Complete).await?;
+                return Ok(Attempt::Confirmed(done.checkpoint, None));
             }
             416 => {
                 return Ok(Attempt::RestartWithoutRange(
@@ -422,14 +551,16 @@ impl Driver<'_> {
         if restart {
             tracing::info!(file = %self.url, "server sent the whole file (validator changed or Range ignored); restarting from zero");
         }
+        let from_zero = restart || start.at == 0;
         // A resumed file keeps the validator of the response that started it.
-        let validator = if restart || position.offset == 0 {
+        let validator = if from_zero {
             Validator::from_response(&response)
         } else {
             position.validator.clone()
         };
+        let unframed = response.close_delimited();
         self.ask(|reply| Command::Begin {
-            restart: restart || position.offset == 0,
+            restart: from_zero,
             gzip,
             validator,
             reply,
@@ -458,15 +589,29 @@ impl Driver<'_> {
                 None => break,
             }
         }
-        let complete = cut.is_none();
-        let reached = self.ask(|reply| Command::EndOfBody { complete, reply }).await??;
-        Ok(Attempt::Body(
-            match cut {
-                None => BodyEnd::Complete(reached),
-                Some(error) => BodyEnd::Cut(reached, error),
-            },
-            restart,
-        ))
+        let end = match (&cut, unframed) {
+            (Some(_), _) => writer::End::Broken,
+            (None, true) => writer::End::Unframed,
+            (None, false) => writer::End::Complete,
+        };
+        let ended = self.end_body(end).await?;
+        let body_end = match (cut, ended.cut) {
+            (Some(error), _) => BodyEnd::Cut(ended.checkpoint, error),
+            (None, Some(reason)) => BodyEnd::Cut(
+                ended.checkpoint,
+                Error::Network {
+                    url: self.url.clone(),
+                    message: reason,
+                },
+            ),
+            (None, None) if ended.finished => BodyEnd::Complete(ended.checkpoint),
+            (None, None) => BodyEnd::Unconfirmed(ended.checkpoint, ended.received),
+        };
+        Ok(Attempt::Body(body_end, restart))
+    }
+
+    async fn end_body(&self, end: writer::End) -> Result<writer::Ended> {
+        self.ask(|reply| Command::EndOfBody { end, reply }).await?
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
@@ -484,6 +629,9 @@ enum Attempt {
     /// A body was read (to its end or until it broke); `bool`: the file restarted from zero.
     Body(BodyEnd, bool),
     RestartWithoutRange(String),
+    /// The end of an unframed body is confirmed (or, with a note, could not be): the file
+    /// is whole.
+    Confirmed(Checkpoint, Option<String>),
 }
 
 mod writer;

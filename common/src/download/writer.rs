@@ -27,14 +27,38 @@ pub(super) enum Command {
         reply: oneshot::Sender<Result<()>>,
     },
     Data(Bytes),
-    /// The body ended; `complete` is false when it broke off.
+    /// The body ended, as `End` says.
     EndOfBody {
-        complete: bool,
-        reply: oneshot::Sender<Result<Checkpoint>>,
+        end: End,
+        reply: oneshot::Sender<Result<Ended>>,
     },
     Finish {
         reply: oneshot::Sender<Result<Stats>>,
     },
+}
+
+/// How a response body ended, as the transfer framing tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// The framing (Content-Length, chunked terminator) says the body is whole.
+    Complete,
+    /// The body broke off.
+    Broken,
+    /// The connection closed with no framing to say whether that was the end.
+    Unframed,
+}
+
+/// Where the file stands after a body ended.
+#[derive(Debug, Clone)]
+pub(super) struct Ended {
+    /// The durable, whole-line position.
+    pub checkpoint: Checkpoint,
+    /// Bytes of the file received: the checkpoint plus a last line that may be partial.
+    pub received: u64,
+    /// The file is complete and finished (its last line checked).
+    pub finished: bool,
+    /// Why the body counts as broken although the connection closed normally.
+    pub cut: Option<String>,
 }
 
 pub(super) struct Stats {
@@ -266,8 +290,8 @@ impl Writer {
                 let _ = reply.send(self.begin(restart, gzip, validator));
             }
             Command::Data(chunk) => self.data(&chunk)?,
-            Command::EndOfBody { complete, reply } => {
-                let _ = reply.send(self.end_of_body(complete));
+            Command::EndOfBody { end, reply } => {
+                let _ = reply.send(self.end_of_body(end));
             }
             Command::Finish { reply } => return Ok(Some(reply)),
         }
@@ -292,7 +316,11 @@ impl Writer {
             self.last_checkpoint = 0;
             self.checker.resume_from(0, 0);
         }
-        self.checker.discard_partial();
+        // A broken body already dropped its partial line; after an unframed end the partial
+        // line stays, and this body continues it from the byte where that one stopped.
+        if restart {
+            self.checker.discard_partial();
+        }
         self.validator = validator;
         self.gzip = gzip.then(|| flate2::write::GzDecoder::new(Vec::new()));
         Ok(())
@@ -384,23 +412,56 @@ impl Writer {
         Ok(())
     }
 
-    fn end_of_body(&mut self, complete: bool) -> Result<Checkpoint> {
-        if complete {
-            if let Some(decoder) = self.gzip.take() {
-                let decoded = decoder.finish().map_err(|e| Error::Content {
-                    url: self.url.clone(),
-                    line: self.checker.lines() + 1,
-                    reason: format!("gzip stream ended early or is corrupt: {e}"),
-                })?;
-                self.take_decoded(&decoded)?;
+    fn end_of_body(&mut self, end: End) -> Result<Ended> {
+        let mut cut = None;
+        let finished = match end {
+            End::Complete => {
+                self.finish_gzip()?;
+                self.check_and_write(|checker, sink| checker.finish(sink))?;
+                true
             }
-            self.check_and_write(|checker, sink| checker.finish(sink))?;
-        } else {
-            self.gzip = None;
-            self.checker.discard_partial();
-        }
+            // A gzip stream carries its own end (the trailer with CRC and length): if it is
+            // there, the body is whole whatever the framing.
+            End::Unframed if self.gzip.is_some() => match self.finish_gzip() {
+                Ok(()) => {
+                    self.check_and_write(|checker, sink| checker.finish(sink))?;
+                    true
+                }
+                Err(error) => {
+                    cut = Some(format!("the connection closed before the gzip stream ended ({error})"));
+                    self.checker.discard_partial();
+                    false
+                }
+            },
+            // Identity without framing: keep the last (perhaps partial) line; the caller
+            // confirms the end with a Range request from the byte after it.
+            End::Unframed => false,
+            End::Broken => {
+                self.gzip = None;
+                self.checker.discard_partial();
+                false
+            }
+        };
         self.sync_checkpoint()?;
-        Ok(self.position())
+        Ok(Ended {
+            checkpoint: self.position(),
+            received: self.written + self.checker.pending_bytes() as u64,
+            finished,
+            cut,
+        })
+    }
+
+    /// Decodes the rest of a gzip body and checks its trailer.
+    fn finish_gzip(&mut self) -> Result<()> {
+        if let Some(decoder) = self.gzip.take() {
+            let decoded = decoder.finish().map_err(|e| Error::Content {
+                url: self.url.clone(),
+                line: self.checker.lines() + 1,
+                reason: format!("gzip stream ended early or is corrupt: {e}"),
+            })?;
+            self.take_decoded(&decoded)?;
+        }
+        Ok(())
     }
 
     fn finish(mut self) -> Result<Stats> {

@@ -88,7 +88,7 @@ pub(super) async fn serve_file(
     storage: bool,
     headers: &HeaderMap,
 ) -> Response<Body> {
-    let (file, faults_cut, file_500, file_html, change_after, throttle) = {
+    let (file, faults_cut, file_500, file_html, change_after, throttle, unframed, line_cut) = {
         let mut state = shared.lock();
         let file = match state.jobs.get(&job_id) {
             Some(job) if !job.deleted => match &job.state {
@@ -118,6 +118,8 @@ pub(super) async fn serve_file(
             faults.file_html,
             faults.change_file_after_bytes,
             faults.throttle_bytes_per_sec,
+            faults.close_delimited,
+            faults.cut_at_line_boundary,
         )
     };
     let Some(file) = file else {
@@ -212,6 +214,7 @@ pub(super) async fn serve_file(
         remaining: file.bytes - start,
         sent: 0,
         cut_after: faults_cut,
+        cut_at_line_boundary: line_cut,
         change_after: if file.kind == FileKind::Output {
             change_after
         } else {
@@ -234,11 +237,24 @@ pub(super) async fn serve_file(
     set_header(&mut response, "content-type", "application/fhir+ndjson");
     set_header(&mut response, "accept-ranges", "bytes");
     set_header(&mut response, "last-modified", &last_modified);
+    if unframed {
+        // HTTP/1.0 without a length: hyper ends the body by closing the connection.
+        *response.version_mut() = http::Version::HTTP_10;
+    }
     if gzip {
         // The gzip variant is a different representation: weak ETag, like nginx does.
         set_header(&mut response, "etag", &format!("W/{etag}"));
         set_header(&mut response, "content-encoding", "gzip");
         set_header(&mut response, "vary", "Accept-Encoding");
+    } else if unframed {
+        set_header(&mut response, "etag", &etag);
+        if start > 0 {
+            set_header(
+                &mut response,
+                "content-range",
+                &format!("bytes {start}-{}/{}", file.bytes - 1, file.bytes),
+            );
+        }
     } else {
         set_header(&mut response, "etag", &etag);
         set_header(&mut response, "content-length", &(file.bytes - start).to_string());
@@ -280,6 +296,7 @@ pub(super) struct StreamPlan {
     remaining: u64,
     sent: u64,
     cut_after: Option<u64>,
+    cut_at_line_boundary: bool,
     change_after: Option<u64>,
     gzip: Option<flate2::write::GzEncoder<Vec<u8>>>,
     throttle: Option<u64>,
@@ -327,6 +344,16 @@ impl StreamPlan {
         if let Err(e) = handle.read_exact(&mut buffer).await {
             self.done = true;
             return Some(Err(e));
+        }
+        if self.cut_at_line_boundary
+            && self.cut_after == Some(self.sent + want)
+            && let Some(newline) = buffer.iter().rposition(|b| *b == b'\n')
+        {
+            // The cut comes right after this chunk: end the chunk at its last whole line
+            // (what follows is never sent; the cut comes next).
+            buffer.truncate(newline + 1);
+            want = buffer.len() as u64;
+            self.cut_after = Some(self.sent + want);
         }
         self.remaining -= want;
         self.sent += want;

@@ -28,13 +28,28 @@ pub(super) fn storage_url(shared: &Shared, job: u64, index: usize, _version: u32
     )
 }
 
-/// The manifest's `output`, `deleted` and `error` entries; `count_lie` is the planted
-/// fault (a type whose `count` is off by some amount).
+/// How the manifest states `count`: truthfully, off by some amount for one type (a lie),
+/// or not at all (it is optional in the spec).
+pub(super) struct Counts {
+    pub lie: Option<(String, i64)>,
+    pub omit: bool,
+}
+
+impl Counts {
+    pub(super) fn from_faults(faults: &crate::Faults) -> Counts {
+        Counts {
+            lie: faults.count_off_by.clone(),
+            omit: faults.omit_count,
+        }
+    }
+}
+
+/// The manifest's `output`, `deleted` and `error` entries.
 pub(super) fn manifest_entries(
     shared: &Shared,
     job: &Job,
     files: &[&spool::SpooledFile],
-    count_lie: Option<&(String, i64)>,
+    counts: &Counts,
 ) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
     let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
     for file in files {
@@ -42,8 +57,10 @@ pub(super) fn manifest_entries(
         if let Some(kind) = &file.resource_type {
             entry["type"] = Value::String(kind.clone());
         }
-        if file.kind == FileKind::Output {
-            let lie = count_lie
+        if file.kind == FileKind::Output && !counts.omit {
+            let lie = counts
+                .lie
+                .as_ref()
                 .filter(|(kind, _)| file.resource_type.as_deref() == Some(kind.as_str()))
                 .map_or(0, |(_, by)| *by);
             entry["count"] = json!((file.count as i64 + lie).max(0));
@@ -107,7 +124,7 @@ pub(super) async fn status(shared: &Arc<Shared>, job: &str, request: Request<Inc
         );
     }
     let never_complete = state.faults.never_complete;
-    let count_lie = state.faults.count_off_by.clone();
+    let counts = Counts::from_faults(&state.faults);
     let Some(job) = parse_job(job).and_then(|id| state.jobs.get(&id)) else {
         return outcome(StatusCode::NOT_FOUND, "not-found", "no such export");
     };
@@ -153,7 +170,7 @@ pub(super) async fn status(shared: &Arc<Shared>, job: &str, request: Request<Inc
     if fraction < 1.0 {
         let ready: Vec<&spool::SpooledFile> = files.iter().filter(|f| f.ready_fraction <= fraction).collect();
         let partial = (job.params.allow_partial && shared.config.partial_manifests && !ready.is_empty()).then(|| {
-            let (output, deleted, error) = manifest_entries(shared, job, &ready, count_lie.as_ref());
+            let (output, deleted, error) = manifest_entries(shared, job, &ready, &counts);
             json!({
                 "transactionTime": transaction_time,
                 "request": job.params.request_url,
@@ -164,7 +181,7 @@ pub(super) async fn status(shared: &Arc<Shared>, job: &str, request: Request<Inc
         return in_progress(format!("{:.0}% complete", fraction * 100.0), partial);
     }
     let all: Vec<&spool::SpooledFile> = files.iter().collect();
-    let (output, deleted, error) = manifest_entries(shared, job, &all, count_lie.as_ref());
+    let (output, deleted, error) = manifest_entries(shared, job, &all, &counts);
     let page_size = shared.config.manifest_page_size.unwrap_or(usize::MAX).max(1);
     let pages = output.len().div_ceil(page_size).max(1);
     let page = page.clamp(1, pages);
