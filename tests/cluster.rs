@@ -774,3 +774,38 @@ async fn a_file_whose_count_disagrees_is_fetched_once_more_then_failed_as_incomp
         .unwrap();
     assert_eq!(downloads_of(first_patient), 2, "downloaded once more before failing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_file_links_are_renewed_from_the_status_url_and_the_export_completes() {
+    // Links live one second; on this slow link most files start (or resume after a cut)
+    // after their link expired.
+    let config = SimConfig {
+        link_lifetime: Some(Duration::from_secs(1)),
+        ..slow_config()
+    };
+    let mut cluster = Cluster::start(config, "5s").await;
+    cluster.sim.set_faults(|f| {
+        f.throttle_bytes_per_sec = Some(200_000);
+        f.cut_after_bytes = Some(100_000);
+        f.cuts = 3;
+    });
+    // Two slots for every type's file: most start after their link expired.
+    cluster.start_worker("w1");
+    let job_id = cluster.submit("").await;
+    let job = cluster.wait_completed(&job_id, Duration::from_secs(120)).await;
+    cluster.assert_output_identical(&job_id).await;
+    let summary = job.summary.unwrap();
+    assert_eq!(summary.files_failed, 0, "{:?}", job.files);
+    let observed = cluster.sim.observed();
+    let expired = observed.file_requests.iter().filter(|r| r.status == 404).count();
+    assert!(expired >= 1, "some link expired before it was used");
+    assert!(
+        observed.file_requests.iter().any(|r| r.status == 206),
+        "the cut file resumed with a Range request"
+    );
+    assert_eq!(
+        observed.kickoffs.len(),
+        1,
+        "renewal asks the status URL, never kicks off again"
+    );
+}

@@ -40,6 +40,8 @@ pub enum Category {
     /// A file ended whole by its framing, but with another number of resources than the
     /// manifest's `count`.
     Incomplete,
+    /// A file's link expired and asking the status URL again gave no working one.
+    Expired,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -140,6 +142,16 @@ pub enum Error {
     )]
     CountMismatch { url: SafeUrl, expected: u64, actual: u64 },
 
+    /// A file's link stopped working at or after the manifest's `Expires`, and a fresh
+    /// manifest from the status URL did not give a working one.
+    #[error("file {url}: its link expired at {expired_at} ({reason})")]
+    LinkExpired {
+        url: SafeUrl,
+        /// The manifest's `Expires`, as an HTTP date.
+        expired_at: String,
+        reason: String,
+    },
+
     #[error("cancelled")]
     Cancelled,
 
@@ -159,7 +171,7 @@ pub enum Error {
 }
 
 impl Category {
-    pub const ALL: [Category; 12] = [
+    pub const ALL: [Category; 13] = [
         Category::Network,
         Category::Throttled,
         Category::Server,
@@ -172,6 +184,7 @@ impl Category {
         Category::Config,
         Category::Cancelled,
         Category::Incomplete,
+        Category::Expired,
     ];
 
     /// The lowercase name used in status displays, summaries and replicated state.
@@ -189,6 +202,7 @@ impl Category {
             Category::Config => "config",
             Category::Cancelled => "cancelled",
             Category::Incomplete => "incomplete",
+            Category::Expired => "expired",
         }
     }
 
@@ -242,6 +256,7 @@ impl Error {
             Error::Protocol { .. } | Error::Manifest { .. } | Error::ForeignOrigin { .. } => Category::Protocol,
             Error::Content { .. } => Category::Content,
             Error::CountMismatch { .. } => Category::Incomplete,
+            Error::LinkExpired { .. } => Category::Expired,
             Error::Deadline { .. } | Error::Stalled { .. } => Category::Timeout,
             Error::Io { .. } => Category::Storage,
             Error::Config { .. } | Error::InvalidRequest { .. } => Category::Config,

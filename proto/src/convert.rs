@@ -33,6 +33,7 @@ impl From<Category> for pb::FailureCategory {
             Category::Config => pb::FailureCategory::Config,
             Category::Cancelled => pb::FailureCategory::Cancelled,
             Category::Incomplete => pb::FailureCategory::Incomplete,
+            Category::Expired => pb::FailureCategory::Expired,
         }
     }
 }
@@ -59,6 +60,7 @@ impl TryFrom<pb::FailureCategory> for Category {
             pb::FailureCategory::Config => Category::Config,
             pb::FailureCategory::Cancelled => Category::Cancelled,
             pb::FailureCategory::Incomplete => Category::Incomplete,
+            pb::FailureCategory::Expired => Category::Expired,
             pb::FailureCategory::Unspecified => return Err(UnknownCategory(0)),
         })
     }

@@ -88,6 +88,10 @@ pub struct SimConfig {
     pub spool_dir: Option<PathBuf>,
     /// gzip file responses when the client offers it.
     pub compress: bool,
+    /// File links stop working this long after the manifest that gave them (the status
+    /// response's `Expires` says when); asking the status URL again gives fresh links.
+    /// `None`: links work as long as the export exists.
+    pub link_lifetime: Option<Duration>,
     /// The sim's calendar time at start (default: the wall clock), for reproducible runs.
     pub wall_clock_base: Option<SystemTime>,
     /// Where exports are built and their files read: tokio's blocking pool, or (for a
@@ -122,6 +126,7 @@ impl Default for SimConfig {
             grant_scope: None,
             spool_dir: None,
             compress: true,
+            link_lifetime: None,
             file_io: FileIo::Threads,
             wall_clock_base: None,
         }

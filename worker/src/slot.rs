@@ -122,7 +122,37 @@ impl SlotContext {
         }
     }
 
-    async fn handle(&self, lease: pb::Lease, shutdown: &CancellationToken) {
+    /// Asks the coordinator for a fresh link to the leased file, and moves the file's
+    /// checkpoint to it, so the download resumes where it was.
+    async fn renew_link(
+        &self,
+        lease: &pb::Lease,
+        key: &str,
+    ) -> Result<(pb::RenewLinkResponse, url::Url), fhirhaul_common::Error> {
+        let request = pb::RenewLinkRequest {
+            worker_id: self.coordinator.worker_id.clone(),
+            lease_id: lease.lease_id.clone(),
+            generation: lease.generation,
+            failed_url: lease.file_url.clone(),
+        };
+        let renewed = self
+            .coordinator
+            .call(request, |mut client, request| async move {
+                client.renew_link(request).await
+            })
+            .await
+            .map_err(|status| fhirhaul_proto::convert::error_from_status(&status, "the coordinator"))?;
+        let url = renewed.file_url.parse().map_err(|e| fhirhaul_common::Error::Protocol {
+            url: fhirhaul_common::url_util::SafeUrl::from(renewed.file_url.as_str()),
+            reason: format!("the renewed file link is not a URL: {e}"),
+        })?;
+        if let Some(checkpoint) = self.store.get(key, &lease.file_url).await {
+            self.store.put(key, &renewed.file_url, &checkpoint).await;
+        }
+        Ok((renewed, url))
+    }
+
+    async fn handle(&self, mut lease: pb::Lease, shutdown: &CancellationToken) {
         let bad_lease = |reason: String| Failure::new(Category::Protocol, false, reason);
         let prepared = (|| {
             let relative = safe_relative(&lease.relative_path).ok_or_else(|| {
@@ -147,7 +177,7 @@ impl SlotContext {
             Ok(prepared) => prepared,
             Err(failure) => return self.fail(&lease, failure).await,
         };
-        let file = ManifestFile {
+        let mut file = ManifestFile {
             kind,
             resource_type: lease.resource_type.clone(),
             url,
@@ -176,6 +206,7 @@ impl SlotContext {
         // from zero; a second mismatch fails it (category incomplete) unless configured to
         // accept it.
         let mut passes = 0;
+        let mut renewals = 0;
         let result = loop {
             passes += 1;
             let recorded = self.store.get(&key, &lease.file_url).await;
@@ -275,6 +306,25 @@ impl SlotContext {
                     let finished = staging.clone();
                     #[allow(clippy::disallowed_methods)] // Inside the offload seam.
                     let _ = self.settings.offload.run(move || std::fs::remove_file(finished)).await;
+                }
+                Err(error) if link_expired(&error, lease.links_expire_at_unix_ms, self.clock.now_unix_ms()) => {
+                    if renewals == MAX_LINK_RENEWALS {
+                        break Err(fhirhaul_common::Error::LinkExpired {
+                            url: fhirhaul_common::url_util::SafeUrl::from(&file.url),
+                            expired_at: http_date(lease.links_expire_at_unix_ms),
+                            reason: format!("still refused after {renewals} fresh links: {error}"),
+                        });
+                    }
+                    renewals += 1;
+                    tracing::info!(%error, "the file's link has expired; asking for a fresh one");
+                    match self.renew_link(&lease, &key).await {
+                        Ok((renewed, url)) => {
+                            lease.file_url = renewed.file_url;
+                            lease.links_expire_at_unix_ms = renewed.links_expire_at_unix_ms;
+                            file.url = url;
+                        }
+                        Err(error) => break Err(error),
+                    }
                 }
                 other => break other,
             }
@@ -475,6 +525,33 @@ struct Keeping {
 }
 
 /// How a lease ended without a file, as the coordinator is told.
+/// Fresh links asked for in one lease before the file fails as expired.
+const MAX_LINK_RENEWALS: u32 = 3;
+
+/// How close to the manifest's `Expires` a refusal counts as expiry (clocks differ).
+const EXPIRY_MARGIN_MS: u64 = 5 * 60 * 1000;
+
+/// Whether a download failure is an expired link: the file answered 403, 404 or 410 at,
+/// after, or shortly before the manifest's `Expires`. Without an `Expires` nothing says
+/// links expire, and such an answer is the file's real fate.
+fn link_expired(error: &fhirhaul_common::Error, links_expire_ms: Option<u64>, now_ms: u64) -> bool {
+    let refused = matches!(
+        error,
+        fhirhaul_common::Error::Http {
+            status: 403 | 404 | 410,
+            ..
+        }
+    );
+    refused && links_expire_ms.is_some_and(|expires| now_ms + EXPIRY_MARGIN_MS >= expires)
+}
+
+fn http_date(unix_ms: Option<u64>) -> String {
+    match unix_ms {
+        Some(ms) => httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+        None => "an unstated time".into(),
+    }
+}
+
 struct Failure {
     category: Category,
     retryable: bool,
@@ -497,6 +574,48 @@ impl Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn http_error(status: u16) -> fhirhaul_common::Error {
+        fhirhaul_common::Error::Http {
+            url: fhirhaul_common::url_util::SafeUrl::from("https://storage.example/f?sig=x"),
+            status,
+            message: fhirhaul_common::fhir::EhrMessage {
+                text: "gone".into(),
+                transient: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_refused_link_counts_as_expired_only_near_or_after_the_manifests_expires() {
+        let expires = 10_000_000;
+        for status in [403, 404, 410] {
+            assert!(
+                link_expired(&http_error(status), Some(expires), expires + 1),
+                "{status} after"
+            );
+            assert!(
+                link_expired(&http_error(status), Some(expires), expires - 60_000),
+                "{status} shortly before"
+            );
+            assert!(
+                !link_expired(&http_error(status), Some(expires), expires - 3_600_000),
+                "{status} long before"
+            );
+            assert!(
+                !link_expired(&http_error(status), None, expires),
+                "{status} without Expires"
+            );
+        }
+        assert!(
+            !link_expired(&http_error(500), Some(expires), expires + 1),
+            "a server error is no expiry"
+        );
+        assert!(
+            !link_expired(&http_error(401), Some(expires), expires + 1),
+            "401 is the token's business"
+        );
+    }
 
     #[test]
     fn a_files_export_directory_is_its_tenant_and_export_id() {

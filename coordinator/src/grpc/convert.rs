@@ -54,6 +54,7 @@ pub fn lease_to_pb(leased: LeasedFile, renew_every: Duration) -> pb::Lease {
         token_allow_list: leased.token_allow_list,
         renew_every_ms: renew_every.as_millis() as u64,
         export_id: leased.export_id,
+        links_expire_at_unix_ms: leased.links_expire_ms,
     }
 }
 

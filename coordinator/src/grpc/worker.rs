@@ -178,4 +178,24 @@ impl WorkerService for WorkerApi {
                 .unwrap_or_default(),
         }))
     }
+
+    async fn renew_link(
+        &self,
+        request: Request<pb::RenewLinkRequest>,
+    ) -> Result<Response<pb::RenewLinkResponse>, Status> {
+        let request = request.into_inner();
+        let renewed = crate::leader::links::renew_link(
+            &self.coordinator,
+            &request.worker_id,
+            parse_lease_id(&request.lease_id)?,
+            request.generation,
+            &request.failed_url,
+        )
+        .await
+        .map_err(Status::from)?;
+        Ok(Response::new(pb::RenewLinkResponse {
+            file_url: renewed.url,
+            links_expire_at_unix_ms: renewed.links_expire_ms,
+        }))
+    }
 }

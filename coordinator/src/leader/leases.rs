@@ -29,6 +29,8 @@ pub struct LeasedFile {
     pub export_id: String,
     pub file: FileRecord,
     pub requires_access_token: bool,
+    /// When the file's link may stop working (the manifest's `Expires`, unix ms).
+    pub links_expire_ms: Option<u64>,
     pub fhir_base_url: String,
     pub token_allow_list: Vec<String>,
 }
@@ -212,6 +214,7 @@ impl Actor {
                     export_id: candidate.export_id,
                     file: candidate.record,
                     requires_access_token: candidate.requires_access_token,
+                    links_expire_ms: candidate.links_expire_ms,
                     fhir_base_url: tenant.map(|t| t.base_url.to_string()).unwrap_or_default(),
                     token_allow_list: tenant
                         .map(|t| t.token_allow_list.iter().map(|u| u.to_string()).collect())
@@ -252,6 +255,7 @@ struct Candidate {
     export_id: String,
     record: FileRecord,
     requires_access_token: bool,
+    links_expire_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -286,6 +290,7 @@ fn picks(state: &State, workers: &[String], limits: &BTreeMap<String, usize>) ->
                 tenant: job.tenant.clone(),
                 export_id: job.export_id.clone(),
                 requires_access_token: job.requires_access_token,
+                links_expire_ms: job.links_expire_ms,
                 job_id,
                 file,
             }))

@@ -8,6 +8,7 @@
 
 pub mod driver;
 pub mod leases;
+pub mod links;
 pub mod planner;
 
 use std::collections::{BTreeMap, BTreeSet};

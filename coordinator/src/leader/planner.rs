@@ -268,6 +268,7 @@ mod tests {
             state.apply(Command::ManifestComplete {
                 job_id: job.to_string(),
                 transaction_time: "2024-01-01T00:00:00Z".into(),
+                links_expire_ms: None,
             });
             assert_eq!(state.jobs[job.as_str()].phase, JobPhase::Completed);
         }
@@ -308,6 +309,7 @@ mod tests {
         state.apply(Command::ManifestComplete {
             job_id: job.clone(),
             transaction_time: "2024-01-01T00:00:00Z".into(),
+            links_expire_ms: None,
         });
         assert_eq!(state.jobs[&job].phase, JobPhase::Completed);
         assert!(plan(&state, &Running::default(), 2_000, &settings(&["deletes"])).is_empty());

@@ -96,6 +96,7 @@ impl State {
                         requires_access_token: true,
                         manifest_complete: false,
                         transaction_time: None,
+                        links_expire_ms: None,
                         error: None,
                         status_deleted: false,
                         progress: None,
@@ -186,12 +187,33 @@ impl State {
             Command::ManifestComplete {
                 job_id,
                 transaction_time,
+                links_expire_ms,
             } => match self.jobs.get_mut(&job_id) {
                 Some(job) if !job.phase.is_final() => {
                     job.manifest_complete = true;
                     job.transaction_time = Some(transaction_time.clone());
+                    job.links_expire_ms = links_expire_ms;
                     job.phase = JobPhase::Downloading;
                     self.settle(&job_id);
+                    Applied::Done
+                }
+                Some(_) => refused(Refusal::JobEnded(job_id)),
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
+            Command::RenewLinks {
+                job_id,
+                links,
+                links_expire_ms,
+            } => match self.jobs.get_mut(&job_id) {
+                Some(job) if !job.phase.is_final() => {
+                    for (index, url) in links {
+                        if let Some(file) = job.files.get_mut(index as usize)
+                            && file.phase != FilePhase::Done
+                        {
+                            file.url = url;
+                        }
+                    }
+                    job.links_expire_ms = links_expire_ms;
                     Applied::Done
                 }
                 Some(_) => refused(Refusal::JobEnded(job_id)),

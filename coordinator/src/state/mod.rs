@@ -78,6 +78,16 @@ pub enum Command {
     ManifestComplete {
         job_id: String,
         transaction_time: String,
+        /// The manifest's `Expires` (unix ms): its file links may stop working then.
+        #[serde(default)]
+        links_expire_ms: Option<u64>,
+    },
+    /// A fresh manifest from the status URL replaced expired links: each `(file, url)`
+    /// gives a file not yet done its new link.
+    RenewLinks {
+        job_id: String,
+        links: Vec<(u32, String)>,
+        links_expire_ms: Option<u64>,
     },
     /// Kick-off or polling failed for good.
     JobFailed {
@@ -219,6 +229,9 @@ pub struct Job {
     pub requires_access_token: bool,
     pub manifest_complete: bool,
     pub transaction_time: Option<String>,
+    /// When the manifest's file links stop working (its `Expires`, unix ms), if it said.
+    #[serde(default)]
+    pub links_expire_ms: Option<u64>,
     pub error: Option<String>,
     pub status_deleted: bool,
     /// The EHR's last `X-Progress`, and when the export last showed progress.

@@ -131,6 +131,7 @@ mod tests {
         state.apply(Command::ManifestComplete {
             job_id: "job-1".into(),
             transaction_time: "2024-01-01T00:00:00Z".into(),
+            links_expire_ms: None,
         });
         let summary = state.jobs["job-1"].summary();
         assert_eq!(summary.phase, "Completed");

@@ -214,6 +214,7 @@ fn job_completes_when_the_manifest_is_complete_and_every_file_is_settled() {
     state.apply(Command::ManifestComplete {
         job_id: job_id.clone(),
         transaction_time: "2024-01-01T00:00:00Z".into(),
+        links_expire_ms: None,
     });
     let job = &state.jobs[&job_id];
     assert_eq!(job.phase, JobPhase::Completed);
@@ -388,6 +389,7 @@ fn run_job(state: &mut State, since: Option<&str>, reached: &str, files: u32, fa
     state.apply(Command::ManifestComplete {
         job_id: job_id.clone(),
         transaction_time: reached.into(),
+        links_expire_ms: None,
     });
     if files > 0 {
         assert_eq!(cursor(state), before.as_deref(), "a manifest alone moves nothing");
@@ -439,6 +441,7 @@ fn a_cancelled_job_never_moves_the_cursor() {
     state.apply(Command::ManifestComplete {
         job_id: job_id.clone(),
         transaction_time: "2024-07-01T00:00:00Z".into(),
+        links_expire_ms: None,
     });
     state.apply(Command::CancelJob { job_id });
     assert_eq!(cursor(&state), Some("2024-01-01T00:00:00Z"));

@@ -30,11 +30,19 @@ pub(super) async fn fhir_file(
         record_file(shared, job, index, false, &headers, 401);
         return response;
     }
+    if let Err(why) = link_alive(shared, query_value(&request, "exp")) {
+        record_file(shared, job, index, false, &headers, 404);
+        return outcome(StatusCode::NOT_FOUND, "not-found", why);
+    }
     if shared.config.redirect_files {
         record_file(shared, job, index, false, &headers, 307);
         let mut response = Response::new(full(Bytes::new()));
         *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-        set_header(&mut response, "location", &storage_url(shared, job, index, 0));
+        set_header(
+            &mut response,
+            "location",
+            &storage_url(shared, job, index, link_expiry(shared)),
+        );
         return response;
     }
     serve_file(shared, job, index, false, &headers).await
@@ -49,17 +57,23 @@ pub(super) async fn storage_file(shared: &Arc<Shared>, rest: &str, request: Requ
     ) else {
         return outcome(StatusCode::NOT_FOUND, "not-found", "no such object");
     };
-    let signature = request.uri().query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "sig")
-            .map(|(_, v)| v.into_owned())
-    });
-    if signature.as_deref() != Some(storage_signature(shared, job, index).as_str()) {
+    let signature = query_value(&request, "sig");
+    let exp = query_value(&request, "exp");
+    let exp_ms = exp.as_deref().and_then(|e| e.parse::<u64>().ok());
+    if signature.as_deref() != Some(storage_signature(shared, job, index, exp_ms).as_str()) {
         record_file(shared, job, index, true, &headers, 403);
         return respond(
             StatusCode::FORBIDDEN,
             "application/xml",
             "<Error><Code>SignatureDoesNotMatch</Code></Error>",
+        );
+    }
+    if let Err(why) = link_alive(shared, exp) {
+        record_file(shared, job, index, true, &headers, 403);
+        return respond(
+            StatusCode::FORBIDDEN,
+            "application/xml",
+            format!("<Error><Code>AccessDenied</Code><Message>{why}</Message></Error>"),
         );
     }
     if headers.contains_key("authorization") {
@@ -74,6 +88,27 @@ pub(super) async fn storage_file(shared: &Arc<Shared>, rest: &str, request: Requ
         );
     }
     serve_file(shared, job, index, true, &headers).await
+}
+
+fn query_value(request: &Request<Incoming>, name: &str) -> Option<String> {
+    let query = request.uri().query()?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Whether a link with this `exp` still works (`SimConfig::link_lifetime`).
+fn link_alive(shared: &Shared, exp: Option<String>) -> Result<(), &'static str> {
+    if shared.config.link_lifetime.is_none() {
+        return Ok(());
+    }
+    let exp = exp
+        .and_then(|e| e.parse::<u64>().ok())
+        .ok_or("link has no valid expiry")?;
+    if unix_ms(shared.now_wall()) > exp {
+        return Err("Request has expired");
+    }
+    Ok(())
 }
 
 pub(super) enum RangeRequest {

@@ -6,26 +6,46 @@ pub(super) fn parse_job(job: &str) -> Option<u64> {
     job.parse().ok()
 }
 
-pub(super) fn file_url(shared: &Shared, job: u64, index: usize, version: u32) -> String {
+/// When links issued now stop working (unix ms), if links expire (`SimConfig::link_lifetime`).
+pub(super) fn link_expiry(shared: &Shared) -> Option<u64> {
+    let lifetime = shared.config.link_lifetime?;
+    Some(unix_ms(shared.now_wall() + lifetime))
+}
+
+pub(super) fn unix_ms(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A file's link. With expiring links it carries its expiry (`exp`, unix ms), covered by the
+/// storage signature.
+pub(super) fn file_url(shared: &Shared, job: u64, index: usize, exp: Option<u64>) -> String {
     if shared.config.requires_access_token {
-        format!("{}/bulkfiles/{job}/{index}", shared.fhir_base)
+        match exp {
+            Some(exp) => format!("{}/bulkfiles/{job}/{index}?exp={exp}", shared.fhir_base),
+            None => format!("{}/bulkfiles/{job}/{index}", shared.fhir_base),
+        }
     } else {
-        storage_url(shared, job, index, version)
+        storage_url(shared, job, index, exp)
     }
 }
 
-pub(super) fn storage_signature(shared: &Shared, job: u64, index: usize) -> String {
+pub(super) fn storage_signature(shared: &Shared, job: u64, index: usize, exp: Option<u64>) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{}:{job}:{index}", shared.storage_secret));
+    let exp = exp.map(|e| e.to_string()).unwrap_or_default();
+    let digest = sha2::Sha256::digest(format!("{}:{job}:{index}:{exp}", shared.storage_secret));
     digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
 
-pub(super) fn storage_url(shared: &Shared, job: u64, index: usize, _version: u32) -> String {
-    format!(
-        "{}/storage/{job}/{index}?sig={}",
-        shared.storage_origin,
-        storage_signature(shared, job, index)
-    )
+pub(super) fn storage_url(shared: &Shared, job: u64, index: usize, exp: Option<u64>) -> String {
+    let signature = storage_signature(shared, job, index, exp);
+    match exp {
+        Some(exp) => format!(
+            "{}/storage/{job}/{index}?exp={exp}&sig={signature}",
+            shared.storage_origin
+        ),
+        None => format!("{}/storage/{job}/{index}?sig={signature}", shared.storage_origin),
+    }
 }
 
 /// How the manifest states `count`: truthfully, off by some amount for one type (a lie),
@@ -52,8 +72,9 @@ pub(super) fn manifest_entries(
     counts: &Counts,
 ) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
     let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
+    let exp = link_expiry(shared);
     for file in files {
-        let mut entry = json!({ "url": file_url(shared, job.id, file.index, file.version) });
+        let mut entry = json!({ "url": file_url(shared, job.id, file.index, exp) });
         if let Some(kind) = &file.resource_type {
             entry["type"] = Value::String(kind.clone());
         }
@@ -208,7 +229,7 @@ pub(super) async fn status(shared: &Arc<Shared>, job: &str, request: Request<Inc
     set_header(
         &mut response,
         "expires",
-        &httpdate::fmt_http_date(shared.now_wall() + Duration::from_secs(3600)),
+        &httpdate::fmt_http_date(shared.now_wall() + shared.config.link_lifetime.unwrap_or(Duration::from_secs(3600))),
     );
     response
 }
