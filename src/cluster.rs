@@ -484,9 +484,18 @@ fn progress_line(job: &pb::GetJobResponse, elapsed: Duration) -> String {
     } else {
         format!(", failed: {failures:?}")
     };
-    let error = summary.error.map(|e| format!(" — {e}")).unwrap_or_default();
+    let error = summary.error.clone().map(|e| format!(" — {e}")).unwrap_or_default();
+    let cleanup = match pb::Cleanup::try_from(summary.cleanup) {
+        Ok(pb::Cleanup::Pending) => ", DELETE at the EHR pending".to_string(),
+        Ok(pb::Cleanup::Deleted) => ", DELETEd at the EHR".to_string(),
+        Ok(pb::Cleanup::Failed) => format!(
+            ", DELETE at the EHR failed: {}",
+            summary.delete_error.as_deref().unwrap_or("no reason given")
+        ),
+        _ => String::new(),
+    };
     format!(
-        "{} {phase}: {}/{} files, {megabytes:.1} MB, {rate:.1} MB/s{eta}{failures}{error}",
+        "{} {phase}: {}/{} files, {megabytes:.1} MB, {rate:.1} MB/s{eta}{failures}{error}{cleanup}",
         summary.job_id, summary.files_done, summary.files_total
     )
 }

@@ -12,6 +12,7 @@ use fhirhaul_common::config::TenantConfig;
 use fhirhaul_common::keys::{Jwks, SigningAlgorithm, SigningKey};
 use fhirhaul_common::output::Summary;
 use fhirhaul_common::status::PollSettings;
+use fhirhaul_coordinator::state::Cleanup;
 use fhirhaul_embedded::{Embedded, EmbeddedSettings};
 use fhirhaul_sim::{SimConfig, SimEhr};
 
@@ -174,6 +175,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         job = crate::cluster::follow(&admin, &job_id) => Some(job?),
         _ = cancel.cancelled() => None,
     };
+    let cleanup = match followed {
+        // The export ended: its DELETE at the EHR (when the policy asks for one) is part
+        // of the run, so the process does not exit before it is sent.
+        Some(_) => Some(wait_for_cleanup(&embedded, &job_id, &cancel).await?),
+        None => None,
+    };
     let (summary, export_dir) = embedded.write_summary(&job_id, &out_root).await?;
     let files_known = embedded.coordinator().job(&job_id).await?.files.len();
     let cursor = embedded.cursor().await?;
@@ -188,7 +195,42 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(130));
     };
     print_report(&summary, &export_dir, started.elapsed(), cursor.as_deref());
+    match cleanup {
+        Some(Cleanup::Deleted) => println!("the export was DELETEd at the EHR"),
+        Some(Cleanup::Failed(reason)) => {
+            println!("the EHR refused to DELETE the export ({reason}); it will expire it in its own time")
+        }
+        Some(Cleanup::Due { .. }) => println!("the export's DELETE at the EHR did not finish in time; it stays there"),
+        Some(Cleanup::Kept) if summary.failed.is_empty() => {
+            println!("the export stays at the EHR until it expires it (export.delete_when_done is off)")
+        }
+        Some(Cleanup::Kept) => println!(
+            "the export stays at the EHR, so failed files can be fetched again (export.delete_after_failure is off)"
+        ),
+        Some(Cleanup::None) | None => {}
+    }
     Ok(crate::cluster::exit_for(&job))
+}
+
+/// How long `run` waits for an ended export's DELETE (three tries, ten and twenty seconds
+/// apart, fit).
+const CLEANUP_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until the ended job's cleanup at the EHR is no longer due (done, failed for good,
+/// or not wanted), at most [`CLEANUP_WAIT`] or until interrupted.
+async fn wait_for_cleanup(
+    embedded: &Embedded,
+    job_id: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Cleanup> {
+    let deadline = Instant::now() + CLEANUP_WAIT;
+    loop {
+        let cleanup = embedded.coordinator().job(job_id).await?.cleanup();
+        if !matches!(cleanup, Cleanup::Due { .. }) || Instant::now() >= deadline || cancel.is_cancelled() {
+            return Ok(cleanup);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Starts the built-in simulated EHR and a tenant registered with it.

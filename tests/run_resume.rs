@@ -142,3 +142,46 @@ async fn an_interrupted_run_resumes_the_same_export_without_a_second_kickoff() {
     assert!(exports[0].join("summary.json").is_file());
     drop::<SimEhr>(sim);
 }
+
+/// Runs `fhirhaul run` to its end against `sim` with `tenant` (TOML), returning its exit
+/// code and output.
+fn run_to_end(tenant: &str, dir: &Path, name: &str) -> (Option<i32>, String) {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, tenant).unwrap();
+    let finished = fhirhaul()
+        .args(["run", "--workers", "2", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(dir.join(name))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&finished.stdout).into_owned();
+    (finished.status.code(), stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_sends_the_exports_delete_before_it_exits_and_only_when_every_file_arrived() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tenant) = sim_with_tenant(
+        SimConfig {
+            patients: 20,
+            job_duration: Duration::from_millis(200),
+            ..SimConfig::default()
+        },
+        dir.path(),
+    )
+    .await;
+    let tenant = tenant.replace("concurrency = 6", "concurrency = 6\ndelete_when_done = true");
+
+    let (code, stdout) = run_to_end(&tenant, dir.path(), "whole");
+    assert_eq!(code, Some(0), "{stdout}");
+    assert_eq!(sim.observed().deletes, 1, "DELETE sent before the run exited: {stdout}");
+    assert!(stdout.contains("the export was DELETEd at the EHR"), "{stdout}");
+
+    // A file fails: the export stays at the EHR, so that file can still be fetched.
+    sim.set_faults(|f| f.malformed_line = Some(("Patient".into(), 3)));
+    let (code, stdout) = run_to_end(&tenant, dir.path(), "with-a-failure");
+    assert_eq!(code, Some(2), "some files failed: {stdout}");
+    assert_eq!(sim.observed().deletes, 1, "no DELETE for an export with a failed file");
+    assert!(stdout.contains("delete_after_failure is off"), "{stdout}");
+}

@@ -35,6 +35,10 @@ pub struct ExportSettings {
     pub concurrency: usize,
     /// DELETE the status URL once every file is saved, so the EHR can purge them.
     pub delete_when_done: bool,
+    /// Also DELETE an export that failed or ended with failed files (the EHR may then
+    /// purge files that were never fetched). A cancelled export is always DELETEd: that is
+    /// how Bulk Data cancels.
+    pub delete_after_failure: bool,
     /// Kick-off attempts while the EHR answers 429/503 (waits as polling does) or cannot
     /// be reached at all.
     pub kickoff_attempts: u32,
@@ -50,6 +54,7 @@ impl Default for ExportSettings {
             download: DownloadSettings::default(),
             concurrency: 4,
             delete_when_done: false,
+            delete_after_failure: false,
             kickoff_attempts: 5,
             kickoff_retry_ambiguous: false,
         }
@@ -295,7 +300,7 @@ pub async fn run_export(
         .await
         .map_err(|e| Error::io("writing", &manifest_path, e))?;
     if settings.delete_when_done
-        && report.failed.is_empty()
+        && (report.failed.is_empty() || settings.delete_after_failure)
         && let Err(error) = delete_export(client, &accepted.status_url).await
     {
         tracing::warn!(%error, "could not DELETE the finished export; the EHR will expire it");

@@ -27,7 +27,7 @@ pub use crate::leader::LeaderTerm;
 pub use crate::leader::leases::LeasedFile;
 use crate::peers::Peers;
 use crate::raft_node::{self, Membership, RaftError, RaftHandle, RaftSettings};
-use crate::state::{Applied, Command, Job, Refusal, State};
+use crate::state::{Applied, Command, DeletePolicy, Job, Refusal, State};
 
 /// Coordinator timings and limits.
 #[derive(Debug, Clone)]
@@ -313,6 +313,10 @@ impl Coordinator {
                 at_ms,
                 request_id,
                 export_id: Some(export_id(at_ms, &self.inner.entropy)),
+                delete_policy: DeletePolicy {
+                    when_done: config.export.delete_when_done,
+                    after_failure: config.export.delete_after_failure,
+                },
             })
             .await?;
         if let Ok(term) = self.leader_term() {

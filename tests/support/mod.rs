@@ -54,6 +54,7 @@ pub fn fast_settings() -> ExportSettings {
         },
         concurrency: 4,
         delete_when_done: false,
+        delete_after_failure: false,
         kickoff_attempts: 5,
         kickoff_retry_ambiguous: false,
     }

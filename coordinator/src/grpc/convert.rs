@@ -10,7 +10,7 @@ use fhirhaul_proto::v1 as pb;
 use tonic::Status;
 
 use crate::leader::leases::LeasedFile;
-use crate::state::{FilePhase, FileRecord, Job, JobPhase};
+use crate::state::{Cleanup, FilePhase, FileRecord, Job, JobPhase};
 
 impl From<JobPhase> for pb::JobPhase {
     fn from(phase: JobPhase) -> Self {
@@ -32,6 +32,18 @@ impl From<&FilePhase> for pb::FilePhase {
             FilePhase::Leased { .. } => pb::FilePhase::Leased,
             FilePhase::Done => pb::FilePhase::Done,
             FilePhase::Failed => pb::FilePhase::Failed,
+        }
+    }
+}
+
+impl From<&Cleanup> for pb::Cleanup {
+    fn from(cleanup: &Cleanup) -> Self {
+        match cleanup {
+            Cleanup::None => pb::Cleanup::None,
+            Cleanup::Kept => pb::Cleanup::Kept,
+            Cleanup::Due { .. } => pb::Cleanup::Pending,
+            Cleanup::Deleted => pb::Cleanup::Deleted,
+            Cleanup::Failed(_) => pb::Cleanup::Failed,
         }
     }
 }
@@ -71,6 +83,8 @@ pub fn summary_to_pb(job: &Job) -> pb::JobSummary {
         error: job.error.clone(),
         transaction_time: job.transaction_time.clone(),
         output_dir: job.output_dir(),
+        cleanup: pb::Cleanup::from(&job.cleanup()) as i32,
+        delete_error: job.delete_error.clone(),
     }
 }
 

@@ -307,7 +307,16 @@ pub(super) async fn delete_status(coordinator: Coordinator, term: Arc<LeaderTerm
         Ok(()) => {
             let _ = coordinator.propose(Command::StatusDeleted { job_id }).await;
         }
-        Err(error) => tracing::warn!(%error, job = %job_id, "could not DELETE the export's status URL"),
+        Err(error) => {
+            tracing::warn!(%error, job = %job_id, "could not DELETE the export's status URL");
+            let _ = coordinator
+                .propose(Command::StatusDeleteFailed {
+                    job_id,
+                    reason: error.to_string(),
+                    at_ms: coordinator.now_ms(),
+                })
+                .await;
+        }
     }
 }
 

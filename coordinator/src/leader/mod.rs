@@ -131,12 +131,6 @@ async fn lead(
     let plan_settings = PlanSettings {
         lease_ms: coordinator.settings().lease_duration.as_millis() as u64,
         term_since_ms: term.since_ms,
-        delete_when_done: coordinator
-            .tenants()
-            .iter()
-            .filter(|(_, t)| t.export.delete_when_done)
-            .map(|(name, _)| name.clone())
-            .collect(),
         // Workers heartbeat every third of a lease period (see `grpc::worker`).
         report_grace_ms: (coordinator.settings().lease_duration / 3).as_millis() as u64,
     };

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::state::{FilePhase, JobPhase, State};
+use crate::state::{Cleanup, FilePhase, JobPhase, State};
 
 /// One thing for the leader to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +40,6 @@ pub struct PlanSettings {
     /// When this node took over: it cannot know when an inherited lease was last renewed,
     /// so every lease gets a full period of grace from here.
     pub term_since_ms: u64,
-    /// Tenants whose status URL is DELETEd once their export completes.
-    pub delete_when_done: BTreeSet<String>,
     /// How long after a grant a worker's heartbeat must list the lease (one heartbeat
     /// period): a report at least this much later that leaves it out means the worker
     /// never got it.
@@ -53,7 +51,14 @@ pub fn plan(state: &State, running: &Running, now_ms: u64, settings: &PlanSettin
     let mut actions = Vec::new();
     let mut wanted_drivers = BTreeSet::new();
     for job in state.jobs.values() {
-        let deletable = job.status_url.is_some() && !job.status_deleted && !running.deleting.contains(&job.id);
+        // The job's own policy says whether its export is DELETEd (a failed file may be
+        // fetched again from the EHR, which may purge it after a DELETE); a failed DELETE
+        // waits before the next try.
+        let delete_due =
+            !running.deleting.contains(&job.id) && matches!(job.cleanup(), Cleanup::Due { at_ms } if now_ms >= at_ms);
+        if delete_due {
+            actions.push(Action::DeleteStatus { job_id: job.id.clone() });
+        }
         match job.phase {
             JobPhase::Submitted | JobPhase::Polling => {
                 wanted_drivers.insert(job.id.as_str());
@@ -61,19 +66,7 @@ pub fn plan(state: &State, running: &Running, now_ms: u64, settings: &PlanSettin
                     actions.push(Action::StartDriver { job_id: job.id.clone() });
                 }
             }
-            JobPhase::Cancelled => {
-                if deletable {
-                    actions.push(Action::DeleteStatus { job_id: job.id.clone() });
-                }
-            }
-            JobPhase::Completed => {
-                // A failed file may be fetched again from the EHR (a new lease, a person
-                // retrying): its export is not DELETEd, or the EHR may purge the files.
-                if deletable && settings.delete_when_done.contains(&job.tenant) && job.files_failed() == 0 {
-                    actions.push(Action::DeleteStatus { job_id: job.id.clone() });
-                }
-            }
-            JobPhase::Downloading | JobPhase::Failed => {}
+            JobPhase::Downloading | JobPhase::Cancelled | JobPhase::Completed | JobPhase::Failed => {}
         }
     }
     for job_id in &running.drivers {
@@ -140,20 +133,21 @@ mod tests {
     use fhirhaul_common::manifest::{FileKind, ManifestFile};
 
     use super::*;
-    use crate::state::{Applied, Command};
+    use crate::state::{Applied, Command, DeletePolicy};
 
     const LEASE_MS: u64 = 30_000;
     const REPORT_GRACE_MS: u64 = 10_000;
 
-    fn settings(delete_when_done: &[&str]) -> PlanSettings {
+    fn settings() -> PlanSettings {
         PlanSettings {
             lease_ms: LEASE_MS,
             term_since_ms: 1_000,
-            delete_when_done: delete_when_done.iter().map(|t| t.to_string()).collect(),
             report_grace_ms: REPORT_GRACE_MS,
         }
     }
 
+    /// A job of `tenant`: tenant "deletes" DELETEs exports that completed whole, "deletes-all"
+    /// also those with failures, any other keeps them.
     fn submit(state: &mut State, tenant: &str) -> String {
         match state.apply(Command::SubmitJob {
             tenant: tenant.into(),
@@ -162,6 +156,10 @@ mod tests {
             at_ms: 0,
             request_id: None,
             export_id: None,
+            delete_policy: DeletePolicy {
+                when_done: tenant.starts_with("deletes"),
+                after_failure: tenant == "deletes-all",
+            },
         }) {
             Applied::JobSubmitted { job_id } => job_id,
             other => panic!("{other:?}"),
@@ -205,9 +203,9 @@ mod tests {
         let submitted = submit(&mut state, "t");
         let polling = submit(&mut state, "t");
         kicked_off(&mut state, &polling);
-        let actions = plan(&state, &Running::default(), 2_000, &settings(&[]));
+        let actions = plan(&state, &Running::default(), 2_000, &settings());
         assert_eq!(actions, [start(&submitted), start(&polling)]);
-        let actions = plan(&state, &running(&[&submitted, &polling], &[]), 2_000, &settings(&[]));
+        let actions = plan(&state, &running(&[&submitted, &polling], &[]), 2_000, &settings());
         assert!(actions.is_empty(), "a running driver is not started twice: {actions:?}");
     }
 
@@ -227,7 +225,7 @@ mod tests {
             &state,
             &running(&[&cancelled, &failed, "job-99"], &[]),
             2_000,
-            &settings(&[]),
+            &settings(),
         );
         assert_eq!(
             actions,
@@ -248,14 +246,14 @@ mod tests {
         kicked_off(&mut state, &job);
         state.apply(Command::CancelJob { job_id: job.clone() });
         let delete = [Action::DeleteStatus { job_id: job.clone() }];
-        assert_eq!(plan(&state, &Running::default(), 2_000, &settings(&[])), delete);
-        assert!(plan(&state, &running(&[], &[&job]), 2_000, &settings(&[])).is_empty());
+        assert_eq!(plan(&state, &Running::default(), 2_000, &settings()), delete);
+        assert!(plan(&state, &running(&[], &[&job]), 2_000, &settings()).is_empty());
         state.apply(Command::StatusDeleted { job_id: job.clone() });
-        assert!(plan(&state, &Running::default(), 2_000, &settings(&[])).is_empty());
+        assert!(plan(&state, &Running::default(), 2_000, &settings()).is_empty());
         // Cancelled before the kick-off: there is nothing to DELETE.
         let never_sent = submit(&mut state, "t");
         state.apply(Command::CancelJob { job_id: never_sent });
-        assert!(plan(&state, &Running::default(), 2_000, &settings(&[])).is_empty());
+        assert!(plan(&state, &Running::default(), 2_000, &settings()).is_empty());
     }
 
     #[test]
@@ -273,17 +271,16 @@ mod tests {
             assert_eq!(state.jobs[job.as_str()].phase, JobPhase::Completed);
         }
         assert_eq!(
-            plan(&state, &Running::default(), 2_000, &settings(&["deletes"])),
+            plan(&state, &Running::default(), 2_000, &settings()),
             [Action::DeleteStatus { job_id: deletes }]
         );
     }
 
-    #[test]
-    fn a_completed_export_with_a_failed_file_is_kept_at_the_ehr() {
-        let mut state = State::default();
-        let job = submit(&mut state, "deletes");
-        kicked_off(&mut state, &job);
-        with_file(&mut state, &job);
+    /// A completed job of `tenant` whose one file failed.
+    fn completed_with_a_failed_file(state: &mut State, tenant: &str) -> String {
+        let job = submit(state, tenant);
+        kicked_off(state, &job);
+        with_file(state, &job);
         state.apply(Command::RegisterWorker {
             worker_id: "w1".into(),
             concurrency: 1,
@@ -312,7 +309,48 @@ mod tests {
             links_expire_ms: None,
         });
         assert_eq!(state.jobs[&job].phase, JobPhase::Completed);
-        assert!(plan(&state, &Running::default(), 2_000, &settings(&["deletes"])).is_empty());
+        job
+    }
+
+    #[test]
+    fn a_completed_export_with_a_failed_file_is_kept_at_the_ehr_unless_the_policy_says_otherwise() {
+        let mut state = State::default();
+        let kept = completed_with_a_failed_file(&mut state, "deletes");
+        assert!(plan(&state, &Running::default(), 2_000, &settings()).is_empty());
+        assert_eq!(state.jobs[&kept].cleanup(), Cleanup::Kept);
+        let deleted = completed_with_a_failed_file(&mut state, "deletes-all");
+        assert_eq!(
+            plan(&state, &Running::default(), 2_000, &settings()),
+            [Action::DeleteStatus { job_id: deleted }]
+        );
+    }
+
+    #[test]
+    fn a_failed_delete_is_tried_again_later_and_at_most_three_times() {
+        let mut state = State::default();
+        let job = submit(&mut state, "t");
+        kicked_off(&mut state, &job);
+        state.apply(Command::CancelJob { job_id: job.clone() });
+        let delete = [Action::DeleteStatus { job_id: job.clone() }];
+        let mut now = 2_000;
+        for failures in 1..=3u64 {
+            assert_eq!(plan(&state, &Running::default(), now, &settings()), delete);
+            state.apply(Command::StatusDeleteFailed {
+                job_id: job.clone(),
+                reason: "HTTP 500".into(),
+                at_ms: now,
+            });
+            if failures < 3 {
+                let pause = 10_000 * failures;
+                assert!(
+                    plan(&state, &Running::default(), now + pause - 1, &settings()).is_empty(),
+                    "not again before the pause"
+                );
+                now += pause;
+            }
+        }
+        assert!(plan(&state, &Running::default(), now + 3_600_000, &settings()).is_empty());
+        assert_eq!(state.jobs[&job].cleanup(), Cleanup::Failed("HTTP 500".into()));
     }
 
     #[test]
@@ -338,9 +376,9 @@ mod tests {
         let drivers = running(&[&job], &[]);
         // Expired by its own clock, but this leader took over at 1 000 ms and cannot know
         // when the lease was last renewed.
-        assert!(plan(&state, &drivers, 1_000 + LEASE_MS - 1, &settings(&[])).is_empty());
+        assert!(plan(&state, &drivers, 1_000 + LEASE_MS - 1, &settings()).is_empty());
         assert_eq!(
-            plan(&state, &drivers, 1_000 + LEASE_MS, &settings(&[])),
+            plan(&state, &drivers, 1_000 + LEASE_MS, &settings()),
             [Action::ExpireLease {
                 lease_id: grant.lease_id,
                 generation: grant.generation
@@ -374,11 +412,11 @@ mod tests {
         });
         let drivers = running(&[&job], &[]);
         assert!(
-            plan(&state, &drivers, 40_000 + LEASE_MS - 1, &settings(&[])).is_empty(),
+            plan(&state, &drivers, 40_000 + LEASE_MS - 1, &settings()).is_empty(),
             "w1 was seen within a lease period"
         );
         assert_eq!(
-            plan(&state, &drivers, 40_001 + LEASE_MS, &settings(&[])),
+            plan(&state, &drivers, 40_001 + LEASE_MS, &settings()),
             [Action::ForgetAbsentWorkers {
                 stale_before_ms: 40_001
             }]
@@ -420,11 +458,11 @@ mod tests {
         let drivers = running(&[&job], &[]);
         // A report sent before the worker could have heard of the grants proves nothing.
         heartbeat(&mut state, 50_000 + REPORT_GRACE_MS - 1, &[]);
-        assert!(plan(&state, &drivers, 60_000, &settings(&[])).is_empty());
+        assert!(plan(&state, &drivers, 60_000, &settings()).is_empty());
         // A heartbeat period later it lists one of them: the other's answer was lost.
         heartbeat(&mut state, 50_000 + REPORT_GRACE_MS, &[held.lease_id]);
         assert_eq!(
-            plan(&state, &drivers, 60_000, &settings(&[])),
+            plan(&state, &drivers, 60_000, &settings()),
             [Action::ExpireLease {
                 lease_id: lost.lease_id,
                 generation: lost.generation
@@ -438,7 +476,7 @@ mod tests {
             lease_ids: None,
         });
         assert_eq!(
-            plan(&state, &drivers, 60_000, &settings(&[])).len(),
+            plan(&state, &drivers, 60_000, &settings()).len(),
             1,
             "the last report still counts"
         );

@@ -32,6 +32,7 @@ fn submit() -> Command {
         at_ms: 1,
         request_id: None,
         export_id: None,
+        delete_policy: Default::default(),
     }
 }
 

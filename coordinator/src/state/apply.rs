@@ -72,6 +72,7 @@ impl State {
                 at_ms,
                 request_id,
                 export_id,
+                delete_policy,
             } => {
                 if let Some(job_id) = request_id.as_ref().and_then(|id| self.submissions.get(id)) {
                     return Applied::AlreadySubmitted { job_id: job_id.clone() };
@@ -99,6 +100,10 @@ impl State {
                         links_expire_ms: None,
                         error: None,
                         status_deleted: false,
+                        delete_policy,
+                        delete_failures: 0,
+                        delete_error: None,
+                        delete_failed_at_ms: 0,
                         progress: None,
                         progress_at_ms: None,
                         files: Vec::new(),
@@ -403,6 +408,15 @@ impl State {
                 self.coordinators.insert(node_id, address);
                 Applied::Done
             }
+            Command::StatusDeleteFailed { job_id, reason, at_ms } => match self.jobs.get_mut(&job_id) {
+                Some(job) => {
+                    job.delete_failures += 1;
+                    job.delete_error = Some(reason);
+                    job.delete_failed_at_ms = at_ms;
+                    Applied::Done
+                }
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
             Command::StatusDeleted { job_id } => match self.jobs.get_mut(&job_id) {
                 Some(job) => {
                     job.status_deleted = true;

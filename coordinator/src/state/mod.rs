@@ -48,6 +48,10 @@ pub enum Command {
         /// `<tenant>/<export id>/`. (Entries written before it existed use the job id.)
         #[serde(default)]
         export_id: Option<String>,
+        /// When the export is DELETEd at the EHR once it ends (the tenant's setting when
+        /// the job was submitted).
+        #[serde(default)]
+        delete_policy: DeletePolicy,
     },
     /// The leader `node_id` is about to send the job's kick-off. A later leader that finds
     /// this and no status URL asks that node what came of it before kicking off itself.
@@ -145,6 +149,12 @@ pub enum Command {
     StatusDeleted {
         job_id: String,
     },
+    /// A DELETE of the status URL failed; it is tried again later, a few times.
+    StatusDeleteFailed {
+        job_id: String,
+        reason: String,
+        at_ms: u64,
+    },
     /// Files waiting for a worker not seen since this time may go to anyone.
     ForgetAbsentWorkers {
         stale_before_ms: u64,
@@ -155,6 +165,41 @@ pub enum Command {
         node_id: u64,
         address: String,
     },
+}
+
+/// When a job's export is DELETEd at the EHR. A cancelled job's export always is (that is
+/// how Bulk Data cancels); a DELETE may make the EHR purge the files, so one whose files
+/// did not all arrive is kept unless `after_failure` says otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletePolicy {
+    /// DELETE once every file is downloaded.
+    pub when_done: bool,
+    /// Also DELETE an export that failed or ended with failed files.
+    pub after_failure: bool,
+}
+
+/// DELETEs of a status URL tried before giving up (the EHR expires exports anyway).
+pub const MAX_DELETE_ATTEMPTS: u32 = 3;
+
+/// Where a job's cleanup at the EHR stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Nothing to clean up, or not yet (no export at the EHR, or the job still runs).
+    None,
+    /// The export stays at the EHR (policy), until the EHR expires it.
+    Kept,
+    /// A DELETE is due: at this time (unix ms) or later.
+    Due {
+        at_ms: u64,
+    },
+    Deleted,
+    /// Every DELETE failed; the last reason.
+    Failed(String),
+}
+
+/// Pause after the `n`th failed DELETE before the next.
+fn delete_retry_delay_ms(failures: u32) -> u64 {
+    10_000 * u64::from(failures)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +279,15 @@ pub struct Job {
     pub links_expire_ms: Option<u64>,
     pub error: Option<String>,
     pub status_deleted: bool,
+    #[serde(default)]
+    pub delete_policy: DeletePolicy,
+    /// Failed DELETEs so far, the last one's reason and when it failed.
+    #[serde(default)]
+    pub delete_failures: u32,
+    #[serde(default)]
+    pub delete_error: Option<String>,
+    #[serde(default)]
+    pub delete_failed_at_ms: u64,
     /// The EHR's last `X-Progress`, and when the export last showed progress.
     #[serde(default)]
     pub progress: Option<String>,
@@ -254,6 +308,31 @@ impl Job {
 
     pub fn bytes_done(&self) -> u64 {
         self.files.iter().map(|f| f.progress.offset).sum()
+    }
+
+    /// Where the job's cleanup at the EHR stands (see [`DeletePolicy`]).
+    pub fn cleanup(&self) -> Cleanup {
+        if self.status_deleted {
+            return Cleanup::Deleted;
+        }
+        if self.status_url.is_none() || !self.phase.is_final() {
+            return Cleanup::None;
+        }
+        let wanted = match self.phase {
+            JobPhase::Cancelled => true,
+            JobPhase::Completed if self.files_failed() == 0 => self.delete_policy.when_done,
+            _ => self.delete_policy.after_failure,
+        };
+        match (wanted, &self.delete_error) {
+            (false, _) => Cleanup::Kept,
+            (true, Some(reason)) if self.delete_failures >= MAX_DELETE_ATTEMPTS => Cleanup::Failed(reason.clone()),
+            (true, _) => Cleanup::Due {
+                at_ms: match self.delete_failures {
+                    0 => 0,
+                    n => self.delete_failed_at_ms + delete_retry_delay_ms(n),
+                },
+            },
+        }
     }
 
     /// The export's directory under the output root: `<tenant>/<export id>`.

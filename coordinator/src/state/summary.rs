@@ -76,6 +76,7 @@ mod tests {
             at_ms: 0,
             request_id: None,
             export_id: None,
+            delete_policy: Default::default(),
         });
         state.apply(Command::KickedOff {
             job_id: "job-1".into(),

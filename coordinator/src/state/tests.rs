@@ -20,6 +20,7 @@ fn state_with_submitted_job() -> (State, String) {
         at_ms: 0,
         request_id: None,
         export_id: None,
+        delete_policy: Default::default(),
     }) else {
         panic!()
     };
@@ -137,6 +138,7 @@ fn each_export_has_a_directory_of_its_own() {
             at_ms: 0,
             request_id: None,
             export_id: Some(export_id.into()),
+            delete_policy: Default::default(),
         }) else {
             panic!("submitted")
         };
@@ -352,6 +354,7 @@ fn start_job(state: &mut State, since: Option<&str>, files: u32) -> String {
         at_ms: 0,
         request_id: None,
         export_id: None,
+        delete_policy: Default::default(),
     }) else {
         panic!("submitted");
     };
@@ -527,6 +530,7 @@ fn a_submission_retried_with_its_request_id_creates_one_job() {
         at_ms: 0,
         request_id: request_id.map(String::from),
         export_id: None,
+        delete_policy: Default::default(),
     };
     let first = state.apply(submit(Some("cli-7f3a")));
     assert_eq!(first, Applied::JobSubmitted { job_id: "job-1".into() });
