@@ -377,25 +377,25 @@ pub fn keys_generate(alg: &str, out: &Path, kid: Option<String>, add_to: Option<
 /// `fhirhaul check-config`
 pub fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
+    let mut broken = Vec::new();
     for tenant in &config.tenant {
-        tenant
-            .signing_key()
-            .map(|key| {
+        match tenant.signing_key() {
+            Ok(key) => println!(
+                "tenant {}: {} as {} ({} key, kid {})",
+                tenant.name,
+                tenant.base_url,
+                tenant.client_id,
+                key.algorithm(),
+                key.kid()
+            ),
+            Err(error) => {
                 println!(
-                    "tenant {}: {} as {} ({} key, kid {})",
-                    tenant.name,
-                    tenant.base_url,
-                    tenant.client_id,
-                    key.algorithm(),
-                    key.kid()
-                )
-            })
-            .unwrap_or_else(|error| {
-                println!(
-                    "tenant {}: {} as {} (key not loadable: {error})",
+                    "tenant {}: {} as {}: KEY NOT LOADABLE: {error}",
                     tenant.name, tenant.base_url, tenant.client_id
-                )
-            });
+                );
+                broken.push(tenant.name.clone());
+            }
+        }
     }
     println!(
         "cluster: listen {}, data in {}, leases {}s, mTLS {}",
@@ -404,6 +404,14 @@ pub fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
         config.cluster.lease_duration.as_secs(),
         if config.cluster.tls.is_some() { "on" } else { "off" }
     );
+    if !broken.is_empty() {
+        println!(
+            "{} is NOT usable: the signing key of tenant(s) {} cannot be loaded",
+            path.display(),
+            broken.join(", ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     println!("{} is valid", path.display());
     Ok(ExitCode::SUCCESS)
 }

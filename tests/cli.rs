@@ -91,6 +91,8 @@ fn keys_generate_writes_a_key_and_a_rotatable_jwks() {
 
 #[test]
 fn a_bad_config_names_the_key_and_the_example_config_parses() {
+    // The example's key files exist only on a real deployment: it parses, and
+    // check-config says exactly which key it cannot load, and fails.
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fhirhaul.example.toml");
     let checked = fhirhaul()
         .arg("check-config")
@@ -99,15 +101,43 @@ fn a_bad_config_names_the_key_and_the_example_config_parses() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert!(!checked.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("tenant epic-prod") && stdout.contains("KEY NOT LOADABLE") && stdout.contains("NOT usable"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // The same tenant with a key that loads is valid.
+    let keys = tempfile::tempdir().unwrap();
+    let generated = fhirhaul()
+        .args(["keys", "generate", "--kid", "k1", "--out"])
+        .arg(keys.path())
+        .output()
+        .unwrap();
+    assert!(generated.status.success());
+    let config = keys.path().join("ok.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[tenant]]\nname = \"ok\"\nbase_url = \"https://e.example/fhir\"\nclient_id = \"c\"\nkid = \"k1\"\nprivate_key = \"{}\"\n",
+            keys.path().join("k1.pem").display()
+        ),
+    )
+    .unwrap();
+    let checked = fhirhaul()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&checked.stdout);
     assert!(
         checked.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&checked.stderr)
     );
-    assert!(
-        stdout.contains("tenant epic-prod") && stdout.contains("is valid"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("tenant ok") && stdout.contains("is valid"), "{stdout}");
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");

@@ -112,16 +112,20 @@ impl Cluster {
     }
 
     async fn submit_with(&self, request_json: &str, incremental: bool) -> String {
-        let response = self
-            .admin()
+        self.submit_for("sim", request_json, incremental).await
+    }
+
+    async fn submit_for(&self, tenant: &str, request_json: &str, incremental: bool) -> String {
+        let mut admin = self.admin().await;
+        let submitted = admin.submit_export(pb::SubmitExportRequest {
+            tenant: tenant.into(),
+            request_json: request_json.into(),
+            incremental,
+            request_id: String::new(),
+        });
+        let response = tokio::time::timeout(Duration::from_secs(30), submitted)
             .await
-            .submit_export(pb::SubmitExportRequest {
-                tenant: "sim".into(),
-                request_json: request_json.into(),
-                incremental,
-                request_id: String::new(),
-            })
-            .await
+            .unwrap_or_else(|_| panic!("submitting to {tenant} got no answer in 30 s"))
             .unwrap();
         response.into_inner().job_id
     }
@@ -808,4 +812,40 @@ async fn expired_file_links_are_renewed_from_the_status_url_and_the_export_compl
         1,
         "renewal asks the status URL, never kicks off again"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_broken_key_or_refusing_ehr_fails_only_its_own_jobs() {
+    let config = SimConfig {
+        patients: 30,
+        job_duration: Duration::from_millis(200),
+        ..SimConfig::default()
+    };
+    // A second EHR that refuses the client it registered, and a tenant whose key file is
+    // missing; both next to the working tenant `sim`.
+    let refusing = SimEhr::start(config.clone()).await.unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let credentials = refusing.new_client("ES384");
+    let refusing_tenant = fhirhaul_testkit::tenant::sim_tenant_toml(refusing.base_url(), &credentials, keys.path())
+        .replace("name = \"sim\"", "name = \"refusing\"");
+    refusing.revoke_clients();
+    let broken_tenant = format!(
+        "\n[[tenant]]\nname = \"broken\"\nbase_url = \"{}\"\nclient_id = \"c\"\nprivate_key = \"{}\"\n",
+        refusing.base_url(),
+        keys.path().join("missing.pem").display()
+    );
+    let mut cluster = Cluster::start_with(config, "5s", &format!("{refusing_tenant}{broken_tenant}"), None).await;
+    cluster.start_worker("w1");
+    let broken = cluster.submit_for("broken", "", false).await;
+    let refused = cluster.submit_for("refusing", "", false).await;
+    let working = cluster.submit("").await;
+    cluster.wait_completed(&working, Duration::from_secs(60)).await;
+    cluster.assert_output_identical(&working).await;
+    for (job_id, words) in [(&broken, "missing.pem"), (&refused, "invalid_client")] {
+        let job = cluster.wait_for(job_id, Duration::from_secs(60), has_ended).await;
+        let summary = job.summary.unwrap();
+        assert_eq!(summary.phase, pb::JobPhase::Failed as i32, "{summary:?}");
+        let error = summary.error.unwrap_or_default();
+        assert!(error.contains(words), "{job_id} failed with its own reason: {error}");
+    }
 }

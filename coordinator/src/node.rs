@@ -107,16 +107,29 @@ impl Coordinator {
                 },
             )
             .await?;
-        // A bad key or URL is reported now, not at the first election won.
+        // A bad key is reported now, not at the first election won. With every tenant
+        // broken there is nothing to do and the coordinator refuses to start; otherwise the
+        // broken tenants' jobs fail with the reason while the others' go on.
+        let mut broken = Vec::new();
         for config in &tenants {
             let probe = cancel.child_token();
-            config.connect(
+            let connected = config.connect(
                 Arc::clone(&transport),
                 Arc::clone(&clock),
                 entropy.clone(),
                 probe.clone(),
-            )?;
+            );
             probe.cancel();
+            if let Err(error) = connected {
+                tracing::error!(tenant = %config.name, %error, "tenant cannot be used; its exports will fail until this is fixed");
+                broken.push(error);
+            }
+        }
+        if !tenants.is_empty()
+            && broken.len() == tenants.len()
+            && let Some(error) = broken.into_iter().next()
+        {
+            return Err(error.into());
         }
         let peers = Peers::new(
             settings.raft.node_id,
@@ -267,13 +280,13 @@ impl Coordinator {
         &self,
         config: &TenantConfig,
         cancel: CancellationToken,
-    ) -> Result<FhirClient, CoordinatorError> {
-        Ok(config.connect(
+    ) -> Result<FhirClient, fhirhaul_common::Error> {
+        config.connect(
             Arc::clone(&self.inner.transport),
             Arc::clone(&self.inner.clock),
             self.inner.entropy.clone(),
             cancel,
-        )?)
+        )
     }
 
     pub(crate) async fn propose(&self, command: Command) -> Result<Applied, CoordinatorError> {

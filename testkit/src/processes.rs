@@ -99,7 +99,8 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let job = fetch().await;
+        // A call that never answers must not outlast the limit either.
+        let job = tokio::time::timeout_at(deadline, fetch()).await.ok().flatten();
         if let Some(job) = &job
             && done(job)
         {
@@ -159,13 +160,22 @@ pub fn spawn_coordinator(config: &Path, port: u16, data_dir: &Path, extra: &[&st
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
+    // Read on a thread, so a coordinator that never says it listens fails the test after a
+    // minute instead of hanging it.
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = said.send(line);
+    });
+    let line = heard.recv_timeout(std::time::Duration::from_secs(60));
+    let process = Process(child);
     assert!(
-        line.contains("coordinator listening on"),
-        "the coordinator on port {port} did not start: {line:?}"
+        line.as_ref()
+            .is_ok_and(|line| line.contains("coordinator listening on")),
+        "the coordinator on port {port} did not start within a minute: {line:?}"
     );
-    Process(child)
+    process
 }
 
 /// Starts `fhirhaul worker` `name` (two slots, 16 KiB checkpoints) against

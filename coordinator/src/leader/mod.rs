@@ -34,6 +34,9 @@ pub struct LeaderTerm {
     /// so every lease gets a full period of grace from here.
     pub since_ms: u64,
     clients: BTreeMap<String, FhirClient>,
+    /// Tenants that could not be connected this term (an unreadable key, say), with why:
+    /// their jobs fail with that reason while every other tenant's go on.
+    unavailable: BTreeMap<String, fhirhaul_common::Error>,
     leases: LeaseManager,
     /// Plans at once instead of at the next tick (a job was submitted or cancelled).
     wake: tokio::sync::Notify,
@@ -42,6 +45,9 @@ pub struct LeaderTerm {
 
 impl LeaderTerm {
     pub fn client(&self, tenant: &str) -> Result<&FhirClient, CoordinatorError> {
+        if let Some(error) = self.unavailable.get(tenant) {
+            return Err(CoordinatorError::Client(error.clone()));
+        }
         self.clients
             .get(tenant)
             .ok_or_else(|| CoordinatorError::UnknownTenant(tenant.to_string()))
@@ -103,9 +109,18 @@ async fn lead(
     // kicked off under the old leader is seen with its status URL and never re-kicked.
     coordinator.read_linearizable(|_| ()).await?;
     let mut clients = BTreeMap::new();
+    let mut unavailable = BTreeMap::new();
     for (name, config) in coordinator.tenants().iter() {
-        let client = coordinator.connect_tenant(config, cancel.child_token())?;
-        clients.insert(name.clone(), client);
+        // One tenant's broken key must not stop every tenant's exports.
+        match coordinator.connect_tenant(config, cancel.child_token()) {
+            Ok(client) => {
+                clients.insert(name.clone(), client);
+            }
+            Err(error) => {
+                tracing::error!(tenant = %name, %error, "tenant cannot be used this term; its jobs fail with this reason");
+                unavailable.insert(name.clone(), error);
+            }
+        }
     }
     let leases = LeaseManager::start(
         LeaseContext {
@@ -121,6 +136,7 @@ async fn lead(
         term: coordinator.raft().term(),
         since_ms: coordinator.now_ms(),
         clients,
+        unavailable,
         leases,
         wake: tokio::sync::Notify::new(),
         cancel: cancel.clone(),
