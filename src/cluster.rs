@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fhirhaul_common::clock::{Entropy, SystemClock};
@@ -379,21 +379,27 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     Ok(exit_for(&job))
 }
 
+/// The exit status for an ended job (see `EXIT_STATUSES`).
 pub fn exit_for(job: &pb::GetJobResponse) -> ExitCode {
     let summary = job.summary.clone().unwrap_or_default();
     match pb::JobPhase::try_from(summary.phase) {
-        Ok(pb::JobPhase::Completed) if summary.files_failed == 0 => ExitCode::SUCCESS,
-        Ok(pb::JobPhase::Completed) => ExitCode::from(2),
+        Ok(pb::JobPhase::Completed) if summary.files_failed > 0 => ExitCode::from(2),
+        Ok(pb::JobPhase::Completed) if summary.ehr_errors > 0 => ExitCode::from(3),
+        Ok(pb::JobPhase::Completed) => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     }
 }
+
+/// What `run` and `export` exit with; shown in `--help` and the README.
+pub const EXIT_STATUSES: &str = "Exit status: 0 every file downloaded and verified; 1 the export failed (or was \
+cancelled); 2 it completed but some files failed; 3 every file downloaded but the EHR's error \
+files report errors (data it could not export); 130 interrupted (run again to resume).";
 
 /// Follows a job until it ends, printing progress: files done/total, bytes, rate, ETA and
 /// failures by category (one updating line on a terminal, plain lines otherwise). A watch
 /// cut by a leader change is opened again at the new leader.
 pub async fn follow(admin: &Admin, job_id: &str) -> anyhow::Result<pb::GetJobResponse> {
     let interactive = std::io::stdout().is_terminal();
-    let started = Instant::now();
     let mut last: Option<pb::GetJobResponse> = None;
     let mut last_line = String::new();
     let mut reopened = 0;
@@ -411,7 +417,7 @@ pub async fn follow(admin: &Admin, job_id: &str) -> anyhow::Result<pb::GetJobRes
         let ended = loop {
             match stream.message().await {
                 Ok(Some(update)) => {
-                    let line = progress_line(&update, started.elapsed());
+                    let line = progress_line(&update);
                     if line != last_line {
                         if interactive {
                             print!("\r\x1b[2K{line}");
@@ -450,17 +456,33 @@ pub async fn follow(admin: &Admin, job_id: &str) -> anyhow::Result<pb::GetJobRes
     last.context("the coordinator ended the watch without any state")
 }
 
-fn progress_line(job: &pb::GetJobResponse, elapsed: Duration) -> String {
+fn progress_line(job: &pb::GetJobResponse) -> String {
     let summary = job.summary.clone().unwrap_or_default();
     let phase = pb::JobPhase::try_from(summary.phase)
         .map(|p| p.as_str_name().trim_start_matches("JOB_PHASE_").to_lowercase())
         .unwrap_or_default();
     let megabytes = summary.bytes_done as f64 / 1e6;
-    let rate = megabytes / elapsed.as_secs_f64().max(0.001);
+    // Rates divide by the download phase as the coordinator measured it (first lease to
+    // last file), never by time spent kicking off and polling.
+    let downloading = Duration::from_millis(summary.download_ms).as_secs_f64();
+    let rate = if downloading > 0.0 {
+        format!(", {:.1} MB/s", megabytes / downloading)
+    } else {
+        String::new()
+    };
     let settled = summary.files_done + summary.files_failed;
-    let eta = if settled > 0 && settled < summary.files_total {
-        let per_file = elapsed.as_secs_f64() / f64::from(settled);
+    let eta = if settled > 0 && settled < summary.files_total && downloading > 0.0 {
+        let per_file = downloading / f64::from(settled);
         format!(", ETA {:.0}s", per_file * f64::from(summary.files_total - settled))
+    } else {
+        String::new()
+    };
+    let progress = match (&summary.progress, pb::JobPhase::try_from(summary.phase)) {
+        (Some(progress), Ok(pb::JobPhase::Polling | pb::JobPhase::Submitted)) => format!(" (EHR: {progress})"),
+        _ => String::new(),
+    };
+    let ehr_errors = if summary.ehr_errors > 0 {
+        format!(", EHR reported {} error(s)", summary.ehr_errors)
     } else {
         String::new()
     };
@@ -495,7 +517,7 @@ fn progress_line(job: &pb::GetJobResponse, elapsed: Duration) -> String {
         _ => String::new(),
     };
     format!(
-        "{} {phase}: {}/{} files, {megabytes:.1} MB, {rate:.1} MB/s{eta}{failures}{error}{cleanup}",
+        "{} {phase}{progress}: {}/{} files, {megabytes:.1} MB{rate}{eta}{failures}{ehr_errors}{error}{cleanup}",
         summary.job_id, summary.files_done, summary.files_total
     )
 }
@@ -511,7 +533,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     client.get_job(request).await
                 })
                 .await?;
-            println!("{}", progress_line(&job, Duration::from_secs(1)));
+            println!("{}", progress_line(&job));
             for file in &job.files {
                 let phase = pb::FilePhase::try_from(file.phase)
                     .map(|p| p.as_str_name().trim_start_matches("FILE_PHASE_").to_lowercase())
@@ -536,13 +558,10 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             for job in &jobs.jobs {
                 println!(
                     "{}",
-                    progress_line(
-                        &pb::GetJobResponse {
-                            summary: Some(job.clone()),
-                            files: vec![]
-                        },
-                        Duration::from_secs(1)
-                    )
+                    progress_line(&pb::GetJobResponse {
+                        summary: Some(job.clone()),
+                        files: vec![]
+                    })
                 );
             }
             let workers = admin

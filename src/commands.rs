@@ -272,14 +272,38 @@ fn print_report(summary: &Summary, export_dir: &Path, elapsed: Duration, cursor:
     if let Some(error) = &summary.error {
         println!("export failed: {error}");
     }
+    let mut extra = String::new();
+    if summary.error_records() > 0 {
+        extra.push_str(&format!(", {} EHR error record(s)", summary.error_records()));
+    }
+    if summary.deletion_bundles() > 0 {
+        extra.push_str(&format!(", {} deletion bundle(s)", summary.deletion_bundles()));
+    }
     println!(
-        "done in {:.1}s: {} file(s), {} resources, {:.1} MB in {}",
+        "done in {:.1}s: {} file(s), {} resources{extra}, {:.1} MB in {}",
         elapsed.as_secs_f64(),
         summary.files.len(),
         summary.resources(),
         summary.bytes() as f64 / 1e6,
         export_dir.display()
     );
+    if summary.ehr_errors() > 0 {
+        println!(
+            "the EHR reports {} error(s) in its error files: data it could not export (exit status 3):",
+            summary.ehr_errors()
+        );
+        let issues = summary
+            .files
+            .iter()
+            .filter(|f| f.ehr_errors > 0)
+            .flat_map(|f| f.issues.iter());
+        for issue in issues.clone().take(10) {
+            println!("  {issue}");
+        }
+        if issues.count() > 10 {
+            println!("  … (all of them in summary.json and the error files)");
+        }
+    }
     println!(
         "summary with SHA-256 of every file: {}",
         export_dir.join("summary.json").display()

@@ -30,12 +30,14 @@ struct Cli {
 enum Command {
     /// Run one export end to end in this process. With no --config it starts the built-in
     /// simulated EHR and exports from it.
+    #[command(after_help = cluster::EXIT_STATUSES)]
     Run(commands::RunArgs),
     /// Run a coordinator (raft-replicated job state, leases, tokens) serving gRPC.
     Coordinator(cluster::CoordinatorArgs),
     /// Run a worker that leases and downloads files for a coordinator.
     Worker(cluster::WorkerArgs),
     /// Submit an export to a coordinator and follow it.
+    #[command(after_help = cluster::EXIT_STATUSES)]
     Export(cluster::ExportArgs),
     /// Show jobs and workers, or one job file by file.
     Status(cluster::StatusArgs),

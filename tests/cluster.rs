@@ -377,6 +377,7 @@ async fn a_stale_lease_holders_renewal_and_completion_are_refused() {
         sha256: "0".repeat(64),
         location: "/nowhere".into(),
         issues: vec![],
+        ehr_errors: 0,
     };
     let renewal = workers
         .renew_lease(pb::RenewLeaseRequest {

@@ -185,3 +185,40 @@ async fn a_run_sends_the_exports_delete_before_it_exits_and_only_when_every_file
     assert_eq!(sim.observed().deletes, 1, "no DELETE for an export with a failed file");
     assert!(stdout.contains("delete_after_failure is off"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_the_ehr_reports_are_printed_counted_apart_and_change_the_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tenant) = sim_with_tenant(
+        SimConfig {
+            patients: 20,
+            job_duration: Duration::from_millis(200),
+            ..SimConfig::default()
+        },
+        dir.path(),
+    )
+    .await;
+    sim.set_faults(|f| f.unexported_resources = 2);
+    let (code, stdout) = run_to_end(&tenant, dir.path(), "reported");
+    assert_eq!(
+        code,
+        Some(3),
+        "every file arrived, but the EHR reports errors: {stdout}"
+    );
+    assert!(stdout.contains("the EHR reports 2 error(s)"), "{stdout}");
+    assert!(
+        stdout.contains("Observation/unreadable-1 could not be exported"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(", 2 EHR error record(s)"), "{stdout}");
+    let exported: u64 = sim
+        .served_files(1)
+        .iter()
+        .filter(|f| f.kind == "output")
+        .map(|f| f.count)
+        .sum();
+    assert!(
+        stdout.contains(&format!(" {exported} resources,")),
+        "resources count only output files ({exported}): {stdout}"
+    );
+}

@@ -131,6 +131,7 @@ impl ExportReport {
                     resources: f.outcome.resources,
                     expected_count: f.count,
                     issues: f.outcome.issues.clone(),
+                    ehr_errors: f.outcome.ehr_errors,
                 })
                 .collect(),
             failed: self.failed.clone(),

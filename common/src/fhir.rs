@@ -61,6 +61,18 @@ const TRANSIENT_CODES: &[&str] = &[
 
 const EXCERPT_CHARS: usize = 300;
 
+/// Whether an OperationOutcome reports an error: an issue of severity `error` or `fatal`
+/// (warnings and information do not count). `false` for anything that is not one.
+pub fn reports_an_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<OperationOutcome>(body).is_ok_and(|outcome| {
+        outcome.resource_type == "OperationOutcome"
+            && outcome
+                .issue
+                .iter()
+                .any(|issue| matches!(issue.severity.as_deref(), Some("error" | "fatal")))
+    })
+}
+
 impl EhrMessage {
     /// Reads an error body. Never fails: a body that is not an OperationOutcome is shown as
     /// an excerpt with its content type.

@@ -67,6 +67,8 @@ pub struct LineChecker {
     lines: u64,
     resources: u64,
     outcome_issues: Vec<String>,
+    /// OperationOutcomes (in an `error` file) that report an error or a fatal issue.
+    outcome_errors: u64,
 }
 
 const MAX_KEPT_ISSUES: usize = 50;
@@ -80,6 +82,7 @@ impl LineChecker {
             lines: 0,
             resources: 0,
             outcome_issues: Vec::new(),
+            outcome_errors: 0,
         }
     }
 
@@ -101,6 +104,11 @@ impl LineChecker {
     /// For `error` files: the issues read, in the EHR's words (the first 50).
     pub fn outcome_issues(&self) -> &[String] {
         &self.outcome_issues
+    }
+
+    /// OperationOutcomes checked so far whose issues include an error or a fatal one.
+    pub fn outcome_errors(&self) -> u64 {
+        self.outcome_errors
     }
 
     /// Restores counts when resuming a file whose first `lines` lines were checked before.
@@ -222,6 +230,9 @@ impl LineChecker {
                     return Err(fail(format!(
                         "is a {resource_type} in an `error` file, which must hold OperationOutcomes"
                     )));
+                }
+                if crate::fhir::reports_an_error(line) {
+                    self.outcome_errors += 1;
                 }
                 if self.outcome_issues.len() < MAX_KEPT_ISSUES
                     && let Some(message) = crate::fhir::EhrMessage::from_operation_outcome(line)
@@ -425,6 +436,11 @@ mod tests {
             checker.outcome_issues(),
             ["error processing: Patient/9 could not be read"]
         );
+        assert_eq!(checker.outcome_errors(), 1);
+        let warning: &[u8] = b"{\"resourceType\":\"OperationOutcome\",\"issue\":[{\"severity\":\"warning\",\"code\":\"informational\",\"diagnostics\":\"2 codes unmapped\"}]}\n";
+        let (result, _, checker) = run(Expect::OperationOutcome, &[warning, outcome, outcome]);
+        result.unwrap();
+        assert_eq!(checker.outcome_errors(), 2, "warnings are not errors");
         // A CodeableConcept `type` on an ordinary resource is skipped, not misread.
         let encounter: &[u8] = b"{\"resourceType\":\"Encounter\",\"type\":[{\"text\":\"x\"}]}\n";
         run(Expect::Type("Encounter".into()), &[encounter]).0.unwrap();

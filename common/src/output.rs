@@ -75,6 +75,9 @@ pub struct SummaryFile {
     #[serde(default)]
     pub expected_count: Option<u64>,
     pub issues: Vec<String>,
+    /// For an `error` file: its OperationOutcomes reporting an error or fatal issue.
+    #[serde(default)]
+    pub ehr_errors: u64,
 }
 
 /// A file that could not be saved.
@@ -98,8 +101,29 @@ impl Summary {
         self
     }
 
+    /// Resources exported: the lines of `output` files (not error records or deletions).
     pub fn resources(&self) -> u64 {
-        self.files.iter().map(|f| f.resources).sum()
+        self.lines_of(FileKind::Output)
+    }
+
+    /// OperationOutcome records in the EHR's `error` files.
+    pub fn error_records(&self) -> u64 {
+        self.lines_of(FileKind::Error)
+    }
+
+    /// Those error records that report an error or fatal issue: data the EHR says it could
+    /// not export.
+    pub fn ehr_errors(&self) -> u64 {
+        self.files.iter().map(|f| f.ehr_errors).sum()
+    }
+
+    /// Transaction Bundles of DELETE entries in `deleted` files.
+    pub fn deletion_bundles(&self) -> u64 {
+        self.lines_of(FileKind::Deleted)
+    }
+
+    fn lines_of(&self, kind: FileKind) -> u64 {
+        self.files.iter().filter(|f| f.kind == kind).map(|f| f.resources).sum()
     }
 
     pub fn bytes(&self) -> u64 {

@@ -142,6 +142,9 @@ pub struct Faults {
     pub count_off_by: Option<(String, i64)>,
     /// The manifest gives no `count` for any file (the spec makes it optional).
     pub omit_count: bool,
+    /// Exports report this many resources they could not export: OperationOutcomes of
+    /// severity `error` in the `error` file (next to any warnings).
+    pub unexported_resources: u32,
     /// File bodies in identity encoding go out as HTTP/1.0 without `Content-Length`: their
     /// end is where the server closes the connection, so a cut looks like an end.
     pub close_delimited: bool,

@@ -349,13 +349,16 @@ pub(crate) fn build(
             ));
         }
     }
-    if !params.ignored.is_empty() {
+    if !params.ignored.is_empty() || faults.unexported_resources > 0 {
         let index = files.len();
         let path = dir.join(format!("{index}.ndjson"));
         let written = write_file(&path, |out| {
             for ignored in &params.ignored {
                 let text = ignored.replace('\\', "\\\\").replace('"', "\\\"");
                 out(format!("{{\"resourceType\":\"OperationOutcome\",\"issue\":[{{\"severity\":\"warning\",\"code\":\"not-supported\",\"diagnostics\":\"{text}\"}}]}}\n").as_bytes());
+            }
+            for n in 1..=faults.unexported_resources {
+                out(format!("{{\"resourceType\":\"OperationOutcome\",\"issue\":[{{\"severity\":\"error\",\"code\":\"processing\",\"diagnostics\":\"Observation/unreadable-{n} could not be exported\"}}]}}\n").as_bytes());
             }
         })?;
         files.push(finish(

@@ -389,6 +389,7 @@ impl SlotContext {
                     sha256: outcome.sha256.clone(),
                     location,
                     issues: outcome.issues.clone(),
+                    ehr_errors: outcome.ehr_errors,
                 };
                 match self
                     .coordinator

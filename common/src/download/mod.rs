@@ -161,6 +161,9 @@ pub struct FileOutcome {
     pub restarts: u32,
     /// For `error` files: the OperationOutcome issues they hold.
     pub issues: Vec<String>,
+    /// For `error` files: OperationOutcomes reporting an error or fatal issue.
+    #[serde(default)]
+    pub ehr_errors: u64,
 }
 
 /// The `.part` name a download writes to before the final rename.
@@ -279,6 +282,7 @@ pub async fn download_file(
         resumes,
         restarts,
         issues: stats.issues.into_iter().chain(notes).collect(),
+        ehr_errors: stats.ehr_errors,
     })
 }
 

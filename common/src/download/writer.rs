@@ -66,6 +66,7 @@ pub(super) struct Stats {
     pub resources: u64,
     pub sha256: String,
     pub issues: Vec<String>,
+    pub ehr_errors: u64,
 }
 
 /// Bytes a gzip decoder has produced but the checker has not taken yet.
@@ -472,6 +473,7 @@ impl Writer {
             resources: self.checker.resources(),
             sha256,
             issues: self.checker.outcome_issues().to_vec(),
+            ehr_errors: self.checker.outcome_errors(),
         })
     }
 }

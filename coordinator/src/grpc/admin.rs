@@ -72,9 +72,10 @@ impl AdminService for AdminApi {
         &self,
         _request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let now_ms = self.coordinator.now_ms();
         let jobs = self
             .coordinator
-            .read_linearizable(|state| state.jobs.values().map(summary_to_pb).collect())
+            .read_linearizable(move |state| state.jobs.values().map(|job| summary_to_pb(job, now_ms)).collect())
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
@@ -86,7 +87,7 @@ impl AdminService for AdminApi {
             .job(&request.into_inner().job_id)
             .await
             .map_err(Status::from)?;
-        Ok(Response::new(job_to_pb(&job)))
+        Ok(Response::new(job_to_pb(&job, self.coordinator.now_ms())))
     }
 
     type WatchJobStream = JobStream;
@@ -98,7 +99,7 @@ impl AdminService for AdminApi {
         let coordinator = self.coordinator.clone();
         tokio::spawn(async move {
             let mut applied = coordinator.raft().applied();
-            let mut last = job_to_pb(&first);
+            let mut last = job_to_pb(&first, coordinator.now_ms());
             if sender.send(Ok(last.clone())).await.is_err() {
                 return;
             }
@@ -114,7 +115,7 @@ impl AdminService for AdminApi {
                     return;
                 };
                 phase = job.phase;
-                let now = job_to_pb(&job);
+                let now = job_to_pb(&job, coordinator.now_ms());
                 if now != last {
                     last = now.clone();
                     if sender.send(Ok(now)).await.is_err() {

@@ -70,7 +70,7 @@ pub fn lease_to_pb(leased: LeasedFile, renew_every: Duration) -> pb::Lease {
     }
 }
 
-pub fn summary_to_pb(job: &Job) -> pb::JobSummary {
+pub fn summary_to_pb(job: &Job, now_ms: u64) -> pb::JobSummary {
     pb::JobSummary {
         job_id: job.id.clone(),
         tenant: job.tenant.clone(),
@@ -85,6 +85,8 @@ pub fn summary_to_pb(job: &Job) -> pb::JobSummary {
         output_dir: job.output_dir(),
         cleanup: pb::Cleanup::from(&job.cleanup()) as i32,
         delete_error: job.delete_error.clone(),
+        ehr_errors: job.ehr_errors(),
+        download_ms: job.download_ms(now_ms),
     }
 }
 
@@ -107,12 +109,13 @@ fn file_to_pb(file: &FileRecord) -> pb::FileState {
         failure_category: file.failure.as_ref().map(|(category, _)| category_to_wire(*category)),
         failure: file.failure.as_ref().map(|(_, reason)| reason.clone()),
         expected_count: file.count,
+        ehr_errors: file.ehr_errors,
     }
 }
 
-pub fn job_to_pb(job: &Job) -> pb::GetJobResponse {
+pub fn job_to_pb(job: &Job, now_ms: u64) -> pb::GetJobResponse {
     pb::GetJobResponse {
-        summary: Some(summary_to_pb(job)),
+        summary: Some(summary_to_pb(job, now_ms)),
         files: job.files.iter().map(file_to_pb).collect(),
     }
 }
@@ -147,6 +150,7 @@ mod tests {
             location: None,
             failure: Some((Category::Content, "line 3 is not JSON".into())),
             issues: Vec::new(),
+            ehr_errors: 0,
             preferred_worker: None,
         };
         let shown = file_to_pb(&file);

@@ -123,6 +123,8 @@ impl WorkerService for WorkerApi {
                 sha256: request.sha256,
                 location: request.location,
                 issues: request.issues,
+                ehr_errors: request.ehr_errors,
+                at_ms: self.coordinator.now_ms(),
             })
             .await
             .map_err(Status::from)?;
@@ -145,6 +147,7 @@ impl WorkerService for WorkerApi {
                 reason: request.reason,
                 retryable,
                 released: request.released,
+                at_ms: self.coordinator.now_ms(),
             })
             .await
             .map_err(Status::from)?;

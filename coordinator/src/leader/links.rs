@@ -194,6 +194,7 @@ mod tests {
             location: None,
             failure: None,
             issues: Vec::new(),
+            ehr_errors: 0,
             preferred_worker: None,
         }
     }

@@ -302,6 +302,7 @@ mod tests {
             reason: "line 2 is not JSON".into(),
             retryable: false,
             released: false,
+            at_ms: 0,
         });
         state.apply(Command::ManifestComplete {
             job_id: job.clone(),

@@ -106,6 +106,8 @@ impl State {
                         delete_failed_at_ms: 0,
                         progress: None,
                         progress_at_ms: None,
+                        download_started_ms: None,
+                        last_file_ms: None,
                         files: Vec::new(),
                         names: Default::default(),
                     },
@@ -166,6 +168,7 @@ impl State {
                             location: None,
                             failure: None,
                             issues: Vec::new(),
+                            ehr_errors: 0,
                             preferred_worker: None,
                         });
                     }
@@ -268,6 +271,12 @@ impl State {
                 if record.phase != FilePhase::Pending {
                     return refused(Refusal::FileNotPending { job_id, file });
                 }
+                if granted_at_ms > 0 && job.download_started_ms.is_none() {
+                    job.download_started_ms = Some(granted_at_ms);
+                }
+                let Some(record) = job.files.get_mut(file as usize) else {
+                    return refused(Refusal::NoSuchFile { job_id, file });
+                };
                 self.next_lease += 1;
                 let lease_id = self.next_lease;
                 record.generation += 1;
@@ -320,6 +329,8 @@ impl State {
                 sha256,
                 location,
                 issues,
+                ehr_errors,
+                at_ms,
             } => {
                 let record = match self.current_lease(lease_id, generation) {
                     Ok(record) => record,
@@ -331,7 +342,9 @@ impl State {
                 record.sha256 = Some(sha256);
                 record.location = Some(location);
                 record.issues = issues;
+                record.ehr_errors = ehr_errors;
                 record.preferred_worker = None;
+                self.file_finished_at(lease_id, at_ms);
                 self.finish_lease(lease_id);
                 Applied::Done
             }
@@ -342,6 +355,7 @@ impl State {
                 reason,
                 retryable,
                 released,
+                at_ms,
             } => {
                 let record = match self.current_lease(lease_id, generation) {
                     Ok(record) => record,
@@ -379,6 +393,7 @@ impl State {
                     if let Some(record) = self.lease_file_mut(lease_id) {
                         record.phase = FilePhase::Failed;
                     }
+                    self.file_finished_at(lease_id, at_ms);
                     self.finish_lease(lease_id);
                 }
                 Applied::Done
@@ -460,6 +475,16 @@ impl State {
             record.preferred_worker = preferred_worker;
         }
         self.leases.remove(&lease_id);
+    }
+
+    /// Records that a file of the lease's job finished (done or failed) at `at_ms`.
+    fn file_finished_at(&mut self, lease_id: u64, at_ms: u64) {
+        if at_ms == 0 {
+            return;
+        }
+        if let Some(job) = self.leases.get(&lease_id).and_then(|at| self.jobs.get_mut(&at.job_id)) {
+            job.last_file_ms = Some(job.last_file_ms.unwrap_or(0).max(at_ms));
+        }
     }
 
     fn finish_lease(&mut self, lease_id: u64) {

@@ -124,6 +124,11 @@ pub enum Command {
         sha256: String,
         location: String,
         issues: Vec<String>,
+        #[serde(default)]
+        ehr_errors: u64,
+        /// When the coordinator took the report (unix ms).
+        #[serde(default)]
+        at_ms: u64,
     },
     FailLease {
         lease_id: u64,
@@ -133,6 +138,9 @@ pub enum Command {
         retryable: bool,
         /// Given back unfinished (worker shutting down): not counted as an attempt.
         released: bool,
+        /// When the coordinator took the report (unix ms).
+        #[serde(default)]
+        at_ms: u64,
     },
     /// The lease ran out without renewal: the file goes back to pending.
     ExpireLease {
@@ -251,6 +259,9 @@ pub struct FileRecord {
     /// Why the last attempt failed: its category and the reason, in the EHR's words.
     pub failure: Option<(Category, String)>,
     pub issues: Vec<String>,
+    /// For an `error` file: its OperationOutcomes reporting an error or fatal issue.
+    #[serde(default)]
+    pub ehr_errors: u64,
     /// The worker that last held it, while its partial download may still be on that
     /// worker's disk.
     pub preferred_worker: Option<String>,
@@ -293,6 +304,12 @@ pub struct Job {
     pub progress: Option<String>,
     #[serde(default)]
     pub progress_at_ms: Option<u64>,
+    /// When the first file was leased, and when a file last finished (done or failed):
+    /// the download phase, for rates and estimates.
+    #[serde(default)]
+    pub download_started_ms: Option<u64>,
+    #[serde(default)]
+    pub last_file_ms: Option<u64>,
     pub files: Vec<FileRecord>,
     names: OutputNames,
 }
@@ -300,6 +317,25 @@ pub struct Job {
 impl Job {
     pub fn files_done(&self) -> usize {
         self.files.iter().filter(|f| f.phase == FilePhase::Done).count()
+    }
+
+    /// How long files have been downloading: from the first lease to the last file finished
+    /// (for an ended job) or to `now_ms`.
+    pub fn download_ms(&self, now_ms: u64) -> u64 {
+        let Some(started) = self.download_started_ms else {
+            return 0;
+        };
+        let until = if self.phase.is_final() {
+            self.last_file_ms.unwrap_or(started)
+        } else {
+            now_ms
+        };
+        until.saturating_sub(started)
+    }
+
+    /// OperationOutcomes in the job's `error` files that report an error or fatal issue.
+    pub fn ehr_errors(&self) -> u64 {
+        self.files.iter().map(|f| f.ehr_errors).sum()
     }
 
     pub fn files_failed(&self) -> usize {

@@ -23,6 +23,7 @@ impl Job {
                 resources: f.progress.resources,
                 expected_count: f.count,
                 issues: f.issues.clone(),
+                ehr_errors: f.ehr_errors,
             })
             .collect();
         let failed = self
@@ -120,6 +121,8 @@ mod tests {
             sha256: "ab".repeat(32),
             location: "/out/job-1/Patient.1.ndjson".into(),
             issues: Vec::new(),
+            ehr_errors: 0,
+            at_ms: 0,
         });
         state.apply(Command::FailLease {
             lease_id: grants[1].lease_id,
@@ -128,6 +131,7 @@ mod tests {
             reason: "line 2 is not JSON".into(),
             retryable: false,
             released: false,
+            at_ms: 0,
         });
         state.apply(Command::ManifestComplete {
             job_id: "job-1".into(),

@@ -62,6 +62,10 @@ fn grant(state: &mut State, job_id: &str, file: u32, worker: &str) -> LeaseGrant
 }
 
 fn complete(lease: &LeaseGrant) -> Command {
+    complete_at(lease, 0)
+}
+
+fn complete_at(lease: &LeaseGrant, at_ms: u64) -> Command {
     Command::CompleteLease {
         lease_id: lease.lease_id,
         generation: lease.generation,
@@ -70,6 +74,8 @@ fn complete(lease: &LeaseGrant) -> Command {
         sha256: "abc".into(),
         location: "out/x".into(),
         issues: vec![],
+        ehr_errors: 0,
+        at_ms,
     }
 }
 
@@ -207,6 +213,7 @@ fn job_completes_when_the_manifest_is_complete_and_every_file_is_settled() {
         reason: "line 3 is not JSON".into(),
         retryable: false,
         released: false,
+        at_ms: 0,
     });
     assert_eq!(
         state.jobs[&job_id].phase,
@@ -241,6 +248,7 @@ fn retryable_failures_are_bounded() {
             reason: "reset".into(),
             retryable: true,
             released: false,
+            at_ms: 0,
         });
         let phase = &state.jobs[&job_id].files[0].phase;
         if attempt < 3 {
@@ -407,6 +415,7 @@ fn run_job(state: &mut State, since: Option<&str>, reached: &str, files: u32, fa
                 reason: "reset".into(),
                 retryable: false,
                 released: false,
+                at_ms: 0,
             });
         } else {
             state.apply(complete(&lease));
@@ -490,6 +499,7 @@ fn a_refusal_of_the_client_fails_the_whole_job_once_with_the_ehrs_words() {
         reason: "invalid_client (the key was revoked)".into(),
         retryable: false,
         released: false,
+        at_ms: 0,
     });
     let job = &state.jobs[&job_id];
     assert_eq!(job.phase, JobPhase::Failed);
@@ -515,6 +525,7 @@ fn a_refusal_of_the_client_fails_the_whole_job_once_with_the_ehrs_words() {
         reason: "token endpoint answered 503".into(),
         retryable: true,
         released: false,
+        at_ms: 0,
     });
     assert_eq!(state.jobs[&job_id].phase, JobPhase::Polling);
     assert_eq!(state.jobs[&job_id].files[0].phase, FilePhase::Pending);
@@ -578,4 +589,33 @@ fn the_oldest_job_is_served_first_by_submission_number_not_by_text() {
     assert_eq!(state.next_file_for("w1", |_| 10), Some(("job-2".into(), 0)));
     assert_eq!(super::queries::job_number("job-10"), 10);
     assert_eq!(super::queries::job_number("other"), u64::MAX);
+}
+
+#[test]
+fn the_download_phase_runs_from_the_first_lease_to_the_last_file_finished() {
+    let (mut state, job_id) = state_with_job(2);
+    assert_eq!(state.jobs[&job_id].download_ms(50_000), 0, "nothing leased yet");
+    let mut grant_at = |file: u32, at_ms: u64| match state.apply(Command::GrantLease {
+        job_id: job_id.clone(),
+        file,
+        worker_id: "w1".into(),
+        expires_at_ms: 100_000,
+        granted_at_ms: at_ms,
+    }) {
+        Applied::LeaseGranted(grant) => grant,
+        other => panic!("{other:?}"),
+    };
+    let first = grant_at(0, 10_000);
+    let second = grant_at(1, 12_000);
+    assert_eq!(state.jobs[&job_id].download_ms(15_000), 5_000, "running: until now");
+    state.apply(complete_at(&first, 14_000));
+    state.apply(complete_at(&second, 18_000));
+    state.apply(Command::ManifestComplete {
+        job_id: job_id.clone(),
+        transaction_time: "2024-01-01T00:00:00Z".into(),
+        links_expire_ms: None,
+    });
+    let job = &state.jobs[&job_id];
+    assert_eq!(job.phase, JobPhase::Completed);
+    assert_eq!(job.download_ms(99_000), 8_000, "ended: until the last file");
 }
