@@ -327,13 +327,13 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
 /// `fhirhaul export`
 pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let admin = admin(&args.coordinators, &args.tls).await?;
-    let request_json = match &args.request {
+    let (request_json, own_since) = match &args.request {
         Some(text) => {
-            serde_json::from_str::<fhirhaul_common::kickoff::ExportRequest>(text)
+            let request = serde_json::from_str::<fhirhaul_common::kickoff::ExportRequest>(text)
                 .context("--request is not an export request")?;
-            text.clone()
+            (text.clone(), request.since.is_some())
         }
-        None => String::new(),
+        None => (String::new(), false),
     };
     // One id for every attempt: a retry after a lost answer or a leader change can only
     // find the job the first attempt created, never make a second.
@@ -371,6 +371,20 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         println!("submitted {job_id}");
     } else {
         println!("submitted {job_id} (found by its request id after a retry)");
+    }
+    if args.incremental {
+        match (&submitted.since, &submitted.since_from_job) {
+            (Some(since), Some(from)) => println!(
+                "incremental: _since={since}, the transactionTime of {from} (the last export of {} that downloaded every file)",
+                args.tenant
+            ),
+            (Some(since), None) => println!("incremental: _since={since} (the tenant's cursor)"),
+            (None, _) if own_since => println!("incremental: the request gives its own since"),
+            (None, _) => println!(
+                "incremental: {} has no completed export yet, so this one exports everything",
+                args.tenant
+            ),
+        }
     }
     if args.no_wait {
         return Ok(ExitCode::SUCCESS);

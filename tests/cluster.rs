@@ -116,6 +116,10 @@ impl Cluster {
     }
 
     async fn submit_for(&self, tenant: &str, request_json: &str, incremental: bool) -> String {
+        self.submission(tenant, request_json, incremental).await.job_id
+    }
+
+    async fn submission(&self, tenant: &str, request_json: &str, incremental: bool) -> pb::SubmitExportResponse {
         let mut admin = self.admin().await;
         let submitted = admin.submit_export(pb::SubmitExportRequest {
             tenant: tenant.into(),
@@ -127,7 +131,7 @@ impl Cluster {
             .await
             .unwrap_or_else(|_| panic!("submitting to {tenant} got no answer in 30 s"))
             .unwrap();
-        response.into_inner().job_id
+        response.into_inner()
     }
 
     async fn job(&self, job_id: &str) -> Option<pb::GetJobResponse> {
@@ -511,8 +515,13 @@ async fn an_incremental_export_uses_the_last_transaction_time_as_since() {
         assert!(tokio::time::Instant::now() < deadline, "the clock did not move");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let second = cluster.submit_with("", true).await;
-    cluster.wait_completed(&second, Duration::from_secs(60)).await;
+    let second = cluster.submission("sim", "", true).await;
+    assert_eq!(
+        (second.since.as_deref(), second.since_from_job.as_deref()),
+        (Some(transaction_time.as_str()), Some(first.as_str())),
+        "the submission names the cursor it uses and the job it came from"
+    );
+    cluster.wait_completed(&second.job_id, Duration::from_secs(60)).await;
     let kickoffs = cluster.sim.observed().kickoffs;
     assert_eq!(kickoffs.len(), 2);
     assert!(!kickoffs[0].params.iter().any(|(k, _)| k == "_since"));

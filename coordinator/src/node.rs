@@ -85,6 +85,25 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
+/// What a submission created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub job_id: String,
+    /// False when the request id had been submitted before and this is that job.
+    pub created: bool,
+    /// The incremental cursor the export starts from, when it was asked to be incremental
+    /// and the tenant has one.
+    pub cursor: Option<Cursor>,
+}
+
+/// A tenant's incremental cursor: the `_since` of its next incremental export, and the job
+/// whose `transactionTime` it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub since: String,
+    pub from_job: Option<String>,
+}
+
 impl Coordinator {
     /// Opens the raft log in `settings.data_dir`, checks every tenant's configuration and
     /// starts the supervisor. A coordinator alone in its group is leader when this returns;
@@ -299,22 +318,29 @@ impl Coordinator {
     ///
     /// `request_id` makes the submission idempotent: the same id again (a retry after a
     /// lost answer, or after a leader change left the first attempt's fate unknown) gets
-    /// the first attempt's job, never a second one. Returns the job id and whether it was
-    /// created by this call.
+    /// the first attempt's job, never a second one.
     pub async fn submit(
         &self,
         tenant: &str,
         request: Option<ExportRequest>,
         incremental: bool,
         request_id: Option<String>,
-    ) -> Result<(String, bool), CoordinatorError> {
+    ) -> Result<Submitted, CoordinatorError> {
         let config = self.tenant(tenant)?;
         let mut request = request.unwrap_or_else(|| config.request.clone());
+        let mut cursor = None;
         if incremental && request.since.is_none() {
             let name = tenant.to_string();
-            request.since = self
-                .read_linearizable(move |state| state.tenant_since.get(&name).cloned())
+            cursor = self
+                .read_linearizable(move |state| {
+                    let since = state.tenant_since.get(&name)?.clone();
+                    Some(Cursor {
+                        since,
+                        from_job: state.tenant_since_job.get(&name).cloned(),
+                    })
+                })
                 .await?;
+            request.since = cursor.as_ref().map(|c| c.since.clone());
         }
         request.validate(&config.profile)?;
         let at_ms = self.now_ms();
@@ -336,12 +362,17 @@ impl Coordinator {
             // Kick it off now, not at the next tick.
             term.wake();
         }
-        match submitted {
-            Applied::JobSubmitted { job_id } => Ok((job_id, true)),
-            Applied::AlreadySubmitted { job_id } => Ok((job_id, false)),
-            Applied::Refused(refusal) => Err(refusal.into()),
+        let (job_id, created) = match submitted {
+            Applied::JobSubmitted { job_id } => (job_id, true),
+            Applied::AlreadySubmitted { job_id } => (job_id, false),
+            Applied::Refused(refusal) => return Err(refusal.into()),
             other => unreachable!("SubmitJob applies as JobSubmitted, not {other:?}"),
-        }
+        };
+        Ok(Submitted {
+            job_id,
+            created,
+            cursor,
+        })
     }
 
     pub async fn cancel(&self, job_id: &str) -> Result<(), CoordinatorError> {

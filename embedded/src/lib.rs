@@ -216,7 +216,7 @@ impl Embedded {
 
     /// Submits the tenant's configured export; returns its job id.
     pub async fn submit(&self) -> Result<String, EmbeddedError> {
-        let (job_id, _) = self.coordinator.submit(&self.tenant, None, false, None).await?;
+        let job_id = self.coordinator.submit(&self.tenant, None, false, None).await?.job_id;
         Ok(job_id)
     }
 

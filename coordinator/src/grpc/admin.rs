@@ -44,17 +44,27 @@ impl AdminService for AdminApi {
                 ));
             }
         };
-        let (job_id, created) = self
+        let submitted = self
             .coordinator
             .submit(&request.tenant, export, request.incremental, request_id)
             .await
             .map_err(Status::from)?;
+        let (job_id, created) = (submitted.job_id, submitted.created);
         if created {
             tracing::info!(job = %job_id, tenant = %request.tenant, "export submitted");
         } else {
             tracing::info!(job = %job_id, tenant = %request.tenant, "export submitted again with the same request id; answering with its job");
         }
-        Ok(Response::new(pb::SubmitExportResponse { job_id, created }))
+        let (since, since_from_job) = match submitted.cursor {
+            Some(cursor) => (Some(cursor.since), cursor.from_job),
+            None => (None, None),
+        };
+        Ok(Response::new(pb::SubmitExportResponse {
+            job_id,
+            created,
+            since,
+            since_from_job,
+        }))
     }
 
     async fn cancel_export(

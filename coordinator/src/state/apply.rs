@@ -530,6 +530,7 @@ impl State {
         };
         let cursor = self.tenant_since.get(&tenant).cloned();
         if cursor_may_move(cursor.as_deref(), since.as_deref(), &reached) {
+            self.tenant_since_job.insert(tenant.clone(), job_id.to_string());
             self.tenant_since.insert(tenant, reached);
         }
     }

@@ -498,6 +498,9 @@ pub struct State {
     /// moves to a job's `transactionTime` only when that job completed with every file
     /// downloaded and left no gap (see `apply::cursor_may_move`).
     pub tenant_since: BTreeMap<String, String>,
+    /// The job that moved each tenant's cursor last (its `transactionTime` is the cursor).
+    #[serde(default)]
+    pub tenant_since_job: BTreeMap<String, String>,
     /// Each coordinator's gRPC address, by raft node id (from membership changes and
     /// [`Command::SetCoordinatorAddress`]).
     #[serde(default)]
