@@ -195,6 +195,18 @@ struct Scenario {
     /// Cut the leader off from the other coordinators the moment the EHR accepts the first
     /// kick-off (before the status URL can commit); it rejoins 10 s later.
     cut_leader_at_kickoff: bool,
+    /// The EHR's rate limiter blocks each kind of request (kick-off, status, file) with
+    /// 429 + Retry-After for this long after the first of its kind.
+    busy_for: Option<Duration>,
+    /// The first kick-off is accepted and then its connection drops: the job must fail as
+    /// ambiguous (an orphan export may exist) rather than kick off again; the operator
+    /// then submits again.
+    kickoff_drop_after_accept: bool,
+    /// A line of the first export's first Patient file is malformed, so that file fails:
+    /// the incremental cursor must not move past that export.
+    fail_a_file: bool,
+    /// Virtual time the run may take.
+    duration: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -240,6 +252,10 @@ impl Scenario {
             disruptions: vec![],
             message_loss: None,
             cut_leader_at_kickoff: false,
+            busy_for: None,
+            kickoff_drop_after_accept: false,
+            fail_a_file: false,
+            duration: Duration::from_secs(1_800),
         }
     }
 
@@ -293,6 +309,10 @@ impl Scenario {
             // Drawn last, so the draws above (and the seeds that exercise them) stay.
             message_loss: rng.gen_bool(0.25).then(|| rng.gen_range(0.000_2..0.002)),
             cut_leader_at_kickoff: false,
+            busy_for: None,
+            kickoff_drop_after_accept: false,
+            fail_a_file: false,
+            duration: Duration::from_secs(1_800),
         };
         // Sometimes a few huge files (one per resource type) instead of many small ones.
         if rng.gen_bool(0.15) {
@@ -300,6 +320,13 @@ impl Scenario {
             scenario.per_file = 1_000_000;
         }
         scenario.cut_leader_at_kickoff = rng.gen_bool(0.1);
+        // Drawn after everything above, so older seeds keep their scenarios.
+        scenario.kickoff_drop_after_accept = rng.gen_bool(0.1);
+        scenario.fail_a_file = rng.gen_bool(0.1);
+        if scenario.fail_a_file {
+            // The cursor check needs the incremental export that follows.
+            scenario.incremental = true;
+        }
         scenario
     }
 }
@@ -476,7 +503,7 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
     let seed = scenario.seed;
     let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000);
     let mut simulation = turmoil::Builder::new()
-        .simulation_duration(Duration::from_secs(1_800))
+        .simulation_duration(scenario.duration)
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(scenario.max_latency_ms.max(1)))
         .fail_rate(scenario.message_loss.unwrap_or(0.0))
@@ -511,6 +538,11 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                 f.kickoff_429 = scenario.kickoff_429;
                 f.revoke_token_after_uses = scenario.revoke_token_after_uses;
                 f.change_file_after_bytes = scenario.change_file_after_bytes;
+                f.busy_for = scenario.busy_for;
+                f.kickoff_drop_after_accept = u32::from(scenario.kickoff_drop_after_accept);
+                if scenario.fail_a_file {
+                    f.malformed_line = Some(("Patient".into(), 2));
+                }
             });
             let handler = sim.handler();
             {
@@ -640,6 +672,9 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
     let client_digest = Arc::clone(&digest);
     let client_handles = Arc::clone(&handles);
     let scenario_incremental = scenario.incremental;
+    let scenario_drop = scenario.kickoff_drop_after_accept;
+    let scenario_fail_a_file = scenario.fail_a_file;
+    let scenario_busy = scenario.busy_for.is_some();
     simulation.client("operator", async move {
         let connector = Connector {
             dialer: Some(Arc::new(TurmoilDialer)),
@@ -648,14 +683,44 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
             ..Connector::default()
         };
         let cluster = Coordinators::new(&coordinator_addresses(), connector, None)?;
-        let first = operator_export(&cluster, false).await;
-        let first_saved = check_export(&first, 1, &client_slot, &client_disk)?;
-        let mut exports = 1;
-        if scenario_incremental {
-            // An incremental run: only what changed since the first export's transactionTime.
-            let second = operator_export(&cluster, true).await;
-            check_export(&second, 2, &client_slot, &client_disk)?;
+        // Jobs submitted; each may reach the EHR at most once.
+        let mut exports = 0u64;
+        let first = loop {
             exports += 1;
+            let job = operator_export(&cluster, false, &format!("operator-first-{exports}")).await;
+            let error = job.summary.as_ref().and_then(|s| s.error.clone()).unwrap_or_default();
+            if error.contains("orphan export") {
+                // The kick-off's answer was lost after the EHR accepted it: the job failed
+                // saying so instead of kicking off again; the operator submits anew.
+                assert!(
+                    scenario_drop && exports == 1,
+                    "an ambiguous kick-off only where one was planted: {error}"
+                );
+                continue;
+            }
+            break job;
+        };
+        assert!(
+            !scenario_drop || exports == 2,
+            "the planted ambiguous kick-off failed its job"
+        );
+        let first_saved = check_export(
+            &first,
+            exports,
+            &client_slot,
+            &client_disk,
+            usize::from(scenario_fail_a_file),
+        )?;
+        if scenario_fail_a_file {
+            let slot = client_slot.lock().unwrap();
+            slot.sim.as_ref().unwrap().set_faults(|f| f.malformed_line = None);
+        }
+        if scenario_incremental {
+            // An incremental run: only what changed since the last export that downloaded
+            // every file.
+            exports += 1;
+            let second = operator_export(&cluster, true, "operator-incremental").await;
+            check_export(&second, exports, &client_slot, &client_disk, 0)?;
             let since = {
                 let slot = client_slot.lock().unwrap();
                 let kickoffs = slot.sim.as_ref().unwrap().observed().kickoffs;
@@ -666,15 +731,44 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                         .map(|(_, v)| v.clone())
                 })
             };
+            // Invariant: an incremental export never skips a file of an earlier job. The
+            // cursor moves only past an export whose every file arrived.
+            let expected_since = if scenario_fail_a_file {
+                None
+            } else {
+                first.summary.as_ref().and_then(|s| s.transaction_time.clone())
+            };
             assert_eq!(
-                since,
-                first.summary.as_ref().and_then(|s| s.transaction_time.clone()),
-                "the incremental export asked for what changed since the first one's transactionTime"
+                since, expected_since,
+                "the incremental export starts after the last export that downloaded every file"
             );
         }
-        let kickoffs = client_slot.lock().unwrap().sim.as_ref().unwrap().jobs().len();
-        // Throttled kick-off attempts (429) create nothing; count exports the EHR accepted.
-        assert_eq!(kickoffs, exports, "each export was kicked off exactly once");
+        if scenario_busy {
+            // A 429 with Retry-After never counts as a failure: no lease was given up.
+            let attempts: Vec<u32> = first.files.iter().map(|f| f.attempts).collect();
+            assert!(
+                attempts.iter().all(|a| *a == 1),
+                "each file took one lease: {attempts:?}"
+            );
+            let refusals = client_slot
+                .lock()
+                .unwrap()
+                .sim
+                .as_ref()
+                .unwrap()
+                .observed()
+                .busy_refusals;
+            for kind in ["kickoff", "status", "file"] {
+                assert!(
+                    refusals.get(kind).is_some_and(|n| *n > 0),
+                    "the rate limiter blocked {kind} requests too: {refusals:?}"
+                );
+            }
+        }
+        let kickoffs = client_slot.lock().unwrap().sim.as_ref().unwrap().jobs().len() as u64;
+        // Invariant: at most one kick-off per job, even when the EHR accepted one whose
+        // answer was lost. Throttled kick-off attempts (429) create nothing.
+        assert_eq!(kickoffs, exports, "each job reached the EHR exactly once");
         let saved = first_saved;
         // Every coordinator converges on the same committed state (once partitions heal).
         let mut converged = None;
@@ -790,28 +884,28 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
 async fn operator_export(
     cluster: &fhirhaul_proto::connect::Coordinators,
     incremental: bool,
+    request_id: &str,
 ) -> fhirhaul_proto::v1::GetJobResponse {
     use fhirhaul_proto::v1 as pb;
     use pb::admin_service_client::AdminServiceClient;
     // The same request id on every attempt: a retry after an uncertain outcome (a leader
     // change while the proposal was pending), a lost answer or a timeout finds the job the
     // first attempt created instead of creating a second.
-    let request_id = if incremental {
-        "operator-incremental"
-    } else {
-        "operator-first"
-    };
+    let request_id = request_id.to_string();
     let job_id = loop {
         let submitted = cluster
-            .call(|channel| async move {
-                AdminServiceClient::new(channel)
-                    .submit_export(pb::SubmitExportRequest {
-                        tenant: "sim".into(),
-                        request_json: String::new(),
-                        incremental,
-                        request_id: request_id.into(),
-                    })
-                    .await
+            .call(|channel| {
+                let request_id = request_id.clone();
+                async move {
+                    AdminServiceClient::new(channel)
+                        .submit_export(pb::SubmitExportRequest {
+                            tenant: "sim".into(),
+                            request_json: String::new(),
+                            incremental,
+                            request_id,
+                        })
+                        .await
+                }
             })
             .await;
         if let Ok(response) = submitted {
@@ -843,14 +937,16 @@ async fn operator_export(
 }
 
 /// The invariants of one finished export (the EHR's export number `ehr_job`): it completed;
-/// every failed file has a reason; every file the EHR served is published exactly once,
-/// byte-identical to what it served and to what the coordinator recorded, and nothing else
-/// is published. Returns the saved files' SHA-256s, sorted.
+/// every failed file has a reason; exactly `failed` files failed (planted faults); every
+/// other file the EHR served is published exactly once, byte-identical to what it served
+/// and to what the coordinator recorded, and nothing else is published. Returns the saved
+/// files' SHA-256s, sorted.
 fn check_export(
     job: &fhirhaul_proto::v1::GetJobResponse,
     ehr_job: u64,
     ehr: &Mutex<Published>,
     disk: &tempfile::TempDir,
+    failed: usize,
 ) -> std::io::Result<Vec<String>> {
     use fhirhaul_proto::v1 as pb;
     let summary = job.summary.clone().unwrap();
@@ -866,16 +962,26 @@ fn check_export(
         );
     }
     assert_eq!(
-        summary.files_failed,
-        0,
-        "no file failed: {:?}",
+        summary.files_failed as usize,
+        failed,
+        "only planted failures: {:?}",
         job.files.iter().filter_map(|f| f.failure.clone()).collect::<Vec<_>>()
     );
     let served = ehr.lock().unwrap().sim.as_ref().unwrap().served_files(ehr_job);
-    let mut expected: Vec<String> = served.iter().map(|f| f.sha256.clone()).collect();
+    // The planted malformed line is in the first Patient file the EHR served.
+    let first_patient = served
+        .iter()
+        .filter(|f| f.kind == "output" && f.resource_type.as_deref() == Some("Patient"))
+        .map(|f| f.index)
+        .min();
+    let mut expected: Vec<String> = served
+        .iter()
+        .filter(|f| failed == 0 || Some(f.index) != first_patient)
+        .map(|f| f.sha256.clone())
+        .collect();
     expected.sort();
     let mut saved = Vec::new();
-    for file in &job.files {
+    for file in job.files.iter().filter(|f| f.phase != pb::FilePhase::Failed as i32) {
         let bytes = std::fs::read(file.location.as_ref().expect("a location"))?;
         let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&bytes)
             .iter()
@@ -927,6 +1033,39 @@ fn a_leader_cut_off_after_its_kickoff_hands_the_export_over() {
     let mut scenario = Scenario::quiet(5);
     scenario.cut_leader_at_kickoff = true;
     scenario.incremental = false;
+    cluster_run(scenario);
+}
+
+/// A rate limiter blocks the client for ten minutes (virtual time) on the kick-off, then on
+/// status requests, then on files, answering 429 with Retry-After: the export waits it out,
+/// never counting those answers as failures, and completes with one kick-off.
+#[test]
+fn a_ten_minute_rate_limit_on_kickoff_status_and_files_is_waited_out_with_one_kickoff() {
+    let mut scenario = Scenario::quiet(7);
+    scenario.busy_for = Some(Duration::from_secs(600));
+    scenario.incremental = false;
+    scenario.duration = Duration::from_secs(3 * 3600);
+    cluster_run(scenario);
+}
+
+/// The EHR accepts the kick-off and the answer is lost: the job fails saying an orphan
+/// export may exist (it is not sent again); the operator's next submission is the only
+/// other export the EHR sees.
+#[test]
+fn a_kickoff_whose_answer_was_lost_is_never_sent_again() {
+    let mut scenario = Scenario::quiet(9);
+    scenario.kickoff_drop_after_accept = true;
+    scenario.incremental = false;
+    cluster_run(scenario);
+}
+
+/// A file of the first export fails: the incremental export that follows starts from no
+/// cursor at all, never from that export's transactionTime (which would skip the file).
+#[test]
+fn an_export_with_a_failed_file_does_not_move_the_incremental_cursor() {
+    let mut scenario = Scenario::quiet(13);
+    scenario.fail_a_file = true;
+    scenario.incremental = true;
     cluster_run(scenario);
 }
 

@@ -184,6 +184,10 @@ pub struct Faults {
     pub wrong_type_line: Option<(String, u64)>,
     /// Serve each file response no faster than this (a slow link).
     pub throttle_bytes_per_sec: Option<u64>,
+    /// A rate limiter that blocks a client for a while: each kind of request (kick-off,
+    /// status, file) answers 429 with a `Retry-After` (at most 60 s, never past the end)
+    /// for this long after the first request of that kind arrives.
+    pub busy_for: Option<Duration>,
 }
 
 /// A kick-off as the EHR saw it.
@@ -226,6 +230,8 @@ pub struct Observed {
     pub status_requests: u32,
     pub status_accept: Vec<Option<String>>,
     pub unauthorized: u32,
+    /// Requests refused with 429 by `Faults::busy_for`, by kind (kick-off, status, file).
+    pub busy_refusals: BTreeMap<&'static str, u32>,
     pub file_requests: Vec<FileRequestSeen>,
     /// Requests that brought a bearer token to the storage origin.
     pub token_leaks: u32,
@@ -272,6 +278,8 @@ struct State {
     rng: StdRng,
     faults: Faults,
     observed: Observed,
+    /// When the first request of each kind arrived, for `Faults::busy_for`.
+    busy_since: BTreeMap<&'static str, tokio::time::Instant>,
 }
 
 struct Shared {
@@ -393,6 +401,7 @@ impl SimEhr {
                 rng,
                 faults: Faults::default(),
                 observed: Observed::default(),
+                busy_since: BTreeMap::new(),
             }),
             config,
         });

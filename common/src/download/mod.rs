@@ -56,6 +56,10 @@ pub struct DownloadSettings {
     /// a warning in its issues) instead of downloading it once more and then failing it.
     #[serde(default)]
     pub accept_count_mismatch: bool,
+    /// A 429/503 with a `Retry-After` is the EHR working as designed and never counts as a
+    /// failed attempt; this bounds the total time one download waits on such answers.
+    #[serde(with = "crate::serde_duration")]
+    pub throttled_at_most: Duration,
 }
 
 impl Default for DownloadSettings {
@@ -67,6 +71,7 @@ impl Default for DownloadSettings {
             max_line_bytes: 64 * 1024 * 1024,
             checkpoint_every_bytes: 32 * 1024 * 1024,
             accept_count_mismatch: false,
+            throttled_at_most: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -333,6 +338,7 @@ impl Driver<'_> {
             self.client.entropy().clone(),
         );
         let mut failures = 0u32;
+        let mut throttled_for = Duration::ZERO;
         let mut resumes = 0u32;
         let mut restarts = 0u32;
         let mut notes = Vec::new();
@@ -439,11 +445,24 @@ impl Driver<'_> {
                 Err(error) if error.is_retryable() => error,
                 Err(error) => return Err(error),
             };
-            failures += 1;
-            if failures >= self.settings.max_attempts {
-                return Err(error);
-            }
             let delay = backoff.next_delay(error.retry_after());
+            // Throttled with a hint: wait as told, without counting an attempt (up to a
+            // total); anything else counts toward giving up.
+            let throttled = matches!(
+                error,
+                Error::Throttled {
+                    retry_after: Some(_),
+                    ..
+                }
+            );
+            if throttled && throttled_for + delay <= self.settings.throttled_at_most {
+                throttled_for += delay;
+            } else {
+                failures += 1;
+                if failures >= self.settings.max_attempts {
+                    return Err(error);
+                }
+            }
             tracing::warn!(file = %self.url, %error, offset = position.offset, delay_ms = delay.as_millis() as u64, "download interrupted; will resume");
             tokio::select! {
                 biased;

@@ -34,6 +34,10 @@ pub(super) async fn fhir_file(
         record_file(shared, job, index, false, &headers, 404);
         return outcome(StatusCode::NOT_FOUND, "not-found", why);
     }
+    if let Some(response) = busy(shared, "file") {
+        record_file(shared, job, index, false, &headers, 429);
+        return response;
+    }
     if shared.config.redirect_files {
         record_file(shared, job, index, false, &headers, 307);
         let mut response = Response::new(full(Bytes::new()));
@@ -75,6 +79,10 @@ pub(super) async fn storage_file(shared: &Arc<Shared>, rest: &str, request: Requ
             "application/xml",
             format!("<Error><Code>AccessDenied</Code><Message>{why}</Message></Error>"),
         );
+    }
+    if let Some(response) = busy(shared, "file") {
+        record_file(shared, job, index, true, &headers, 429);
+        return response;
     }
     if headers.contains_key("authorization") {
         // Like a cloud bucket given both a signed URL and a bearer token: refuse, and count

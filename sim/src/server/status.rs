@@ -106,6 +106,9 @@ pub(super) async fn status(shared: &Arc<Shared>, job: &str, request: Request<Inc
         Ok(found) => found,
         Err(response) => return response,
     };
+    if let Some(response) = busy(shared, "status") {
+        return response;
+    }
     let page: usize = request
         .uri()
         .query()
