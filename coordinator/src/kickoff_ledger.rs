@@ -19,14 +19,23 @@ pub enum KickoffOutcome {
         status_url: String,
     },
     NotAccepted,
+    /// Sent, and the connection broke before the answer: the EHR may hold an export whose
+    /// status URL nobody knows. The job fails; no leader sends it again.
+    Ambiguous {
+        reason: String,
+    },
 }
+
+/// How an ambiguous outcome starts on disk (an accepted one is its status URL, which
+/// starts with a URL scheme).
+const AMBIGUOUS_PREFIX: &str = "ambiguous:";
 
 /// The node's record of its kick-offs. Cheap to clone.
 #[derive(Clone)]
 pub struct KickoffLedger {
     directory: PathBuf,
     offload: Offload,
-    /// Outcomes seen by this process; the disk holds only accepted ones.
+    /// Outcomes seen by this process; the disk holds accepted and ambiguous ones.
     recent: Arc<Mutex<BTreeMap<String, KickoffOutcome>>>,
 }
 
@@ -61,20 +70,28 @@ impl KickoffLedger {
         }
         let path = self.path(job_id);
         match self.offload.run(move || std::fs::read_to_string(path)).await {
+            Ok(text) if text.starts_with(AMBIGUOUS_PREFIX) => KickoffOutcome::Ambiguous {
+                reason: text[AMBIGUOUS_PREFIX.len()..].to_string(),
+            },
             Ok(status_url) if !status_url.is_empty() => KickoffOutcome::Accepted { status_url },
             _ => KickoffOutcome::Unknown,
         }
     }
 
-    /// Records an outcome. An accepted export's status URL is on disk (synced) before this
-    /// returns: the EHR has an export now, and only this node knows where. `Unknown` forgets
-    /// the job (its status URL is committed).
+    /// Records an outcome. An accepted export's status URL, or an ambiguous outcome, is on
+    /// disk (synced) before this returns: the EHR has (or may have) an export now, and only
+    /// this node knows. `Unknown` forgets the job (its status URL is committed).
     #[allow(clippy::disallowed_methods)] // std::fs only inside the offload seam.
     pub async fn record(&self, job_id: &str, outcome: KickoffOutcome) {
         let path = self.path(job_id);
+        let on_disk = match &outcome {
+            KickoffOutcome::Accepted { status_url } => Some(status_url.clone()),
+            KickoffOutcome::Ambiguous { reason } => Some(format!("{AMBIGUOUS_PREFIX}{reason}")),
+            _ => None,
+        };
         match &outcome {
-            KickoffOutcome::Accepted { status_url } => {
-                let status_url = status_url.clone();
+            KickoffOutcome::Accepted { .. } | KickoffOutcome::Ambiguous { .. } => {
+                let status_url = on_disk.unwrap_or_default();
                 let shown = path.clone();
                 let written = self
                     .offload
@@ -121,10 +138,19 @@ mod tests {
         };
         ledger.record("job-1", accepted.clone()).await;
         ledger.record("job-2", KickoffOutcome::NotAccepted).await;
+        let ambiguous = KickoffOutcome::Ambiguous {
+            reason: "connection reset after sending".into(),
+        };
+        ledger.record("job-3", ambiguous.clone()).await;
         // A new process knows only what is on disk.
         let restarted = KickoffLedger::new(dir.path(), Offload::Inline);
         assert_eq!(restarted.outcome("job-1").await, accepted);
         assert_eq!(restarted.outcome("job-2").await, KickoffOutcome::Unknown);
+        assert_eq!(
+            restarted.outcome("job-3").await,
+            ambiguous,
+            "an ambiguous kick-off is never forgotten"
+        );
         // Committed: forgotten, on disk too.
         restarted.record("job-1", KickoffOutcome::Unknown).await;
         let again = KickoffLedger::new(dir.path(), Offload::Threads);

@@ -522,6 +522,7 @@ impl Coordinator {
                 status_url: answer.status_url,
             },
             Outcome::NotAccepted => KickoffOutcome::NotAccepted,
+            Outcome::Ambiguous => KickoffOutcome::Ambiguous { reason: answer.reason },
         })
     }
 }

@@ -37,15 +37,17 @@ impl RaftService for RaftApi {
 
     async fn kickoff_outcome(&self, request: Request<pb::KickoffQuery>) -> Result<Response<pb::KickoffAnswer>, Status> {
         use pb::kickoff_answer::Outcome;
-        let (outcome, status_url) = match self.coordinator.kickoff_outcome(&request.into_inner().job_id).await {
-            KickoffOutcome::Unknown => (Outcome::Unknown, String::new()),
-            KickoffOutcome::InProgress => (Outcome::InProgress, String::new()),
-            KickoffOutcome::Accepted { status_url } => (Outcome::Accepted, status_url),
-            KickoffOutcome::NotAccepted => (Outcome::NotAccepted, String::new()),
+        let (outcome, status_url, reason) = match self.coordinator.kickoff_outcome(&request.into_inner().job_id).await {
+            KickoffOutcome::Unknown => (Outcome::Unknown, String::new(), String::new()),
+            KickoffOutcome::InProgress => (Outcome::InProgress, String::new(), String::new()),
+            KickoffOutcome::Accepted { status_url } => (Outcome::Accepted, status_url, String::new()),
+            KickoffOutcome::NotAccepted => (Outcome::NotAccepted, String::new(), String::new()),
+            KickoffOutcome::Ambiguous { reason } => (Outcome::Ambiguous, String::new(), reason),
         };
         Ok(Response::new(pb::KickoffAnswer {
             outcome: outcome.into(),
             status_url,
+            reason,
         }))
     }
 }

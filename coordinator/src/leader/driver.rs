@@ -77,7 +77,7 @@ impl JobDriver {
                     // An earlier leader (maybe this node, in an earlier term) sent the
                     // kick-off; the EHR may have accepted it without the status URL being
                     // committed.
-                    Some(node) => self.kickoff_handed_over(node).await,
+                    Some(node) => self.kickoff_handed_over(node).await?,
                     None => None,
                 };
                 if self.cancel.is_cancelled() {
@@ -231,6 +231,10 @@ impl JobDriver {
                     Ok(accepted) => KickoffOutcome::Accepted {
                         status_url: accepted.status_url.to_string(),
                     },
+                    // The EHR may hold an export: no leader may send this job's kick-off again.
+                    Err(error @ fhirhaul_common::Error::AmbiguousKickoff { .. }) => KickoffOutcome::Ambiguous {
+                        reason: error.to_string(),
+                    },
                     Err(_) => KickoffOutcome::NotAccepted,
                 };
                 ledger.record(&job_id, outcome).await;
@@ -252,7 +256,10 @@ impl JobDriver {
     /// earlier leader, if the EHR accepted it. Asks that node (this one answers from its own
     /// ledger) until it answers, for as long as its kick-off is still running, and for at
     /// most [`KICKOFF_HANDOVER_WAIT`] while it cannot be reached.
-    async fn kickoff_handed_over(&self, node: u64) -> Option<String> {
+    ///
+    /// A kick-off whose connection broke after sending (ambiguous) fails the job: the EHR
+    /// may hold that export, and sending another could make two.
+    async fn kickoff_handed_over(&self, node: u64) -> Result<Option<String>, CoordinatorError> {
         let address = self.coordinator.coordinator_address(node).await;
         let mut give_up = tokio::time::Instant::now() + KICKOFF_HANDOVER_WAIT;
         loop {
@@ -266,9 +273,17 @@ impl JobDriver {
             match answer {
                 Ok(KickoffOutcome::Accepted { status_url }) => {
                     tracing::info!(node, status_url = %SafeUrl::from(status_url.as_str()), "adopting the export a former leader kicked off");
-                    return Some(status_url);
+                    return Ok(Some(status_url));
                 }
-                Ok(KickoffOutcome::NotAccepted | KickoffOutcome::Unknown) => return None,
+                Ok(KickoffOutcome::Ambiguous { reason }) => {
+                    return Err(CoordinatorError::Client(fhirhaul_common::Error::Relayed {
+                        from: "the kick-off a former leader sent",
+                        category: fhirhaul_common::Category::Network,
+                        retryable: false,
+                        message: reason,
+                    }));
+                }
+                Ok(KickoffOutcome::NotAccepted | KickoffOutcome::Unknown) => return Ok(None),
                 Ok(KickoffOutcome::InProgress) => {
                     give_up = tokio::time::Instant::now() + KICKOFF_HANDOVER_WAIT;
                 }
@@ -279,13 +294,13 @@ impl JobDriver {
                             %error,
                             "the former leader that kicked this export off cannot say what came of it; kicking off again (the EHR may end up with two exports)"
                         );
-                        return None;
+                        return Ok(None);
                     }
                     tracing::debug!(node, %error, "asking a former leader about its kick-off");
                 }
             }
             tokio::select! {
-                _ = self.cancel.cancelled() => return None,
+                _ = self.cancel.cancelled() => return Ok(None),
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
