@@ -422,7 +422,8 @@ pub fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "cluster: listen {}, data in {}, leases {}s, mTLS {}",
+        "cluster (for `fhirhaul coordinator`; `run` starts its own one-node cluster on loopback and \
+         ignores this): listen {}, data in {}, leases {}s, mTLS {}",
         config.cluster.listen,
         config.cluster.data_dir.display(),
         config.cluster.lease_duration.as_secs(),

@@ -1,11 +1,14 @@
 //! The raft log in sled, and the `raft::Storage` raft-rs reads it through.
 //!
-//! sled tree `raft`: `hs` (hard state), `cs` (membership), `snap` (the latest state-machine
-//! snapshot, with the whole state as JSON) and `e/<index>` (entries after the snapshot).
-//! On start everything is loaded into raft-rs's `MemStorage`; [`LogStorage`] wraps it so a
-//! leader sends the sled snapshot, with its data, to a follower that is too far behind.
+//! sled tree `raft`: `hs` (hard state), `cs` (membership) and `e/<index>` (entries after
+//! the snapshot). The latest state-machine snapshot (the whole state as JSON) is a file of
+//! its own, `raft-snapshot.bin`, written (to a temporary name, synced, renamed) only when a
+//! snapshot is taken or installed: kept in the sled tree, it was rewritten with the log,
+//! tens of megabytes per entry for a large job. On start everything is loaded into
+//! raft-rs's `MemStorage`; [`LogStorage`] wraps it so a leader sends the snapshot, with its
+//! data, to a follower that is too far behind.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
@@ -48,6 +51,8 @@ pub enum LogError {
     Json(Arc<serde_json::Error>),
     #[error("log entry {index} is not a command: {reason}")]
     BadEntry { index: u64, reason: String },
+    #[error("snapshot file: {0}")]
+    Io(Arc<std::io::Error>),
 }
 
 impl From<sled::Error> for LogError {
@@ -93,11 +98,16 @@ pub(crate) struct Loaded {
     pub conf_state: ConfState,
 }
 
-/// The raft log in sled.
+/// The raft log in sled, and the snapshot file beside it.
 #[derive(Clone)]
 pub(crate) struct SledLog {
     tree: sled::Tree,
+    snapshot_path: PathBuf,
 }
+
+/// The sled key where snapshots were kept before they got a file of their own (read once,
+/// then removed).
+const LEGACY_SNAPSHOT_KEY: &str = "snap";
 
 impl SledLog {
     #[allow(clippy::disallowed_methods)] // Opened once, when the coordinator starts.
@@ -105,7 +115,42 @@ impl SledLog {
         let db = sled::open(dir.join("raft")).map_err(storage_error)?;
         Ok(SledLog {
             tree: db.open_tree("raft").map_err(storage_error)?,
+            snapshot_path: dir.join("raft-snapshot.bin"),
         })
+    }
+
+    /// The latest snapshot's bytes: the file, else (a data directory from before the
+    /// file) the sled key.
+    #[allow(clippy::disallowed_methods)] // Runs on the raft actor's storage thread.
+    fn read_snapshot(&self) -> Result<Option<Vec<u8>>, RaftError> {
+        match std::fs::read(&self.snapshot_path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(self
+                .tree
+                .get(LEGACY_SNAPSHOT_KEY)
+                .map_err(storage_error)?
+                .map(|bytes| bytes.to_vec())),
+            Err(error) => Err(storage_error(LogError::Io(Arc::new(error)))),
+        }
+    }
+
+    /// Writes the snapshot file durably: a temporary file, synced, renamed over the old one,
+    /// and the directory synced, so a crash leaves the old snapshot or the new, never half.
+    #[allow(clippy::disallowed_methods)] // Runs on the raft actor's storage thread.
+    fn write_snapshot(&self, snapshot: &Snapshot) -> Result<(), RaftError> {
+        use std::io::Write as _;
+        let bytes = snapshot.write_to_bytes().map_err(storage_error)?;
+        let io = |error: std::io::Error| storage_error(LogError::Io(Arc::new(error)));
+        let temporary = self.snapshot_path.with_extension("bin.tmp");
+        let mut file = std::fs::File::create(&temporary).map_err(io)?;
+        file.write_all(&bytes).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        drop(file);
+        std::fs::rename(&temporary, &self.snapshot_path).map_err(io)?;
+        if let Some(dir) = self.snapshot_path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Loads the snapshot (with the state machine it holds), the entries after it, the
@@ -128,7 +173,7 @@ impl SledLog {
         let mut snapshot_index = 0;
         let mut core = mem.wl();
         let mut latest = Snapshot::default();
-        if let Some(bytes) = self.tree.get("snap").map_err(storage_error)? {
+        if let Some(bytes) = self.read_snapshot()? {
             let snapshot = Snapshot::parse_from_bytes(&bytes).map_err(storage_error)?;
             state = restore_state(&snapshot)?;
             snapshot_index = snapshot.get_metadata().index;
@@ -165,11 +210,13 @@ impl SledLog {
         Ok(())
     }
 
-    /// Saves a snapshot of our own state and drops the log entries it covers.
+    /// Saves a snapshot of our own state and drops the log entries it covers. The file comes
+    /// first: a crash before the entries are dropped leaves entries the load skips.
     pub fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), RaftError> {
         let index = snapshot.get_metadata().index;
+        self.write_snapshot(snapshot)?;
         let mut batch = sled::Batch::default();
-        batch.insert("snap", snapshot.write_to_bytes().map_err(storage_error)?);
+        batch.remove(LEGACY_SNAPSHOT_KEY);
         for covered in self.tree.range(entry_key(0)..=entry_key(index)) {
             let (key, _) = covered.map_err(storage_error)?;
             batch.remove(key);
@@ -180,13 +227,16 @@ impl SledLog {
     }
 
     /// Replaces the whole log with a snapshot a leader sent (the log it had is superseded).
+    /// The file comes first: a crash before the log is cleared leaves a log the load reads
+    /// only after the snapshot's index, never a log whose commit points past what is kept.
     pub fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), RaftError> {
+        self.write_snapshot(snapshot)?;
         let mut batch = sled::Batch::default();
         for stale in self.tree.scan_prefix(b"e/") {
             let (key, _) = stale.map_err(storage_error)?;
             batch.remove(key);
         }
-        batch.insert("snap", snapshot.write_to_bytes().map_err(storage_error)?);
+        batch.remove(LEGACY_SNAPSHOT_KEY);
         batch.insert(
             "cs",
             snapshot
@@ -227,7 +277,26 @@ impl SledLog {
 
     #[cfg(test)]
     pub fn has_snapshot(&self) -> bool {
-        self.tree.get("snap").ok().flatten().is_some()
+        self.read_snapshot().ok().flatten().is_some()
+    }
+
+    /// Where an older version kept the snapshot: in the sled tree.
+    #[cfg(test)]
+    pub fn put_legacy_snapshot(&self, snapshot: &Snapshot) {
+        self.tree
+            .insert(LEGACY_SNAPSHOT_KEY, snapshot.write_to_bytes().unwrap())
+            .unwrap();
+        self.tree.flush().unwrap();
+    }
+
+    #[cfg(test)]
+    pub fn has_snapshot_file(&self) -> bool {
+        self.snapshot_path.exists()
+    }
+
+    #[cfg(test)]
+    pub fn has_legacy_snapshot(&self) -> bool {
+        self.tree.get(LEGACY_SNAPSHOT_KEY).ok().flatten().is_some()
     }
 }
 

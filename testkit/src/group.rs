@@ -27,6 +27,8 @@ pub struct Group {
     pub coordinators: BTreeMap<u64, Process>,
     pub workers: BTreeMap<String, Process>,
     pub lease: Option<&'static str>,
+    /// `cluster.snapshot_every` (the coordinators' default when `None`).
+    pub snapshot_every: Option<u64>,
 }
 
 pub fn address(port: u16) -> String {
@@ -35,18 +37,32 @@ pub fn address(port: u16) -> String {
 
 impl Group {
     /// `lease` is the coordinators' `--lease-duration` (their default when `None`).
+    /// Snapshots every 20 entries, so tests exercise them.
     pub async fn start(config: SimConfig, members: u64, lease: Option<&'static str>) -> Group {
+        Self::start_with(config, members, lease, Some(20), |toml| toml).await
+    }
+
+    /// [`Group::start`] with the coordinators' `snapshot_every` and the tenant's TOML as
+    /// `tenant` makes it (a benchmark's concurrency and request, say).
+    pub async fn start_with(
+        config: SimConfig,
+        members: u64,
+        lease: Option<&'static str>,
+        snapshot_every: Option<u64>,
+        tenant: impl FnOnce(String) -> String,
+    ) -> Group {
         let dir = tempfile::tempdir().unwrap();
         let (sim, tenant_toml) = sim_with_tenant(config, dir.path()).await;
         let mut group = Group {
             sim,
             dir,
-            tenant_toml,
+            tenant_toml: tenant(tenant_toml),
             ports: BTreeMap::new(),
             links: BTreeMap::new(),
             coordinators: BTreeMap::new(),
             workers: BTreeMap::new(),
             lease,
+            snapshot_every,
         };
         for id in 1..=members {
             group.ports.insert(id, free_port());
@@ -68,7 +84,10 @@ impl Group {
     /// Node `id`'s configuration: its own address, and its links to the others.
     pub fn write_config(&self, id: u64, join: bool) {
         let mut toml = self.tenant_toml.clone();
-        toml += &format!("[cluster]\nnode_id = {id}\nsnapshot_every = 20\njoin = {join}\n");
+        toml += &format!("[cluster]\nnode_id = {id}\njoin = {join}\n");
+        if let Some(every) = self.snapshot_every {
+            toml += &format!("snapshot_every = {every}\n");
+        }
         for (&peer, &port) in &self.ports {
             let route = match self.links.get(&(id, peer)) {
                 Some(link) => address(link.port),

@@ -15,6 +15,10 @@ use sha2::Digest;
 pub struct Process(pub Child);
 
 impl Process {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     pub fn kill_hard(&mut self) {
         let _ = self.0.kill(); // SIGKILL
         let _ = self.0.wait();

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::CoordinatorError;
 use crate::raft_node::{RaftError, RaftHandle};
-use crate::state::{Applied, Command, FileRecord, LeaseGrant, Refusal, State};
+use crate::state::{Applied, Command, FileRecord, LeaseGrant, LeaseRequest, Refusal, State};
 
 /// What a worker needs to download a leased file.
 #[derive(Debug, Clone)]
@@ -151,7 +151,8 @@ impl Actor {
             .collect()
     }
 
-    /// One round: a distinct file for as many waiters as state allows, granted in order.
+    /// One round: a distinct file for as many waiters as state allows, all granted in one
+    /// raft entry (one commit and one disk sync however many workers wait).
     async fn grant_what_we_can(&mut self) {
         let workers: Vec<String> = self.waiting.iter().map(|w| w.worker_id.clone()).collect();
         let limits = self.limits();
@@ -168,6 +169,7 @@ impl Actor {
             }
         };
         let mut unserved = VecDeque::with_capacity(self.waiting.len());
+        let mut chosen = Vec::new();
         let waiting = std::mem::take(&mut self.waiting);
         for (waiter, pick) in waiting.into_iter().zip(picks) {
             match pick {
@@ -177,70 +179,84 @@ impl Actor {
                         .reply
                         .send(Err(Refusal::UnknownWorker(waiter.worker_id.clone()).into()));
                 }
-                Pick::File(candidate) => {
-                    if let Some(waiter) = self.grant(waiter, *candidate).await {
-                        unserved.push_back(waiter);
-                    }
-                }
+                // A caller that left gets nothing granted.
+                Pick::File(_) if waiter.reply.is_closed() => {}
+                Pick::File(candidate) => chosen.push((waiter, *candidate)),
             }
         }
+        unserved.extend(self.grant(chosen).await);
         self.waiting = unserved;
     }
 
-    /// Proposes one grant and answers its waiter; returns the waiter when it should wait on.
-    async fn grant(&self, waiter: Waiter, candidate: Candidate) -> Option<Waiter> {
-        if waiter.reply.is_closed() {
-            return None;
+    /// Proposes the grants in one entry and answers each waiter; returns the waiters that
+    /// should wait on (state moved between the read and the commit).
+    async fn grant(&self, chosen: Vec<(Waiter, Candidate)>) -> Vec<Waiter> {
+        if chosen.is_empty() {
+            return Vec::new();
         }
         let granted_at_ms = self.context.clock.now_unix_ms();
         let expires_at_ms = granted_at_ms + self.context.lease_duration.as_millis() as u64;
-        let proposed = self
-            .context
-            .raft
-            .propose(Command::GrantLease {
+        let grants = chosen
+            .iter()
+            .map(|(waiter, candidate)| LeaseRequest {
                 job_id: candidate.job_id.clone(),
                 file: candidate.file,
                 worker_id: waiter.worker_id.clone(),
                 expires_at_ms,
                 granted_at_ms,
             })
-            .await;
-        match proposed {
-            Ok(Applied::LeaseGranted(grant)) => {
-                let tenant = self.context.tenants.get(&candidate.tenant);
-                let leased = LeasedFile {
-                    grant: grant.clone(),
-                    tenant: candidate.tenant,
-                    export_id: candidate.export_id,
-                    file: candidate.record,
-                    requires_access_token: candidate.requires_access_token,
-                    links_expire_ms: candidate.links_expire_ms,
-                    fhir_base_url: tenant.map(|t| t.base_url.to_string()).unwrap_or_default(),
-                    token_allow_list: tenant
-                        .map(|t| t.token_allow_list.iter().map(|u| u.to_string()).collect())
-                        .unwrap_or_default(),
-                };
-                if waiter.reply.send(Ok(Some(leased))).is_err() {
-                    tracing::info!(lease = grant.lease_id, worker = %waiter.worker_id, "the worker stopped waiting; returning its grant");
-                    let returned = self
-                        .context
-                        .raft
-                        .propose(Command::ReturnLease {
-                            lease_id: grant.lease_id,
-                            generation: grant.generation,
-                        })
-                        .await;
-                    if let Err(error) = returned {
-                        tracing::warn!(%error, lease = grant.lease_id, "could not return an undelivered grant; it will expire");
-                    }
-                }
-                None
+            .collect();
+        let outcomes = match self.context.raft.propose(Command::GrantLeases { grants }).await {
+            Ok(Applied::Each(outcomes)) if outcomes.len() == chosen.len() => outcomes,
+            Ok(other) => {
+                tracing::warn!(?other, "a batch of grants applied unexpectedly; the waiters wait on");
+                return chosen.into_iter().map(|(waiter, _)| waiter).collect();
             }
-            // State moved between the read and the commit (a cancel, say): try again.
-            Ok(_) => Some(waiter),
             Err(error) => {
-                let _ = waiter.reply.send(Err(error.into()));
-                None
+                for (waiter, _) in chosen {
+                    let _ = waiter.reply.send(Err(CoordinatorError::Raft(error.clone())));
+                }
+                return Vec::new();
+            }
+        };
+        let mut wait_on = Vec::new();
+        for ((waiter, candidate), outcome) in chosen.into_iter().zip(outcomes) {
+            match outcome {
+                Applied::LeaseGranted(grant) => self.answer(waiter, candidate, grant).await,
+                // State moved between the read and the commit (a cancel, say): try again.
+                _ => wait_on.push(waiter),
+            }
+        }
+        wait_on
+    }
+
+    /// Sends a committed grant to its waiter; a waiter that left has it returned at once.
+    async fn answer(&self, waiter: Waiter, candidate: Candidate, grant: LeaseGrant) {
+        let tenant = self.context.tenants.get(&candidate.tenant);
+        let leased = LeasedFile {
+            grant: grant.clone(),
+            tenant: candidate.tenant,
+            export_id: candidate.export_id,
+            file: candidate.record,
+            requires_access_token: candidate.requires_access_token,
+            links_expire_ms: candidate.links_expire_ms,
+            fhir_base_url: tenant.map(|t| t.base_url.to_string()).unwrap_or_default(),
+            token_allow_list: tenant
+                .map(|t| t.token_allow_list.iter().map(|u| u.to_string()).collect())
+                .unwrap_or_default(),
+        };
+        if waiter.reply.send(Ok(Some(leased))).is_err() {
+            tracing::info!(lease = grant.lease_id, worker = %waiter.worker_id, "the worker stopped waiting; returning its grant");
+            let returned = self
+                .context
+                .raft
+                .propose(Command::ReturnLease {
+                    lease_id: grant.lease_id,
+                    generation: grant.generation,
+                })
+                .await;
+            if let Err(error) = returned {
+                tracing::warn!(%error, lease = grant.lease_id, "could not return an undelivered grant; it will expire");
             }
         }
     }

@@ -107,6 +107,43 @@ async fn snapshots_compact_the_log_and_restore_the_state() {
     cancel.cancel();
 }
 
+#[tokio::test]
+#[allow(clippy::disallowed_methods)] // The test rearranges the data directory itself.
+async fn a_snapshot_lives_in_its_own_file_and_one_kept_in_sled_by_an_older_version_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cancel = CancellationToken::new();
+    let raft = leader(dir.path(), &cancel).await;
+    for _ in 0..35 {
+        raft.propose(submit()).await.unwrap();
+    }
+    cancel.cancel();
+    drop(raft);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    {
+        // Move the snapshot back to where an older version kept it.
+        let log = SledLog::open(dir.path()).unwrap();
+        assert!(log.has_snapshot_file() && !log.has_legacy_snapshot());
+        let loaded = log.load(&[1]).unwrap();
+        let snapshot = loaded.storage.snapshot.lock().unwrap().clone();
+        std::fs::remove_file(dir.path().join("raft-snapshot.bin")).unwrap();
+        log.put_legacy_snapshot(&snapshot);
+    }
+    let cancel = CancellationToken::new();
+    let raft = leader(dir.path(), &cancel).await;
+    assert_eq!(raft.read_linearizable(|state| state.jobs.len()).await.unwrap(), 35);
+    for _ in 0..35 {
+        raft.propose(submit()).await.unwrap();
+    }
+    cancel.cancel();
+    drop(raft);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let log = SledLog::open(dir.path()).unwrap();
+    assert!(
+        log.has_snapshot_file() && !log.has_legacy_snapshot(),
+        "the next snapshot moved it to its file"
+    );
+}
+
 #[test]
 fn proposal_context_round_trips_and_rejects_foreign_shapes() {
     assert_eq!(parse_context(&proposal_context(3, 99)), Some((3, 99)));

@@ -302,6 +302,20 @@ impl State {
                     expires_at_ms,
                 })
             }
+            Command::GrantLeases { grants } => Applied::Each(
+                grants
+                    .into_iter()
+                    .map(|grant| {
+                        self.apply(Command::GrantLease {
+                            job_id: grant.job_id,
+                            file: grant.file,
+                            worker_id: grant.worker_id,
+                            expires_at_ms: grant.expires_at_ms,
+                            granted_at_ms: grant.granted_at_ms,
+                        })
+                    })
+                    .collect(),
+            ),
             Command::RenewLease {
                 lease_id,
                 generation,

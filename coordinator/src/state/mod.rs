@@ -110,6 +110,11 @@ pub enum Command {
         #[serde(default)]
         granted_at_ms: u64,
     },
+    /// Several grants in one entry (many workers waiting at once): each applies as its own
+    /// `GrantLease` would, in order, and is answered on its own.
+    GrantLeases {
+        grants: Vec<LeaseRequest>,
+    },
     RenewLease {
         lease_id: u64,
         generation: u64,
@@ -208,6 +213,16 @@ pub enum Cleanup {
 /// Pause after the `n`th failed DELETE before the next.
 fn delete_retry_delay_ms(failures: u32) -> u64 {
     10_000 * u64::from(failures)
+}
+
+/// One grant of a [`Command::GrantLeases`]: give `file` of `job_id` to `worker_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub job_id: String,
+    pub file: u32,
+    pub worker_id: String,
+    pub expires_at_ms: u64,
+    pub granted_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -444,6 +459,8 @@ pub enum Applied {
         job_id: String,
     },
     LeaseGranted(LeaseGrant),
+    /// What each grant of a [`Command::GrantLeases`] came to, in order.
+    Each(Vec<Applied>),
     /// The command was valid when proposed but not when applied (a stale lease, a job
     /// already finished); state is unchanged.
     Refused(Refusal),

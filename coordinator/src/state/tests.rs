@@ -619,3 +619,31 @@ fn the_download_phase_runs_from_the_first_lease_to_the_last_file_finished() {
     assert_eq!(job.phase, JobPhase::Completed);
     assert_eq!(job.download_ms(99_000), 8_000, "ended: until the last file");
 }
+
+#[test]
+fn grants_in_one_entry_apply_in_order_and_each_is_answered() {
+    let (mut state, job_id) = state_with_job(2);
+    let request = |file: u32, worker: &str| LeaseRequest {
+        job_id: job_id.clone(),
+        file,
+        worker_id: worker.into(),
+        expires_at_ms: 1000,
+        granted_at_ms: 10,
+    };
+    let Applied::Each(outcomes) = state.apply(Command::GrantLeases {
+        grants: vec![request(0, "w1"), request(0, "w2"), request(1, "w2")],
+    }) else {
+        panic!("a batch answers each grant");
+    };
+    assert!(matches!(&outcomes[0], Applied::LeaseGranted(g) if g.file == 0));
+    assert_eq!(
+        outcomes[1],
+        Applied::Refused(Refusal::FileNotPending {
+            job_id: job_id.clone(),
+            file: 0
+        }),
+        "the second grant of one file is refused, the batch goes on"
+    );
+    assert!(matches!(&outcomes[2], Applied::LeaseGranted(g) if g.file == 1));
+    assert_eq!(state.leases_held("w2"), 1);
+}
