@@ -71,6 +71,10 @@ pub struct CoordinatorArgs {
     /// you trust entirely.
     #[arg(long)]
     insecure_no_auth_on_network: bool,
+    /// Serve gRPC reflection on a non-loopback address too (it lists every API without
+    /// authentication; on loopback it is always served).
+    #[arg(long)]
+    reflection: bool,
 }
 
 /// The coordinators to talk to (any of them; calls find the leader).
@@ -259,6 +263,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             ..Connector::default()
         },
         cluster_token: cluster_token(),
+        reflection_beyond_loopback: args.reflection,
         ..CoordinatorSettings::default()
     };
     let tls = cluster.tls.as_ref().map(crate::config::TlsFiles::server).transpose()?;

@@ -64,20 +64,7 @@ pub struct SimArgs {
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(contents.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    fhirhaul_common::private_fs::write(path, contents.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 fn timestamp() -> String {
@@ -244,7 +231,7 @@ async fn embedded_sim_tenant(args: &RunArgs, out: &Path) -> anyhow::Result<(Tena
     .await
     .context("starting the simulated EHR")?;
     let credentials = sim.new_client("ES384");
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    fhirhaul_common::private_fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let key_path = out.join("sim-client.pem");
     write_private(&key_path, &credentials.private_key_pem)?;
     println!(

@@ -699,6 +699,37 @@ async fn a_coordinator_is_closed_to_the_network_unless_told_otherwise() {
         stderr.contains("[cluster.tls]") && stderr.contains("FHIRHAUL_CLUSTER_TOKEN"),
         "{stderr}"
     );
+    // Reflection (unauthenticated: it lists every API) is served on loopback only.
+    let reflection = |port: u16| async move {
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = ServerReflectionClient::new(channel);
+        match client.server_reflection_info(tokio_stream::iter(vec![request])).await {
+            Ok(mut answers) => answers.get_mut().message().await.map(|m| m.is_some()),
+            Err(status) => Err(status),
+        }
+    };
+    let loopback = free_port();
+    let mut child = coordinator(&format!("127.0.0.1:{loopback}"), None).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let running = Process(child);
+    assert!(line.contains("coordinator listening on"), "{line:?}");
+    assert_eq!(
+        reflection(loopback).await.ok(),
+        Some(true),
+        "reflection answers on loopback"
+    );
+    drop(running);
     // With a cluster token it serves, and a call without the token gets nothing.
     let port = free_port();
     let mut child = coordinator(&format!("0.0.0.0:{port}"), Some("s3cret-token"))
@@ -708,6 +739,12 @@ async fn a_coordinator_is_closed_to_the_network_unless_told_otherwise() {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
     let _running = Process(child);
     assert!(line.contains("coordinator listening on"), "{line:?}");
+    let refused = reflection(port).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::Unimplemented,
+        "no reflection beyond loopback unless --reflection"
+    );
     let mut workers = WorkerServiceClient::connect(format!("http://127.0.0.1:{port}"))
         .await
         .unwrap();

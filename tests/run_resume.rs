@@ -221,4 +221,26 @@ async fn errors_the_ehr_reports_are_printed_counted_apart_and_change_the_exit_st
         stdout.contains(&format!(" {exported} resources,")),
         "resources count only output files ({exported}): {stdout}"
     );
+    // Everything the run wrote (files, summary, state) only its owner can open.
+    let mut checked = 0;
+    let mut pending = vec![dir.path().join("reported")];
+    while let Some(path) = pending.pop() {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o077;
+        if meta.is_dir() {
+            assert_eq!(mode, 0, "{} is open to others", path.display());
+            // The state directory is closed; what sled makes inside it is sled's.
+            if path.file_name().is_some_and(|n| n != ".fhirhaul") {
+                pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            }
+        } else if path
+            .extension()
+            .is_some_and(|e| e == "ndjson" || e == "json" || e == "pem")
+        {
+            assert_eq!(mode, 0, "{} is open to others", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked > 3, "exported files, summary and key were checked");
 }

@@ -623,8 +623,14 @@ fn cluster_simulation(scenario: Scenario, disk: Arc<tempfile::TempDir>) -> Strin
                     let accepted = listener.accept().await.map(|(stream, _)| Accepted(stream));
                     Some((accepted, listener))
                 });
-                fhirhaul_coordinator::grpc::serve_incoming(coordinator, incoming, None, CancellationToken::new())
-                    .await?;
+                fhirhaul_coordinator::grpc::serve_incoming(
+                    coordinator,
+                    incoming,
+                    None,
+                    false,
+                    CancellationToken::new(),
+                )
+                .await?;
                 Ok(())
             }
         });

@@ -32,6 +32,7 @@ pub mod manifest;
 pub mod ndjson;
 pub mod offload;
 pub mod output;
+pub mod private_fs;
 pub mod retry;
 pub mod secret;
 pub mod status;

@@ -139,8 +139,8 @@ pub async fn write_summary(dir: &Path, summary: &Summary, offload: Offload) -> R
     #[allow(clippy::disallowed_methods)] // Inside the offload seam.
     let outcome = offload
         .run(move || {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
-            std::fs::write(&written, json).map_err(|e| Error::io("writing", &written, e))
+            crate::private_fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+            crate::private_fs::write(&written, &json).map_err(|e| Error::io("writing", &written, e))
         })
         .await;
     outcome.map(|()| path)

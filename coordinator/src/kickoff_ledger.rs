@@ -97,9 +97,9 @@ impl KickoffLedger {
                     .offload
                     .run(move || {
                         if let Some(parent) = path.parent() {
-                            std::fs::create_dir_all(parent)?;
+                            fhirhaul_common::private_fs::create_dir_all(parent)?;
                         }
-                        let mut file = std::fs::File::create(&path)?;
+                        let mut file = fhirhaul_common::private_fs::create_file(&path)?;
                         std::io::Write::write_all(&mut file, status_url.as_bytes())?;
                         file.sync_all()
                     })

@@ -46,6 +46,9 @@ pub struct CoordinatorSettings {
     pub cluster_token: Option<fhirhaul_common::secret::Secret>,
     /// Where blocking disk work (the raft log, the kick-off ledger) runs.
     pub offload: Offload,
+    /// Serve gRPC reflection (it lists every API, unauthenticated) on a non-loopback
+    /// address too; on loopback it is always served.
+    pub reflection_beyond_loopback: bool,
 }
 
 impl Default for CoordinatorSettings {
@@ -59,6 +62,7 @@ impl Default for CoordinatorSettings {
             peer_connector: fhirhaul_proto::connect::Connector::default(),
             cluster_token: None,
             offload: Offload::Threads,
+            reflection_beyond_loopback: false,
         }
     }
 }
@@ -122,7 +126,8 @@ impl Coordinator {
             .run(
                 #[allow(clippy::disallowed_methods)] // Inside the offload seam.
                 move || {
-                    std::fs::create_dir_all(&data_dir).map_err(|e| fhirhaul_common::Error::io("creating", data_dir, e))
+                    fhirhaul_common::private_fs::create_dir_all(&data_dir)
+                        .map_err(|e| fhirhaul_common::Error::io("creating", data_dir, e))
                 },
             )
             .await?;

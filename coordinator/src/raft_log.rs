@@ -142,7 +142,7 @@ impl SledLog {
         let bytes = snapshot.write_to_bytes().map_err(storage_error)?;
         let io = |error: std::io::Error| storage_error(LogError::Io(Arc::new(error)));
         let temporary = self.snapshot_path.with_extension("bin.tmp");
-        let mut file = std::fs::File::create(&temporary).map_err(io)?;
+        let mut file = fhirhaul_common::private_fs::create_file(&temporary).map_err(io)?;
         file.write_all(&bytes).map_err(io)?;
         file.sync_all().map_err(io)?;
         drop(file);

@@ -111,7 +111,7 @@ enum Published {
 /// refuses one marked with another's.
 #[allow(clippy::disallowed_methods)] // Runs inside the offload seam (`LocalDirectory::publish`).
 fn claim(directory: &Path, export: &str) -> Result<(), Published> {
-    std::fs::create_dir_all(directory).map_err(Published::Io)?;
+    fhirhaul_common::private_fs::create_dir_all(directory).map_err(Published::Io)?;
     let marker = directory.join(EXPORT_MARKER);
     match std::fs::OpenOptions::new().write(true).create_new(true).open(&marker) {
         Ok(mut file) => {
@@ -137,7 +137,7 @@ fn claim(directory: &Path, export: &str) -> Result<(), Published> {
 /// copies beside the destination and renames that into place.
 fn move_into_place(staged: &Path, destination: &Path) -> std::io::Result<()> {
     if let Some(parent) = destination.parent() {
-        std::fs::create_dir_all(parent)?;
+        fhirhaul_common::private_fs::create_dir_all(parent)?;
     }
     if std::fs::rename(staged, destination).is_ok() {
         return Ok(());

@@ -192,7 +192,10 @@ pub async fn download_file(
     if let Some(parent) = dest.parent() {
         let directory = parent.to_path_buf();
         #[allow(clippy::disallowed_methods)] // Inside the offload seam.
-        let created = options.offload.run(move || std::fs::create_dir_all(directory)).await;
+        let created = options
+            .offload
+            .run(move || crate::private_fs::create_dir_all(&directory))
+            .await;
         created.map_err(|e| Error::io("creating directory", parent, e))?;
     }
     let resume = options.resume.clone().unwrap_or_default();

@@ -217,7 +217,7 @@ impl Writer {
             checker.resume_from(resume.lines, resume.resources);
             file
         } else {
-            File::create(&path).map_err(|e| Error::io("creating", &path, e))?
+            crate::private_fs::create_file(&path).map_err(|e| Error::io("creating", &path, e))?
         };
         Ok(Writer {
             path,

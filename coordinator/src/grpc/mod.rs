@@ -68,7 +68,11 @@ pub async fn serve(
     tls: Option<tonic::transport::ServerTlsConfig>,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    if let Ok(address) = listener.local_addr() {
+    let address = listener.local_addr().ok();
+    // Reflection lists every API without authentication: loopback only, unless asked.
+    let reflection =
+        coordinator.settings().reflection_beyond_loopback || address.is_some_and(|address| address.ip().is_loopback());
+    if let Some(address) = address {
         match (&tls, address.ip().is_loopback()) {
             (Some(_), _) => tracing::info!(%address, "serving gRPC with mutual TLS"),
             (None, true) => tracing::info!(%address, "serving plaintext gRPC on loopback"),
@@ -86,14 +90,16 @@ pub async fn serve(
             }
         })
     });
-    serve_incoming(coordinator, incoming, tls, cancel).await
+    serve_incoming(coordinator, incoming, tls, reflection, cancel).await
 }
 
-/// [`serve`] over any stream of accepted connections (a simulated network's, say).
+/// [`serve`] over any stream of accepted connections (a simulated network's, say);
+/// `reflection`: serve gRPC reflection too.
 pub async fn serve_incoming<I, IO, IE>(
     coordinator: Coordinator,
     incoming: I,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    reflection: bool,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error>
 where
@@ -109,13 +115,13 @@ where
     health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
     health_reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
     health_reporter.set_serving::<RaftServiceServer<RaftApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| {
-            tracing::error!(%e, "reflection service unavailable");
-            e
-        });
+    let reflection = reflection.then(|| {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| tracing::error!(%e, "reflection service unavailable"))
+            .ok()
+    });
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
@@ -139,7 +145,7 @@ where
             AdminServiceServer::new(AdminApi { coordinator }),
             auth,
         ));
-    if let Ok(reflection) = reflection {
+    if let Some(reflection) = reflection.flatten() {
         router = router.add_service(reflection);
     }
     router

@@ -31,6 +31,14 @@ impl SledCheckpoints {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
+        // The state directory (checkpoints, and the partial files beside them) is the
+        // worker's alone.
+        if let Some(state_dir) = path.parent() {
+            fhirhaul_common::private_fs::create_dir_all(state_dir).map_err(|e| WorkerError::Checkpoints {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        }
         let db = sled::open(path).map_err(failed)?;
         Ok(SledCheckpoints {
             tree: db.open_tree("checkpoints").map_err(failed)?,
