@@ -425,6 +425,7 @@ pub async fn follow(admin: &Admin, job_id: &str) -> anyhow::Result<pb::GetJobRes
     loop {
         let request = pb::GetJobRequest {
             job_id: job_id.to_string(),
+            ..Default::default()
         };
         let mut stream = admin
             .call(
@@ -505,21 +506,8 @@ fn progress_line(job: &pb::GetJobResponse) -> String {
     } else {
         String::new()
     };
-    let mut failures: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
-    for file in &job.files {
-        if let Some(category) = file
-            .failure_category
-            .filter(|_| file.phase == pb::FilePhase::Failed as i32)
-        {
-            *failures
-                .entry(
-                    pb::FailureCategory::try_from(category)
-                        .map(|c| c.as_str_name())
-                        .unwrap_or("UNKNOWN"),
-                )
-                .or_default() += 1;
-        }
-    }
+    // By category, from the summary (a watch carries no files).
+    let failures: std::collections::BTreeMap<&String, &u32> = summary.failures_by_category.iter().collect();
     let failures = if failures.is_empty() {
         String::new()
     } else {
@@ -546,24 +534,35 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let admin = admin(&args.coordinators, &args.tls).await?;
     match &args.job {
         Some(job_id) => {
-            let request = pb::GetJobRequest { job_id: job_id.clone() };
-            let job = admin
-                .call("status", request, |mut client, request| async move {
-                    client.get_job(request).await
-                })
-                .await?;
-            println!("{}", progress_line(&job));
-            for file in &job.files {
-                let phase = pb::FilePhase::try_from(file.phase)
-                    .map(|p| p.as_str_name().trim_start_matches("FILE_PHASE_").to_lowercase())
-                    .unwrap_or_default();
-                println!(
-                    "  {:<8} {:>12} B  {}{}",
-                    phase,
-                    file.bytes,
-                    file.location.clone().unwrap_or_else(|| file.url.clone()),
-                    file.failure.as_ref().map(|f| format!("  ({f})")).unwrap_or_default()
-                );
+            // A page of files at a time, so a job of any size fits the message limits.
+            let mut offset = Some(0);
+            while let Some(file_offset) = offset {
+                let request = pb::GetJobRequest {
+                    job_id: job_id.clone(),
+                    file_offset,
+                    file_limit: 5_000,
+                };
+                let job = admin
+                    .call("status", request, |mut client, request| async move {
+                        client.get_job(request).await
+                    })
+                    .await?;
+                if file_offset == 0 {
+                    println!("{}", progress_line(&job));
+                }
+                for file in &job.files {
+                    let phase = pb::FilePhase::try_from(file.phase)
+                        .map(|p| p.as_str_name().trim_start_matches("FILE_PHASE_").to_lowercase())
+                        .unwrap_or_default();
+                    println!(
+                        "  {:<8} {:>12} B  {}{}",
+                        phase,
+                        file.bytes,
+                        file.location.clone().unwrap_or_else(|| file.url.clone()),
+                        file.failure.as_ref().map(|f| format!("  ({f})")).unwrap_or_default()
+                    );
+                }
+                offset = job.next_file_offset;
             }
         }
         None => {
@@ -579,7 +578,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     "{}",
                     progress_line(&pb::GetJobResponse {
                         summary: Some(job.clone()),
-                        files: vec![]
+                        ..Default::default()
                     })
                 );
             }

@@ -137,7 +137,10 @@ impl Cluster {
     async fn job(&self, job_id: &str) -> Option<pb::GetJobResponse> {
         let mut admin = AdminServiceClient::new(self.channel().await?);
         admin
-            .get_job(pb::GetJobRequest { job_id: job_id.into() })
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.into(),
+                ..Default::default()
+            })
             .await
             .ok()
             .map(|r| r.into_inner())
@@ -191,6 +194,22 @@ async fn fifty_files_over_three_worker_processes_arrive_byte_identical() {
     let files = cluster.assert_output_identical(&job_id).await;
     assert!(files >= 50, "only {files} files");
     assert_eq!(cluster.sim.observed().kickoffs.len(), 1);
+    // `fhirhaul status <job>` lists every file (paged from the coordinator).
+    let status = fhirhaul_testkit::processes::fhirhaul()
+        .args(["status", "--coordinator", &cluster.address(), &job_id])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.trim_start().starts_with("done ")).count(),
+        files,
+        "{stdout}"
+    );
     let mut admin = cluster.admin().await;
     let workers = admin
         .list_workers(pb::ListWorkersRequest {})

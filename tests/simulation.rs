@@ -926,7 +926,10 @@ async fn operator_export(
                 let job_id = job_id.clone();
                 async move {
                     AdminServiceClient::new(channel)
-                        .get_job(pb::GetJobRequest { job_id })
+                        .get_job(pb::GetJobRequest {
+                            job_id,
+                            ..Default::default()
+                        })
                         .await
                 }
             })

@@ -201,7 +201,10 @@ impl Group {
         let cluster = self.cluster().with_failover_budget(Duration::from_secs(5));
         cluster
             .call(|channel| {
-                let request = cluster.request(pb::GetJobRequest { job_id: job_id.into() });
+                let request = cluster.request(pb::GetJobRequest {
+                    job_id: job_id.into(),
+                    ..Default::default()
+                });
                 async move { AdminServiceClient::new(channel).get_job(request).await }
             })
             .await

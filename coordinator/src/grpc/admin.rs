@@ -10,7 +10,7 @@ use fhirhaul_proto::v1::admin_service_server::AdminService;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{job_to_pb, summary_to_pb};
+use super::convert::{job_summary_to_pb, job_to_pb, summary_to_pb};
 use crate::node::Coordinator;
 
 /// What operators and the CLI call.
@@ -92,12 +92,14 @@ impl AdminService for AdminApi {
     }
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::GetJobResponse>, Status> {
-        let job = self
-            .coordinator
-            .job(&request.into_inner().job_id)
-            .await
-            .map_err(Status::from)?;
-        Ok(Response::new(job_to_pb(&job, self.coordinator.now_ms())))
+        let request = request.into_inner();
+        let job = self.coordinator.job(&request.job_id).await.map_err(Status::from)?;
+        Ok(Response::new(job_to_pb(
+            &job,
+            self.coordinator.now_ms(),
+            request.file_offset,
+            request.file_limit,
+        )))
     }
 
     type WatchJobStream = JobStream;
@@ -109,7 +111,7 @@ impl AdminService for AdminApi {
         let coordinator = self.coordinator.clone();
         tokio::spawn(async move {
             let mut applied = coordinator.raft().applied();
-            let mut last = job_to_pb(&first, coordinator.now_ms());
+            let mut last = job_summary_to_pb(&first, coordinator.now_ms());
             if sender.send(Ok(last.clone())).await.is_err() {
                 return;
             }
@@ -125,7 +127,7 @@ impl AdminService for AdminApi {
                     return;
                 };
                 phase = job.phase;
-                let now = job_to_pb(&job, coordinator.now_ms());
+                let now = job_summary_to_pb(&job, coordinator.now_ms());
                 if now != last {
                     last = now.clone();
                     if sender.send(Ok(now)).await.is_err() {

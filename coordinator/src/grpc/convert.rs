@@ -87,6 +87,7 @@ pub fn summary_to_pb(job: &Job, now_ms: u64) -> pb::JobSummary {
         delete_error: job.delete_error.clone(),
         ehr_errors: job.ehr_errors(),
         download_ms: job.download_ms(now_ms),
+        failures_by_category: job.failures_by_category(),
     }
 }
 
@@ -113,10 +114,32 @@ fn file_to_pb(file: &FileRecord) -> pb::FileState {
     }
 }
 
-pub fn job_to_pb(job: &Job, now_ms: u64) -> pb::GetJobResponse {
+/// Files in one `GetJob` answer when the caller gives no limit (about 3 MB, under gRPC's
+/// default 4 MB message limit).
+pub const DEFAULT_FILE_PAGE: u32 = 10_000;
+
+/// The job with files `offset ..` (at most `limit`; 0: [`DEFAULT_FILE_PAGE`]).
+pub fn job_to_pb(job: &Job, now_ms: u64, offset: u32, limit: u32) -> pb::GetJobResponse {
+    let limit = if limit == 0 {
+        DEFAULT_FILE_PAGE
+    } else {
+        limit.min(DEFAULT_FILE_PAGE)
+    };
+    let start = (offset as usize).min(job.files.len());
+    let end = (start + limit as usize).min(job.files.len());
     pb::GetJobResponse {
         summary: Some(summary_to_pb(job, now_ms)),
-        files: job.files.iter().map(file_to_pb).collect(),
+        files: job.files[start..end].iter().map(file_to_pb).collect(),
+        file_offset: start as u32,
+        next_file_offset: (end < job.files.len()).then_some(end as u32),
+    }
+}
+
+/// The job's summary alone (what `WatchJob` streams).
+pub fn job_summary_to_pb(job: &Job, now_ms: u64) -> pb::GetJobResponse {
+    pb::GetJobResponse {
+        summary: Some(summary_to_pb(job, now_ms)),
+        ..Default::default()
     }
 }
 
@@ -133,6 +156,65 @@ mod tests {
     use fhirhaul_proto::convert::category_from_wire;
 
     use super::*;
+
+    #[test]
+    fn a_job_answers_a_page_of_files_and_where_the_next_one_begins() {
+        use crate::state::{Applied, Command, State};
+        let mut state = State::default();
+        let Applied::JobSubmitted { job_id } = state.apply(Command::SubmitJob {
+            tenant: "t".into(),
+            request: Default::default(),
+            max_file_attempts: 1,
+            at_ms: 0,
+            request_id: None,
+            export_id: None,
+            delete_policy: Default::default(),
+        }) else {
+            panic!("submitted")
+        };
+        state.apply(Command::KickedOff {
+            job_id: job_id.clone(),
+            status_url: "https://ehr.example/status/1".into(),
+        });
+        state.apply(Command::AddFiles {
+            job_id: job_id.clone(),
+            files: (0..25)
+                .map(|n| fhirhaul_common::manifest::ManifestFile {
+                    kind: FileKind::Output,
+                    resource_type: Some("Patient".into()),
+                    url: format!("https://ehr.example/f/{n}").parse().unwrap(),
+                    count: None,
+                })
+                .collect(),
+            requires_access_token: true,
+        });
+        let job = &state.jobs[&job_id];
+        let page = |offset, limit| job_to_pb(job, 0, offset, limit);
+        let first = page(0, 10);
+        assert_eq!(
+            (first.files.len(), first.file_offset, first.next_file_offset),
+            (10, 0, Some(10))
+        );
+        assert!(first.files[0].url.ends_with("/f/0"));
+        let last = page(20, 10);
+        assert_eq!(
+            (last.files.len(), last.file_offset, last.next_file_offset),
+            (5, 20, None)
+        );
+        assert!(last.files[4].url.ends_with("/f/24"));
+        assert_eq!(page(0, 0).files.len(), 25, "no limit: the default page");
+        let beyond = page(99, 10);
+        assert!(beyond.files.is_empty() && beyond.next_file_offset.is_none());
+        assert_eq!(
+            beyond.summary.unwrap().files_total,
+            25,
+            "every page carries the whole summary"
+        );
+        assert!(
+            job_summary_to_pb(job, 0).files.is_empty(),
+            "a watch update carries no files"
+        );
+    }
 
     #[test]
     fn a_file_shows_its_failure_and_never_its_signed_query() {

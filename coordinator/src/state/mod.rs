@@ -348,6 +348,17 @@ impl Job {
         until.saturating_sub(started)
     }
 
+    /// Failed files by category name.
+    pub fn failures_by_category(&self) -> std::collections::HashMap<String, u32> {
+        let mut counts = std::collections::HashMap::new();
+        for file in self.files.iter().filter(|f| f.phase == FilePhase::Failed) {
+            if let Some((category, _)) = &file.failure {
+                *counts.entry(category.as_str().to_string()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
     /// OperationOutcomes in the job's `error` files that report an error or fatal issue.
     pub fn ehr_errors(&self) -> u64 {
         self.files.iter().map(|f| f.ehr_errors).sum()
