@@ -244,3 +244,55 @@ async fn errors_the_ehr_reports_are_printed_counted_apart_and_change_the_exit_st
     }
     assert!(checked > 3, "exported files, summary and key were checked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_run_logged_at_trace_shows_no_token_assertion_cluster_token_or_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tenant) = sim_with_tenant(
+        SimConfig {
+            patients: 10,
+            job_duration: Duration::from_millis(200),
+            ..SimConfig::default()
+        },
+        dir.path(),
+    )
+    .await;
+    let config = dir.path().join("trace.toml");
+    std::fs::write(&config, &tenant).unwrap();
+    let cluster_token = "cluster-token-that-must-never-be-logged-7f3a";
+    let finished = fhirhaul()
+        .args(["run", "--workers", "2", "--log", "trace", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .env("FHIRHAUL_CLUSTER_TOKEN", cluster_token)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&finished.stdout),
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    assert!(finished.status.success(), "{}", &log[log.len().saturating_sub(3000)..]);
+    assert!(log.lines().count() > 100, "the run logged at trace level");
+    let secrets = sim.observed().secrets_seen;
+    assert!(secrets.len() >= 2, "an assertion and a token at least");
+    let key = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "pem"))
+        .expect("the client's key");
+    let key = std::fs::read_to_string(key).unwrap();
+    let key_lines: Vec<&str> = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    for (what, secret) in secrets
+        .iter()
+        .map(|s| ("an access token or assertion", s.as_str()))
+        .chain([("the cluster token", cluster_token)])
+        .chain(key_lines.iter().map(|l| ("a line of the private key", *l)))
+    {
+        // A JWT's signature alone identifies it; a token is short and random.
+        let needle = secret.rsplit('.').next().unwrap_or(secret);
+        assert!(!log.contains(needle), "{what} appears in the trace log");
+    }
+}

@@ -224,6 +224,9 @@ pub struct Observed {
     pub discovery_requests: u32,
     pub token_requests: u32,
     pub tokens_issued: u32,
+    /// Every client assertion received and access token issued, for tests that check
+    /// none of them leaks (into logs, errors, files).
+    pub secrets_seen: Vec<String>,
     /// Why each rejected token request was rejected.
     pub token_rejections: Vec<String>,
     pub scopes_requested: Vec<String>,

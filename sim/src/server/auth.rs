@@ -121,6 +121,7 @@ pub(super) async fn token(shared: &Arc<Shared>, request: Request<Incoming>) -> R
             "client_assertion is missing".into(),
         );
     };
+    shared.lock().observed.secrets_seen.push(assertion.clone());
     let Some(scope) = get("scope").filter(|s| !s.trim().is_empty()) else {
         return reject(StatusCode::BAD_REQUEST, "invalid_scope", "scope is required".into());
     };
@@ -167,6 +168,7 @@ pub(super) async fn token(shared: &Arc<Shared>, request: Request<Incoming>) -> R
         },
     );
     state.observed.tokens_issued += 1;
+    state.observed.secrets_seen.push(access_token.clone());
     state.observed.scopes_requested.push(scope);
     drop(state);
     let body = json!({
