@@ -95,6 +95,11 @@ impl Actor {
     async fn run(mut self, mut receiver: mpsc::Receiver<Waiter>, cancel: CancellationToken) {
         let mut applied = self.context.raft.applied();
         loop {
+            // Every waiter that has arrived joins this round: one entry grants them all,
+            // instead of one commit per waiter while the rest queue behind it.
+            while let Ok(waiter) = receiver.try_recv() {
+                self.waiting.push_back(waiter);
+            }
             self.let_go_of_finished_waits();
             if !self.waiting.is_empty() {
                 self.grant_what_we_can().await;
