@@ -326,6 +326,104 @@ mod tests {
 
     use super::*;
 
+    #[tokio::test]
+    async fn waiters_that_arrive_together_are_granted_in_one_entry() {
+        use crate::raft_node::RaftSettings;
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let raft = crate::raft_node::start(
+            dir.path(),
+            RaftSettings {
+                node_id: 1,
+                tick: Duration::from_millis(10),
+                ..RaftSettings::default()
+            },
+            fhirhaul_common::offload::Offload::Threads,
+            crate::peers::Peers::new(1, Default::default(), None, cancel.clone()),
+            cancel.clone(),
+        )
+        .unwrap();
+        let mut role = raft.leadership();
+        tokio::time::timeout(Duration::from_secs(5), role.wait_for(|leader| *leader))
+            .await
+            .unwrap()
+            .unwrap();
+        let state = state_with(8, &[]);
+        // The same commands `state_with` applied, through raft this time.
+        let setup = vec![
+            Command::SubmitJob {
+                tenant: "t".into(),
+                request: ExportRequest::default(),
+                max_file_attempts: 3,
+                at_ms: 0,
+                request_id: None,
+                export_id: None,
+                delete_policy: Default::default(),
+            },
+            Command::KickedOff {
+                job_id: "job-1".into(),
+                status_url: "https://ehr.example/status/1".into(),
+            },
+            Command::AddFiles {
+                job_id: "job-1".into(),
+                files: state.jobs["job-1"]
+                    .files
+                    .iter()
+                    .map(|f| ManifestFile {
+                        kind: f.kind,
+                        resource_type: f.resource_type.clone(),
+                        url: f.url.parse().unwrap(),
+                        count: None,
+                    })
+                    .collect(),
+                requires_access_token: true,
+            },
+        ];
+        for command in setup {
+            raft.propose(command).await.unwrap();
+        }
+        for n in 0..8 {
+            raft.propose(Command::RegisterWorker {
+                worker_id: format!("w{n}"),
+                concurrency: 1,
+                at_ms: 0,
+            })
+            .await
+            .unwrap();
+        }
+        let mut tenant = TenantConfig::new(
+            "t",
+            "https://ehr.example/fhir".parse().unwrap(),
+            "client",
+            dir.path().join("unused.pem"),
+        );
+        tenant.export.concurrency = 8;
+        let tracker = tokio_util::task::TaskTracker::new();
+        let leases = LeaseManager::start(
+            LeaseContext {
+                raft: raft.clone(),
+                tenants: Arc::new([("t".to_string(), tenant)].into_iter().collect()),
+                lease_duration: Duration::from_secs(30),
+                clock: Arc::new(fhirhaul_common::clock::SystemClock),
+            },
+            &tracker,
+            cancel.child_token(),
+        );
+        let before = *raft.applied().borrow();
+        let acquires: Vec<_> = (0..8)
+            .map(|n| {
+                let leases = leases.clone();
+                tokio::spawn(async move { leases.acquire(&format!("w{n}"), Duration::from_secs(5)).await })
+            })
+            .collect();
+        for acquire in acquires {
+            assert!(acquire.await.unwrap().unwrap().is_some(), "every waiter got a file");
+        }
+        let entries = *raft.applied().borrow() - before;
+        assert!(entries <= 2, "8 waiters granted in {entries} raft entries");
+        cancel.cancel();
+    }
+
     fn state_with(files: u32, workers: &[&str]) -> State {
         let mut state = State::default();
         state.apply(Command::SubmitJob {
