@@ -108,11 +108,7 @@ impl Cluster {
     }
 
     async fn submit(&self, request_json: &str) -> String {
-        self.submit_with(request_json, false).await
-    }
-
-    async fn submit_with(&self, request_json: &str, incremental: bool) -> String {
-        self.submit_for("sim", request_json, incremental).await
+        self.submit_for("sim", request_json, false).await
     }
 
     async fn submit_for(&self, tenant: &str, request_json: &str, incremental: bool) -> String {

@@ -143,6 +143,16 @@ async fn an_interrupted_run_resumes_the_same_export_without_a_second_kickoff() {
     drop::<SimEhr>(sim);
 }
 
+/// A simulated EHR of `patients` whose exports are ready in 200 ms, and its tenant (TOML).
+async fn quick_sim(patients: u32, dir: &Path) -> (SimEhr, String) {
+    let config = SimConfig {
+        patients,
+        job_duration: Duration::from_millis(200),
+        ..SimConfig::default()
+    };
+    sim_with_tenant(config, dir).await
+}
+
 /// Runs `fhirhaul run` to its end against `sim` with `tenant` (TOML), returning its exit
 /// code and output.
 fn run_to_end(tenant: &str, dir: &Path, name: &str) -> (Option<i32>, String) {
@@ -162,15 +172,7 @@ fn run_to_end(tenant: &str, dir: &Path, name: &str) -> (Option<i32>, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_sends_the_exports_delete_before_it_exits_and_only_when_every_file_arrived() {
     let dir = tempfile::tempdir().unwrap();
-    let (sim, tenant) = sim_with_tenant(
-        SimConfig {
-            patients: 20,
-            job_duration: Duration::from_millis(200),
-            ..SimConfig::default()
-        },
-        dir.path(),
-    )
-    .await;
+    let (sim, tenant) = quick_sim(20, dir.path()).await;
     let tenant = tenant.replace("concurrency = 6", "concurrency = 6\ndelete_when_done = true");
 
     let (code, stdout) = run_to_end(&tenant, dir.path(), "whole");
@@ -189,15 +191,7 @@ async fn a_run_sends_the_exports_delete_before_it_exits_and_only_when_every_file
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_the_ehr_reports_are_printed_counted_apart_and_change_the_exit_status() {
     let dir = tempfile::tempdir().unwrap();
-    let (sim, tenant) = sim_with_tenant(
-        SimConfig {
-            patients: 20,
-            job_duration: Duration::from_millis(200),
-            ..SimConfig::default()
-        },
-        dir.path(),
-    )
-    .await;
+    let (sim, tenant) = quick_sim(20, dir.path()).await;
     sim.set_faults(|f| f.unexported_resources = 2);
     let (code, stdout) = run_to_end(&tenant, dir.path(), "reported");
     assert_eq!(
@@ -248,15 +242,7 @@ async fn errors_the_ehr_reports_are_printed_counted_apart_and_change_the_exit_st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_run_logged_at_trace_shows_no_token_assertion_cluster_token_or_key() {
     let dir = tempfile::tempdir().unwrap();
-    let (sim, tenant) = sim_with_tenant(
-        SimConfig {
-            patients: 10,
-            job_duration: Duration::from_millis(200),
-            ..SimConfig::default()
-        },
-        dir.path(),
-    )
-    .await;
+    let (sim, tenant) = quick_sim(10, dir.path()).await;
     let config = dir.path().join("trace.toml");
     std::fs::write(&config, &tenant).unwrap();
     let cluster_token = "cluster-token-that-must-never-be-logged-7f3a";

@@ -17,11 +17,16 @@ pub trait Clock: Send + Sync + 'static {
     /// [`Clock::now`] in milliseconds since 1970 (0 before it), as replicated state keeps
     /// times.
     fn now_unix_ms(&self) -> u64 {
-        self.now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default()
+        unix_ms(self.now())
     }
+}
+
+/// A calendar time in milliseconds since 1970 (0 before it), as replicated state keeps
+/// times.
+pub fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 /// The operating system's clock.

@@ -144,11 +144,11 @@ pub enum Error {
 
     /// A file's link stopped working at or after the manifest's `Expires`, and a fresh
     /// manifest from the status URL did not give a working one.
-    #[error("file {url}: its link expired at {expired_at} ({reason})")]
+    #[error("file {url}: its link expired at {} ({reason})", http_date(.expired_at_ms))]
     LinkExpired {
         url: SafeUrl,
-        /// The manifest's `Expires`, as an HTTP date.
-        expired_at: String,
+        /// The manifest's `Expires` (unix ms), when it gave one.
+        expired_at_ms: Option<u64>,
         reason: String,
     },
 
@@ -230,6 +230,13 @@ impl std::str::FromStr for Category {
             .into_iter()
             .find(|c| c.as_str() == text)
             .ok_or_else(|| format!("`{text}` is not a failure category"))
+    }
+}
+
+fn http_date(unix_ms: &Option<u64>) -> String {
+    match unix_ms {
+        Some(ms) => httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(*ms)),
+        None => "an unstated time".into(),
     }
 }
 

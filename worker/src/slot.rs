@@ -311,7 +311,7 @@ impl SlotContext {
                     if renewals == MAX_LINK_RENEWALS {
                         break Err(fhirhaul_common::Error::LinkExpired {
                             url: fhirhaul_common::url_util::SafeUrl::from(&file.url),
-                            expired_at: http_date(lease.links_expire_at_unix_ms),
+                            expired_at_ms: lease.links_expire_at_unix_ms,
                             reason: format!("still refused after {renewals} fresh links: {error}"),
                         });
                     }
@@ -544,13 +544,6 @@ fn link_expired(error: &fhirhaul_common::Error, links_expire_ms: Option<u64>, no
         }
     );
     refused && links_expire_ms.is_some_and(|expires| now_ms + EXPIRY_MARGIN_MS >= expires)
-}
-
-fn http_date(unix_ms: Option<u64>) -> String {
-    match unix_ms {
-        Some(ms) => httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
-        None => "an unstated time".into(),
-    }
 }
 
 struct Failure {

@@ -178,7 +178,7 @@ impl JobDriver {
             .propose(Command::ManifestComplete {
                 job_id: self.job_id.clone(),
                 transaction_time: completed.transaction_time,
-                links_expire_ms: completed.expires.map(unix_ms),
+                links_expire_ms: completed.expires.map(fhirhaul_common::clock::unix_ms),
             })
             .await?;
         Ok(())
@@ -341,9 +341,4 @@ fn parse_url(what: &'static str, url: &str) -> Result<url::Url, CoordinatorError
         url: SafeUrl::from(url),
         reason: e.to_string(),
     })
-}
-
-/// A calendar time as unix milliseconds (0 for times before 1970).
-pub(crate) fn unix_ms(time: std::time::SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

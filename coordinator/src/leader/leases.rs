@@ -348,48 +348,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let state = state_with(8, &[]);
-        // The same commands `state_with` applied, through raft this time.
-        let setup = vec![
-            Command::SubmitJob {
-                tenant: "t".into(),
-                request: ExportRequest::default(),
-                max_file_attempts: 3,
-                at_ms: 0,
-                request_id: None,
-                export_id: None,
-                delete_policy: Default::default(),
-            },
-            Command::KickedOff {
-                job_id: "job-1".into(),
-                status_url: "https://ehr.example/status/1".into(),
-            },
-            Command::AddFiles {
-                job_id: "job-1".into(),
-                files: state.jobs["job-1"]
-                    .files
-                    .iter()
-                    .map(|f| ManifestFile {
-                        kind: f.kind,
-                        resource_type: f.resource_type.clone(),
-                        url: f.url.parse().unwrap(),
-                        count: None,
-                    })
-                    .collect(),
-                requires_access_token: true,
-            },
-        ];
-        for command in setup {
+        let workers: Vec<String> = (0..8).map(|n| format!("w{n}")).collect();
+        let names: Vec<&str> = workers.iter().map(String::as_str).collect();
+        for command in setup(8, &names) {
             raft.propose(command).await.unwrap();
-        }
-        for n in 0..8 {
-            raft.propose(Command::RegisterWorker {
-                worker_id: format!("w{n}"),
-                concurrency: 1,
-                at_ms: 0,
-            })
-            .await
-            .unwrap();
         }
         let mut tenant = TenantConfig::new(
             "t",
@@ -424,39 +386,48 @@ mod tests {
         cancel.cancel();
     }
 
+    /// The commands that make a kicked-off `job-1` of tenant `t` with `files` files and
+    /// registered `workers`.
+    fn setup(files: u32, workers: &[&str]) -> Vec<Command> {
+        let mut commands = vec![
+            Command::SubmitJob {
+                tenant: "t".into(),
+                request: ExportRequest::default(),
+                max_file_attempts: 3,
+                at_ms: 0,
+                request_id: None,
+                export_id: None,
+                delete_policy: Default::default(),
+            },
+            Command::KickedOff {
+                job_id: "job-1".into(),
+                status_url: "https://ehr.example/status/1".into(),
+            },
+            Command::AddFiles {
+                job_id: "job-1".into(),
+                files: (0..files)
+                    .map(|n| ManifestFile {
+                        kind: FileKind::Output,
+                        resource_type: Some("Patient".into()),
+                        url: format!("https://ehr.example/files/{n}").parse().unwrap(),
+                        count: None,
+                    })
+                    .collect(),
+                requires_access_token: false,
+            },
+        ];
+        commands.extend(workers.iter().map(|worker| Command::RegisterWorker {
+            worker_id: worker.to_string(),
+            concurrency: 4,
+            at_ms: 0,
+        }));
+        commands
+    }
+
     fn state_with(files: u32, workers: &[&str]) -> State {
         let mut state = State::default();
-        state.apply(Command::SubmitJob {
-            tenant: "t".into(),
-            request: ExportRequest::default(),
-            max_file_attempts: 3,
-            at_ms: 0,
-            request_id: None,
-            export_id: None,
-            delete_policy: Default::default(),
-        });
-        state.apply(Command::KickedOff {
-            job_id: "job-1".into(),
-            status_url: "https://ehr.example/status/1".into(),
-        });
-        state.apply(Command::AddFiles {
-            job_id: "job-1".into(),
-            files: (0..files)
-                .map(|n| ManifestFile {
-                    kind: FileKind::Output,
-                    resource_type: Some("Patient".into()),
-                    url: format!("https://ehr.example/files/{n}").parse().unwrap(),
-                    count: None,
-                })
-                .collect(),
-            requires_access_token: false,
-        });
-        for worker in workers {
-            state.apply(Command::RegisterWorker {
-                worker_id: worker.to_string(),
-                concurrency: 4,
-                at_ms: 0,
-            });
+        for command in setup(files, workers) {
+            state.apply(command);
         }
         state
     }

@@ -11,10 +11,10 @@ use fhirhaul_common::manifest::{FileKind, ManifestFile};
 use fhirhaul_common::status::{PollStep, fetch_manifest_page, poll_once};
 use fhirhaul_common::url_util::SafeUrl;
 
-use super::driver::unix_ms;
 use crate::error::CoordinatorError;
 use crate::node::Coordinator;
 use crate::state::{Command, FilePhase, FileRecord, Refusal};
+use fhirhaul_common::clock::unix_ms;
 
 /// A file's place in a manifest: its list, its type, and how many files of that list and
 /// type come before it. Servers keep manifest order from one answer to the next, so the
@@ -112,7 +112,7 @@ pub async fn renew_link(
         _ => {
             return Err(fhirhaul_common::Error::LinkExpired {
                 url: SafeUrl::from(failed_url),
-                expired_at: expiry_text(job.links_expire_ms),
+                expired_at_ms: job.links_expire_ms,
                 reason: "the export's status URL is gone, so no fresh manifest can be asked for".into(),
             }
             .into());
@@ -122,7 +122,7 @@ pub async fn renew_link(
     let expired = |reason: String| -> CoordinatorError {
         fhirhaul_common::Error::LinkExpired {
             url: SafeUrl::from(failed_url),
-            expired_at: expiry_text(job.links_expire_ms),
+            expired_at_ms: job.links_expire_ms,
             reason,
         }
         .into()
@@ -165,37 +165,14 @@ pub async fn renew_link(
     Ok(RenewedLink { url, links_expire_ms })
 }
 
-/// An expiry time as an HTTP date, for messages.
-fn expiry_text(expires_ms: Option<u64>) -> String {
-    match expires_ms {
-        Some(ms) => httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
-        None => "an unstated time".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use fhirhaul_common::download::Checkpoint;
-
     use super::*;
 
     fn ours(kind: FileKind, resource_type: Option<&str>, url: &str, phase: FilePhase) -> FileRecord {
         FileRecord {
-            url: url.into(),
-            kind,
-            resource_type: resource_type.map(str::to_owned),
-            count: None,
-            relative_path: String::new(),
             phase,
-            generation: 0,
-            attempts: 0,
-            progress: Checkpoint::default(),
-            sha256: None,
-            location: None,
-            failure: None,
-            issues: Vec::new(),
-            ehr_errors: 0,
-            preferred_worker: None,
+            ..FileRecord::pending(&fresh(kind, resource_type, url), String::new())
         }
     }
 

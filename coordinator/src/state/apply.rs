@@ -1,5 +1,4 @@
 use fhirhaul_common::Category;
-use fhirhaul_common::download::Checkpoint;
 use fhirhaul_common::fhir::parse_instant;
 
 use super::{
@@ -149,28 +148,11 @@ impl State {
                     let mut known: std::collections::HashSet<String> =
                         job.files.iter().map(|f| f.url.clone()).collect();
                     for file in files {
-                        let url = file.url.to_string();
-                        if !known.insert(url.clone()) {
+                        if !known.insert(file.url.to_string()) {
                             continue;
                         }
                         let relative_path = job.relative_path(&file);
-                        job.files.push(FileRecord {
-                            url,
-                            kind: file.kind,
-                            resource_type: file.resource_type,
-                            count: file.count,
-                            relative_path,
-                            phase: FilePhase::Pending,
-                            generation: 0,
-                            attempts: 0,
-                            progress: Checkpoint::default(),
-                            sha256: None,
-                            location: None,
-                            failure: None,
-                            issues: Vec::new(),
-                            ehr_errors: 0,
-                            preferred_worker: None,
-                        });
+                        job.files.push(FileRecord::pending(&file, relative_path));
                     }
                     Applied::Done
                 }

@@ -282,6 +282,30 @@ pub struct FileRecord {
     pub preferred_worker: Option<String>,
 }
 
+impl FileRecord {
+    /// A manifest's file as it enters the job: pending, never leased, going to
+    /// `relative_path`.
+    pub fn pending(file: &ManifestFile, relative_path: String) -> FileRecord {
+        FileRecord {
+            url: file.url.to_string(),
+            kind: file.kind,
+            resource_type: file.resource_type.clone(),
+            count: file.count,
+            relative_path,
+            phase: FilePhase::Pending,
+            generation: 0,
+            attempts: 0,
+            progress: Checkpoint::default(),
+            sha256: None,
+            location: None,
+            failure: None,
+            issues: Vec::new(),
+            ehr_errors: 0,
+            preferred_worker: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
