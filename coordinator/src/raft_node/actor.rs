@@ -17,6 +17,10 @@ use crate::peers::{Delivery, Peers};
 use crate::raft_log::{LogError, LogStorage, SledLog, restore_state, storage_error};
 use crate::state::{Command, State};
 
+/// Messages handled before one Ready is processed (a bound on one batch's size and on
+/// how long the actor goes without ticking or persisting).
+const MAX_MESSAGES_PER_READY: usize = 256;
+
 pub(super) struct Actor {
     pub(super) node: RawNode<LogStorage>,
     pub(super) log: Arc<SledLog>,
@@ -61,7 +65,17 @@ impl Actor {
                 biased;
                 _ = cancel.cancelled() => break,
                 message = messages.recv() => match message {
-                    Some(message) => self.handle(message),
+                    Some(message) => {
+                        self.handle(message);
+                        // Group commit: whatever else has arrived is handled before the
+                        // Ready, so its proposals share one persist and one disk sync.
+                        for _ in 1..MAX_MESSAGES_PER_READY {
+                            match messages.try_recv() {
+                                Ok(message) => self.handle(message),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break,
                 },
                 Some(delivery) = deliveries.recv() => self.delivery(delivery),
@@ -362,7 +376,7 @@ impl Actor {
             hard_state.commit = commit;
             let persisted = hard_state.clone();
             on_log(Arc::clone(&self.log), self.offload, move |log| {
-                log.persist(&[], Some(&persisted))
+                log.persist_commit(&persisted)
             })
             .await?;
             self.node.mut_store().mem.wl().set_hardstate(hard_state);

@@ -84,9 +84,15 @@ pub struct RaftHandle {
     applied: watch::Receiver<u64>,
     role: watch::Receiver<bool>,
     status: watch::Receiver<RaftStatus>,
+    log_syncs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RaftHandle {
+    /// How many times this node has synced log entries or hard state to disk.
+    pub fn log_syncs(&self) -> u64 {
+        self.log_syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Proposes a command and waits until it is committed and applied.
     pub async fn propose(&self, command: Command) -> Result<Applied, RaftError> {
         let (reply, answer) = oneshot::channel();
@@ -312,6 +318,7 @@ pub fn start(
         applied,
         role,
         status,
+        log_syncs: log.syncs(),
     };
     let (deliveries_tx, deliveries) = mpsc::channel(256);
     peers.attach(deliveries_tx);
