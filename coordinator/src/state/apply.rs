@@ -13,6 +13,19 @@ fn refused(refusal: Refusal) -> Applied {
 impl State {
     /// Applies one committed command.
     pub fn apply(&mut self, command: Command) -> Applied {
+        let applied = self.apply_command(command);
+        // Every change keeps the file indexes true (checked where it is cheap).
+        debug_assert!(
+            self.jobs
+                .values()
+                .filter(|job| job.files.len() <= 2_000)
+                .all(|job| job.index_is_true()),
+            "a job's file index no longer matches its files"
+        );
+        applied
+    }
+
+    fn apply_command(&mut self, command: Command) -> Applied {
         match command {
             Command::RegisterWorker {
                 worker_id,
@@ -109,6 +122,7 @@ impl State {
                         last_file_ms: None,
                         files: Vec::new(),
                         names: Default::default(),
+                        index: Default::default(),
                     },
                 );
                 Applied::JobSubmitted { job_id: id }
@@ -152,7 +166,7 @@ impl State {
                             continue;
                         }
                         let relative_path = job.relative_path(&file);
-                        job.files.push(FileRecord::pending(&file, relative_path));
+                        job.push_file(FileRecord::pending(&file, relative_path));
                     }
                     Applied::Done
                 }
@@ -247,7 +261,7 @@ impl State {
                 if job.phase.is_final() {
                     return refused(Refusal::JobEnded(job_id));
                 }
-                let Some(record) = job.files.get_mut(file as usize) else {
+                let Some(record) = job.files.get(file as usize) else {
                     return refused(Refusal::NoSuchFile { job_id, file });
                 };
                 if record.phase != FilePhase::Pending {
@@ -256,19 +270,20 @@ impl State {
                 if granted_at_ms > 0 && job.download_started_ms.is_none() {
                     job.download_started_ms = Some(granted_at_ms);
                 }
-                let Some(record) = job.files.get_mut(file as usize) else {
-                    return refused(Refusal::NoSuchFile { job_id, file });
-                };
                 self.next_lease += 1;
                 let lease_id = self.next_lease;
-                record.generation += 1;
-                record.attempts += 1;
-                record.phase = FilePhase::Leased {
-                    lease_id,
-                    worker_id,
-                    expires_at_ms,
-                    granted_at_ms,
-                };
+                let mut generation = 0;
+                job.change_file(file, |record| {
+                    record.generation += 1;
+                    record.attempts += 1;
+                    record.phase = FilePhase::Leased {
+                        lease_id,
+                        worker_id,
+                        expires_at_ms,
+                        granted_at_ms,
+                    };
+                    generation = record.generation;
+                });
                 self.leases.insert(
                     lease_id,
                     LeaseIndex {
@@ -278,7 +293,7 @@ impl State {
                 );
                 Applied::LeaseGranted(LeaseGrant {
                     lease_id,
-                    generation: record.generation,
+                    generation,
                     job_id,
                     file,
                     expires_at_ms,
@@ -332,14 +347,16 @@ impl State {
                     Ok(record) => record,
                     Err(refusal) => return refusal,
                 };
-                record.phase = FilePhase::Done;
                 record.progress.offset = bytes;
                 record.progress.resources = resources;
                 record.sha256 = Some(sha256);
                 record.location = Some(location);
                 record.issues = issues;
                 record.ehr_errors = ehr_errors;
-                record.preferred_worker = None;
+                self.change_lease_file(lease_id, |record| {
+                    record.phase = FilePhase::Done;
+                    record.preferred_worker = None;
+                });
                 self.file_finished_at(lease_id, at_ms);
                 self.finish_lease(lease_id);
                 Applied::Done
@@ -386,9 +403,7 @@ impl State {
                         job.error = Some(reason);
                     }
                 } else {
-                    if let Some(record) = self.lease_file_mut(lease_id) {
-                        record.phase = FilePhase::Failed;
-                    }
+                    self.change_lease_file(lease_id, |record| record.phase = FilePhase::Failed);
                     self.file_finished_at(lease_id, at_ms);
                     self.finish_lease(lease_id);
                 }
@@ -447,6 +462,15 @@ impl State {
         self.jobs.get_mut(&at.job_id)?.files.get_mut(at.file as usize)
     }
 
+    /// Changes the file a lease is on through `change`, keeping its job's index true.
+    fn change_lease_file(&mut self, lease_id: u64, change: impl FnOnce(&mut FileRecord)) {
+        if let Some(at) = self.leases.get(&lease_id)
+            && let Some(job) = self.jobs.get_mut(&at.job_id)
+        {
+            job.change_file(at.file, change);
+        }
+    }
+
     /// The file a live lease is on, if `generation` is its current one (fencing).
     fn current_lease(&mut self, lease_id: u64, generation: u64) -> Result<&mut FileRecord, Applied> {
         let Some(record) = self.lease_file_mut(lease_id) else {
@@ -466,10 +490,10 @@ impl State {
 
     /// Puts a leased file back to pending.
     fn release(&mut self, lease_id: u64, preferred_worker: Option<String>) {
-        if let Some(record) = self.lease_file_mut(lease_id) {
+        self.change_lease_file(lease_id, |record| {
             record.phase = FilePhase::Pending;
             record.preferred_worker = preferred_worker;
-        }
+        });
         self.leases.remove(&lease_id);
     }
 
@@ -497,15 +521,16 @@ impl State {
             return;
         };
         job.phase = phase;
-        for file in &mut job.files {
+        let leases = &mut self.leases;
+        job.change_all_files(|file| {
             if let FilePhase::Leased { lease_id, .. } = file.phase {
-                self.leases.remove(&lease_id);
+                leases.remove(&lease_id);
             }
             if matches!(file.phase, FilePhase::Leased { .. } | FilePhase::Pending) {
                 file.phase = FilePhase::Failed;
                 file.failure = Some((category, reason.to_string()));
             }
-        }
+        });
     }
 
     /// Completes the job once its manifest is complete and every file is settled; a job
@@ -540,10 +565,20 @@ impl State {
             .filter(|w| w.last_seen_ms < stale_before_ms)
             .map(|w| w.id.clone())
             .collect();
+        if absent.is_empty() {
+            return;
+        }
         for job in self.jobs.values_mut() {
-            for file in &mut job.files {
-                if file.preferred_worker.as_ref().is_some_and(|w| absent.contains(w)) {
-                    file.preferred_worker = None;
+            let preferring: Vec<(String, Vec<u32>)> = job
+                .index()
+                .preferred
+                .iter()
+                .filter(|(worker, _)| absent.contains(worker))
+                .map(|(worker, files)| (worker.clone(), files.iter().copied().collect()))
+                .collect();
+            for (_, files) in preferring {
+                for position in files {
+                    job.change_file(position, |file| file.preferred_worker = None);
                 }
             }
         }

@@ -349,13 +349,17 @@ pub struct Job {
     pub download_started_ms: Option<u64>,
     #[serde(default)]
     pub last_file_ms: Option<u64>,
+    /// Change them through `change_file`/`push_file`/`change_all_files`, which keep
+    /// [`Job::index`] true.
     pub files: Vec<FileRecord>,
     names: OutputNames,
+    #[serde(skip)]
+    index: index::LazyIndex,
 }
 
 impl Job {
     pub fn files_done(&self) -> usize {
-        self.files.iter().filter(|f| f.phase == FilePhase::Done).count()
+        self.index().done
     }
 
     /// How long files have been downloading: from the first lease to the last file finished
@@ -389,7 +393,7 @@ impl Job {
     }
 
     pub fn files_failed(&self) -> usize {
-        self.files.iter().filter(|f| f.phase == FilePhase::Failed).count()
+        self.index().failed
     }
 
     pub fn bytes_done(&self) -> u64 {
@@ -443,10 +447,8 @@ impl Job {
         if self.phase.is_final() || !self.manifest_complete {
             return false;
         }
-        let settled = self
-            .files
-            .iter()
-            .all(|f| matches!(f.phase, FilePhase::Done | FilePhase::Failed));
+        let index = self.index();
+        let settled = index.done + index.failed == self.files.len();
         if settled {
             self.phase = JobPhase::Completed;
         }
@@ -565,6 +567,7 @@ pub struct State {
 }
 
 mod apply;
+mod index;
 mod queries;
 mod summary;
 #[cfg(test)]

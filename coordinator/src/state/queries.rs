@@ -37,6 +37,8 @@ impl State {
 
     /// [`State::next_file_for`] for several waiting workers at once, in their order: no
     /// file goes to two of them, and the per-tenant limit counts the files handed out here.
+    /// Each pick looks only at the jobs' pending-file indexes: its cost does not grow with
+    /// the number of files.
     pub fn next_files_for(
         &self,
         worker_ids: &[&str],
@@ -48,56 +50,67 @@ impl State {
                 *leased_per_tenant.entry(job.tenant.as_str()).or_default() += 1;
             }
         }
-        let mut taken: BTreeSet<(&str, u32)> = BTreeSet::new();
+        // Oldest job first, by submission order (`job-10` comes after `job-9`, not before
+        // `job-2` as the map's text order has it).
+        let mut jobs: Vec<&Job> = self
+            .jobs
+            .values()
+            .filter(|job| matches!(job.phase, JobPhase::Polling | JobPhase::Downloading))
+            .collect();
+        jobs.sort_by_key(|job| (job_number(&job.id), job.id.as_str()));
+        let mut round = Round::default();
         let mut picks = Vec::with_capacity(worker_ids.len());
         for worker_id in worker_ids {
-            let pick = self.pick(worker_id, &leased_per_tenant, &taken, &per_tenant_limit);
-            if let Some((job, file)) = pick {
+            let open = jobs.iter().copied().filter(|job| {
+                leased_per_tenant.get(job.tenant.as_str()).copied().unwrap_or(0) < per_tenant_limit(&job.tenant)
+            });
+            let pick = round.pick(worker_id, open);
+            if let Some((job, _)) = pick {
                 *leased_per_tenant.entry(job.tenant.as_str()).or_default() += 1;
-                taken.insert((job.id.as_str(), file));
             }
             picks.push(pick.map(|(job, file)| (job.id.clone(), file)));
         }
         picks
     }
+}
 
-    fn pick<'a>(
-        &'a self,
-        worker_id: &str,
-        leased_per_tenant: &BTreeMap<&str, usize>,
-        taken: &BTreeSet<(&str, u32)>,
-        per_tenant_limit: &impl Fn(&str) -> usize,
-    ) -> Option<(&'a Job, u32)> {
-        let mut candidates: Vec<&Job> = self
-            .jobs
-            .values()
-            .filter(|job| {
-                matches!(job.phase, JobPhase::Polling | JobPhase::Downloading)
-                    && leased_per_tenant.get(job.tenant.as_str()).copied().unwrap_or(0) < per_tenant_limit(&job.tenant)
-            })
-            .collect();
-        // Oldest job first, by submission order (`job-10` comes after `job-9`, not before
-        // `job-2` as the map's text order has it).
-        candidates.sort_by_key(|job| (job_number(&job.id), job.id.as_str()));
-        let mut fallback = None;
-        for job in candidates {
-            for (index, file) in job.files.iter().enumerate() {
-                let index = index as u32;
-                if file.phase != FilePhase::Pending || taken.contains(&(job.id.as_str(), index)) {
-                    continue;
-                }
-                match file.preferred_worker.as_deref() {
-                    Some(preferred) if preferred == worker_id => return Some((job, index)),
-                    Some(_) => {}
-                    None => {
-                        if fallback.is_none() {
-                            fallback = Some((job, index));
-                        }
-                    }
-                }
+/// What one round of picks has handed out so far.
+#[derive(Default)]
+struct Round<'a> {
+    /// Files kept for a worker, handed out.
+    taken: BTreeSet<(&'a str, u32)>,
+    /// Per job, the last free file handed out (free files go in manifest order).
+    free_after: BTreeMap<&'a str, u32>,
+}
+
+impl<'a> Round<'a> {
+    /// `worker_id`'s own interrupted files first (it can resume them), in any open job,
+    /// then the first free file of the oldest open job.
+    fn pick(&mut self, worker_id: &str, open: impl Iterator<Item = &'a Job> + Clone) -> Option<(&'a Job, u32)> {
+        for job in open.clone() {
+            let Some(kept) = job.index().preferred.get(worker_id) else {
+                continue;
+            };
+            if let Some(&file) = kept
+                .iter()
+                .find(|file| !self.taken.contains(&(job.id.as_str(), **file)))
+            {
+                self.taken.insert((job.id.as_str(), file));
+                return Some((job, file));
             }
         }
-        fallback
+        for job in open {
+            let free = &job.index().free;
+            let next = match self.free_after.get(job.id.as_str()) {
+                Some(&last) => free.range(last + 1..).next(),
+                None => free.iter().next(),
+            };
+            if let Some(&file) = next {
+                self.free_after.insert(job.id.as_str(), file);
+                return Some((job, file));
+            }
+        }
+        None
     }
 }
 

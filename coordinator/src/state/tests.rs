@@ -647,3 +647,42 @@ fn grants_in_one_entry_apply_in_order_and_each_is_answered() {
     assert!(matches!(&outcomes[2], Applied::LeaseGranted(g) if g.file == 1));
     assert_eq!(state.leases_held("w2"), 1);
 }
+
+#[test]
+fn a_state_loaded_from_a_snapshot_picks_and_counts_as_the_live_one_did() {
+    let (mut state, job_id) = state_with_job(6);
+    grant(&mut state, &job_id, 0, "w1");
+    let done = grant(&mut state, &job_id, 1, "w1");
+    state.apply(Command::CompleteLease {
+        lease_id: done.lease_id,
+        generation: done.generation,
+        bytes: 1,
+        resources: 1,
+        sha256: "00".into(),
+        location: "x".into(),
+        issues: vec![],
+        ehr_errors: 0,
+        at_ms: 5,
+    });
+    grant(&mut state, &job_id, 3, "w1");
+    // w1 restarts: files 0 and 3 are kept for it.
+    state.apply(Command::RegisterWorker {
+        worker_id: "w1".into(),
+        concurrency: 2,
+        at_ms: 50,
+    });
+    let live = state.next_files_for(&["w2", "w1", "w1", "w3"], |_| 10);
+    assert_eq!(
+        live,
+        [
+            Some((job_id.clone(), 2)),
+            Some((job_id.clone(), 0)),
+            Some((job_id.clone(), 3)),
+            Some((job_id.clone(), 4)),
+        ]
+    );
+    let restored: State = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    assert_eq!(restored.next_files_for(&["w2", "w1", "w1", "w3"], |_| 10), live);
+    assert_eq!(restored.jobs[&job_id].files_done(), 1);
+    assert_eq!(state.jobs[&job_id].files_done(), 1);
+}
