@@ -238,7 +238,8 @@ async fn main() {
                         .is_some_and(|s| s.phase == pb::JobPhase::Downloading as i32)
                 })
                 .await;
-            assert_eq!(listed.files.len() as u64, files, "one file per patient");
+            let listed = listed.summary.map(|s| u64::from(s.files_total));
+            assert_eq!(listed, Some(files), "one file per patient");
             let (_, written_before) = process_stats(pid);
             let done = Arc::new(AtomicBool::new(false));
             let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));

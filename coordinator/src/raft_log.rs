@@ -105,20 +105,33 @@ pub(crate) struct SledLog {
     snapshot_path: PathBuf,
     /// Durable writes of log entries or hard state so far (each one disk sync).
     syncs: Arc<std::sync::atomic::AtomicU64>,
+    /// The index of the snapshot in the file: snapshots are written off the raft actor, so
+    /// one of ours finishing after a leader's newer one was installed must not replace it.
+    snapshot_index: Arc<Mutex<u64>>,
 }
 
 /// The sled key where snapshots were kept before they got a file of their own (read once,
 /// then removed).
 const LEGACY_SNAPSHOT_KEY: &str = "snap";
 
+/// sled's page cache for the log.
+const LOG_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
 impl SledLog {
     #[allow(clippy::disallowed_methods)] // Opened once, when the coordinator starts.
     pub fn open(dir: &Path) -> Result<SledLog, RaftError> {
-        let db = sled::open(dir.join("raft")).map_err(storage_error)?;
+        // The log is written once and read back only by followers catching up: sled's
+        // default 1 GiB page cache would only grow the coordinator's memory.
+        let db = sled::Config::new()
+            .path(dir.join("raft"))
+            .cache_capacity(LOG_CACHE_BYTES)
+            .open()
+            .map_err(storage_error)?;
         Ok(SledLog {
             tree: db.open_tree("raft").map_err(storage_error)?,
             snapshot_path: dir.join("raft-snapshot.bin"),
             syncs: Arc::default(),
+            snapshot_index: Arc::default(),
         })
     }
 
@@ -198,6 +211,7 @@ impl SledLog {
             core.set_hardstate(hard_state);
         }
         drop(core);
+        *self.snapshot_index.lock().unwrap_or_else(|p| p.into_inner()) = snapshot_index;
         Ok(Loaded {
             storage: LogStorage {
                 mem,
@@ -221,7 +235,12 @@ impl SledLog {
     /// first: a crash before the entries are dropped leaves entries the load skips.
     pub fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), RaftError> {
         let index = snapshot.get_metadata().index;
+        let mut saved = self.snapshot_index.lock().unwrap_or_else(|p| p.into_inner());
+        if index <= *saved {
+            return Ok(());
+        }
         self.write_snapshot(snapshot)?;
+        *saved = index;
         let mut batch = sled::Batch::default();
         batch.remove(LEGACY_SNAPSHOT_KEY);
         for covered in self.tree.range(entry_key(0)..=entry_key(index)) {
@@ -237,7 +256,9 @@ impl SledLog {
     /// The file comes first: a crash before the log is cleared leaves a log the load reads
     /// only after the snapshot's index, never a log whose commit points past what is kept.
     pub fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), RaftError> {
+        let mut saved = self.snapshot_index.lock().unwrap_or_else(|p| p.into_inner());
         self.write_snapshot(snapshot)?;
+        *saved = snapshot.get_metadata().index;
         let mut batch = sled::Batch::default();
         for stale in self.tree.scan_prefix(b"e/") {
             let (key, _) = stale.map_err(storage_error)?;

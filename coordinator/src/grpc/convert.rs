@@ -129,7 +129,7 @@ pub fn job_to_pb(job: &Job, now_ms: u64, offset: u32, limit: u32) -> pb::GetJobR
     let end = (start + limit as usize).min(job.files.len());
     pb::GetJobResponse {
         summary: Some(summary_to_pb(job, now_ms)),
-        files: job.files[start..end].iter().map(file_to_pb).collect(),
+        files: job.files.range(start, end).map(file_to_pb).collect(),
         file_offset: start as u32,
         next_file_offset: (end < job.files.len()).then_some(end as u32),
     }

@@ -13,7 +13,7 @@ use fhirhaul_common::url_util::SafeUrl;
 
 use crate::error::CoordinatorError;
 use crate::node::Coordinator;
-use crate::state::{Command, FilePhase, FileRecord, Refusal};
+use crate::state::{Command, FileList, FilePhase, Refusal};
 use fhirhaul_common::clock::unix_ms;
 
 /// A file's place in a manifest: its list, its type, and how many files of that list and
@@ -35,7 +35,7 @@ fn places<'a>(files: impl Iterator<Item = (FileKind, Option<&'a str>)>) -> Vec<P
 
 /// The new link of each of `ours` that is not done yet, found at the same place in the
 /// `fresh` manifest: `(file index, url)`. A file with no counterpart keeps its link.
-pub fn match_links(ours: &[FileRecord], fresh: &[ManifestFile]) -> Vec<(u32, String)> {
+pub fn match_links(ours: &FileList, fresh: &[ManifestFile]) -> Vec<(u32, String)> {
     let fresh_places: BTreeMap<Place, &ManifestFile> =
         places(fresh.iter().map(|file| (file.kind, file.resource_type.as_deref())))
             .into_iter()
@@ -168,6 +168,7 @@ pub async fn renew_link(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::FileRecord;
 
     fn ours(kind: FileKind, resource_type: Option<&str>, url: &str, phase: FilePhase) -> FileRecord {
         FileRecord {
@@ -187,7 +188,7 @@ mod tests {
 
     #[test]
     fn files_match_by_list_type_and_position_and_done_files_keep_their_links() {
-        let ours = vec![
+        let ours: FileList = [
             ours(FileKind::Output, Some("Patient"), "https://s/p1?exp=1", FilePhase::Done),
             ours(
                 FileKind::Output,
@@ -202,7 +203,9 @@ mod tests {
                 FilePhase::Failed,
             ),
             ours(FileKind::Error, None, "https://s/e1?exp=1", FilePhase::Pending),
-        ];
+        ]
+        .into_iter()
+        .collect();
         // The fresh manifest lists types in another order; positions within a type hold.
         let fresh = vec![
             fresh(FileKind::Error, None, "https://s/e1?exp=2"),
@@ -222,10 +225,12 @@ mod tests {
 
     #[test]
     fn a_file_without_a_counterpart_or_with_the_same_link_gets_nothing() {
-        let ours = vec![
+        let ours: FileList = [
             ours(FileKind::Output, Some("Patient"), "https://s/p1", FilePhase::Pending),
             ours(FileKind::Output, Some("Patient"), "https://s/p2", FilePhase::Pending),
-        ];
+        ]
+        .into_iter()
+        .collect();
         let fresh = vec![fresh(FileKind::Output, Some("Patient"), "https://s/p1")];
         assert_eq!(match_links(&ours, &fresh), vec![]);
     }

@@ -114,12 +114,12 @@ pub fn plan(state: &State, running: &Running, now_ms: u64, settings: &PlanSettin
             }
         }
         let stale_before_ms = now_ms.saturating_sub(settings.lease_ms);
-        let waits_for_absent_worker = state.jobs.values().flat_map(|j| j.files.iter()).any(|f| {
-            f.phase == FilePhase::Pending
-                && f.preferred_worker
-                    .as_ref()
-                    .is_some_and(|w| state.workers.get(w).is_none_or(|w| w.last_seen_ms < stale_before_ms))
-        });
+        // Pending files kept for a worker, from the jobs' indexes (not a walk of every file).
+        let waits_for_absent_worker = state
+            .jobs
+            .values()
+            .flat_map(|job| job.index().preferred.keys())
+            .any(|w| state.workers.get(w).is_none_or(|w| w.last_seen_ms < stale_before_ms));
         if waits_for_absent_worker {
             actions.push(Action::ForgetAbsentWorkers { stale_before_ms });
         }

@@ -48,7 +48,15 @@ pub(super) struct Actor {
     pub(super) applied: watch::Sender<u64>,
     pub(super) role: watch::Sender<bool>,
     pub(super) status: watch::Sender<RaftStatus>,
+    /// Snapshots are written off the actor (a clone of the state is cheap: files are
+    /// shared copy-on-write); each reports here when it is on disk.
+    pub(super) snapshot_saved: (mpsc::Sender<SavedSnapshot>, Option<mpsc::Receiver<SavedSnapshot>>),
+    /// A snapshot is being written (at most one at a time).
+    pub(super) snapshot_in_flight: bool,
 }
+
+/// A snapshot written to disk off the actor, or why it could not be.
+pub(super) type SavedSnapshot = Result<Snapshot, RaftError>;
 
 impl Actor {
     pub(super) async fn run(
@@ -60,6 +68,9 @@ impl Actor {
     ) {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let Some(mut saved) = self.snapshot_saved.1.take() else {
+            return;
+        };
         loop {
             tokio::select! {
                 biased;
@@ -79,6 +90,12 @@ impl Actor {
                     None => break,
                 },
                 Some(delivery) = deliveries.recv() => self.delivery(delivery),
+                Some(snapshot) = saved.recv() => {
+                    if let Err(error) = snapshot.and_then(|snapshot| self.snapshot_saved(snapshot)) {
+                        tracing::error!(%error, "could not save a snapshot; stopping the node");
+                        break;
+                    }
+                }
                 _ = ticker.tick() => {
                     self.node.tick();
                 }
@@ -89,6 +106,11 @@ impl Actor {
             }
         }
         self.fail_pending(RaftError::Stopped);
+        if self.snapshot_in_flight {
+            // Let the snapshot being written finish, so the data directory is not in use
+            // when the node stops (a restart opens it again).
+            let _ = saved.recv().await;
+        }
     }
 
     fn handle(&mut self, message: Message) {
@@ -423,33 +445,56 @@ impl Actor {
         Ok(())
     }
 
-    /// Every `snapshot_every` applied entries, and after every membership change: save the
-    /// state machine in sled and compact the log up to it.
+    /// Every `snapshot_every` applied entries, and after every membership change: save the state machine to
+    /// the snapshot file and compact the log up to it. The state is cloned here and written
+    /// off the actor, so leases go on while a large state is serialized and synced (or
+    /// inline, for a deterministic simulation).
     async fn snapshot_if_due(&mut self) -> Result<(), RaftError> {
         let applied = self.node.raft.raft_log.applied;
         let due = applied >= self.snapshot_index + self.snapshot_every || self.conf_changed;
-        if !due || applied <= self.snapshot_index {
+        if !due || applied <= self.snapshot_index || self.snapshot_in_flight {
             return Ok(());
         }
         let term = self.node.raft.raft_log.term(applied).map_err(storage_error)?;
-        let mut snapshot = Snapshot {
-            data: serde_json::to_vec(&self.state).map_err(storage_error)?.into(),
-            ..Default::default()
-        };
-        let metadata = snapshot.mut_metadata();
-        metadata.index = applied;
-        metadata.term = term;
-        metadata.set_conf_state(self.conf_state.clone());
-        let to_save = snapshot.clone();
-        on_log(Arc::clone(&self.log), self.offload, move |log| {
-            log.save_snapshot(&to_save)
-        })
-        .await?;
-        self.node.mut_store().mem.wl().compact(applied).map_err(storage_error)?;
-        self.node.mut_store().set_snapshot(snapshot);
-        self.snapshot_index = applied;
+        let state = self.state.clone();
+        let conf_state = self.conf_state.clone();
         self.conf_changed = false;
-        tracing::debug!(index = applied, "state machine snapshot saved; log compacted");
+        let log = Arc::clone(&self.log);
+        let write = move || -> SavedSnapshot {
+            let mut snapshot = Snapshot {
+                data: serde_json::to_vec(&state).map_err(storage_error)?.into(),
+                ..Default::default()
+            };
+            let metadata = snapshot.mut_metadata();
+            metadata.index = applied;
+            metadata.term = term;
+            metadata.set_conf_state(conf_state);
+            log.save_snapshot(&snapshot)?;
+            Ok(snapshot)
+        };
+        self.snapshot_in_flight = true;
+        if self.offload.is_inline() {
+            return self.snapshot_saved(write()?);
+        }
+        let done = self.snapshot_saved.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = done.blocking_send(write());
+        });
+        Ok(())
+    }
+
+    /// A snapshot is on disk: raft may now forget the entries it covers.
+    fn snapshot_saved(&mut self, snapshot: Snapshot) -> Result<(), RaftError> {
+        self.snapshot_in_flight = false;
+        let index = snapshot.get_metadata().index;
+        if index <= self.snapshot_index {
+            // A leader's snapshot was installed meanwhile; it is newer.
+            return Ok(());
+        }
+        self.node.mut_store().mem.wl().compact(index).map_err(storage_error)?;
+        self.node.mut_store().set_snapshot(snapshot);
+        self.snapshot_index = index;
+        tracing::debug!(index, "state machine snapshot saved; log compacted");
         Ok(())
     }
 

@@ -342,6 +342,11 @@ pub fn start(
         applied: applied_tx,
         role: role_tx,
         status: status_tx,
+        snapshot_saved: {
+            let (sender, receiver) = mpsc::channel(1);
+            (sender, Some(receiver))
+        },
+        snapshot_in_flight: false,
     };
     actor.publish_addresses();
     actor.publish_status();

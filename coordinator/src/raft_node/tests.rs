@@ -131,7 +131,8 @@ async fn a_snapshot_lives_in_its_own_file_and_one_kept_in_sled_by_an_older_versi
     let cancel = CancellationToken::new();
     let raft = leader(dir.path(), &cancel).await;
     assert_eq!(raft.read_linearizable(|state| state.jobs.len()).await.unwrap(), 35);
-    for _ in 0..35 {
+    // Enough log to outweigh the 35-job snapshot (see `snapshot_due`).
+    for _ in 0..150 {
         raft.propose(submit()).await.unwrap();
     }
     cancel.cancel();
@@ -219,4 +220,27 @@ async fn a_commit_index_lost_in_a_crash_never_trails_the_snapshot() {
     assert_eq!(raft.read_linearizable(|state| state.jobs.len()).await.unwrap(), 35);
     raft.propose(submit()).await.unwrap();
     cancel.cancel();
+}
+
+#[test]
+fn a_snapshot_of_ours_finishing_after_a_newer_one_from_the_leader_does_not_replace_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = SledLog::open(dir.path()).unwrap();
+    log.load(&[1]).unwrap();
+    let snapshot = |index: u64| {
+        let mut snapshot = raft::eraftpb::Snapshot {
+            data: serde_json::to_vec(&State::default()).unwrap().into(),
+            ..Default::default()
+        };
+        snapshot.mut_metadata().index = index;
+        snapshot.mut_metadata().term = 1;
+        snapshot.mut_metadata().mut_conf_state().voters = vec![1];
+        snapshot
+    };
+    log.install_snapshot(&snapshot(40)).unwrap();
+    // Ours, taken at index 30, was still being written.
+    log.save_snapshot(&snapshot(30)).unwrap();
+    assert_eq!(log.load(&[1]).unwrap().snapshot_index, 40);
+    log.save_snapshot(&snapshot(50)).unwrap();
+    assert_eq!(log.load(&[1]).unwrap().snapshot_index, 50);
 }

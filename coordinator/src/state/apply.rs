@@ -120,7 +120,7 @@ impl State {
                         progress_at_ms: None,
                         download_started_ms: None,
                         last_file_ms: None,
-                        files: Vec::new(),
+                        files: Default::default(),
                         names: Default::default(),
                         index: Default::default(),
                     },

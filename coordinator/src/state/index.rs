@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 
-use super::{FilePhase, FileRecord, Job};
+use super::{FileList, FilePhase, FileRecord, Job};
 
 /// Pending files by who may take them, and counts of settled files.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,7 +21,7 @@ pub struct FileIndex {
 }
 
 impl FileIndex {
-    pub fn build(files: &[FileRecord]) -> FileIndex {
+    pub fn build(files: &FileList) -> FileIndex {
         let mut index = FileIndex::default();
         for (position, file) in files.iter().enumerate() {
             index.add(position as u32, file);

@@ -351,7 +351,7 @@ pub struct Job {
     pub last_file_ms: Option<u64>,
     /// Change them through `change_file`/`push_file`/`change_all_files`, which keep
     /// [`Job::index`] true.
-    pub files: Vec<FileRecord>,
+    pub files: FileList,
     names: OutputNames,
     #[serde(skip)]
     index: index::LazyIndex,
@@ -567,7 +567,10 @@ pub struct State {
 }
 
 mod apply;
+mod files;
 mod index;
+
+pub use files::FileList;
 mod queries;
 mod summary;
 #[cfg(test)]
