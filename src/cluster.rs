@@ -250,6 +250,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         data_dir: args.data_dir.unwrap_or(cluster.data_dir.clone()),
         lease_duration: args.lease_duration.unwrap_or(cluster.lease_duration),
         max_file_attempts: cluster.max_file_attempts,
+        archive_after: cluster.archive_after,
         raft: RaftSettings {
             node_id: cluster.node_id,
             snapshot_every: cluster.snapshot_every,

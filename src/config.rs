@@ -48,6 +48,10 @@ pub struct ClusterConfig {
     pub join: bool,
     /// Snapshot the state and compact the raft log every this many entries.
     pub snapshot_every: u64,
+    /// A finished job leaves the replicated state once quiet this long (its summary stays;
+    /// its files are kept in `<data_dir>/archive/`).
+    #[serde(with = "fhirhaul_common::serde_duration")]
+    pub archive_after: Duration,
     /// Raft election timeout in 100 ms ticks (default: 10 to 19, spread by node id).
     pub election_tick: Option<usize>,
 }
@@ -73,6 +77,7 @@ impl Default for ClusterConfig {
             coordinator: Vec::new(),
             join: false,
             snapshot_every: 10_000,
+            archive_after: fhirhaul_coordinator::node::DEFAULT_ARCHIVE_AFTER,
             election_tick: None,
         }
     }

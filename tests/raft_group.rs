@@ -262,3 +262,65 @@ async fn a_coordinator_added_at_run_time_catches_up_from_a_snapshot_and_can_lead
     remaining.sort();
     assert_eq!(remaining, ["2", "3", "4"], "{shown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_leaves_the_hot_state_and_still_answers_with_its_files_then_its_summary() {
+    let config = SimConfig {
+        patients: 40,
+        max_resources_per_file: 12,
+        job_duration: Duration::from_millis(300),
+        ..SimConfig::default()
+    };
+    let mut group = Group::start_with(
+        config,
+        3,
+        Some("3s"),
+        "snapshot_every = 20\narchive_after = \"1s\"\n",
+        |toml| toml,
+    )
+    .await;
+    group.leader_among(&[1, 2, 3]).await;
+    for name in ["w1", "w2"] {
+        group.start_worker(name);
+    }
+    let job_id = group.submit().await;
+    let finished = group.wait_completed(&job_id).await;
+    assert!(finished.files.len() > 3);
+
+    // Every coordinator writes the archived job's files to its own archive.
+    let archived = |id: u64| {
+        group
+            .dir
+            .path()
+            .join(format!("coordinator-{id}"))
+            .join("archive")
+            .join(format!("{job_id}.json"))
+    };
+    for _ in 0..200 {
+        if (1..=3).all(|id| archived(id).exists()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!((1..=3).all(|id| archived(id).exists()), "archived on every coordinator");
+
+    let after = group.job(&job_id).await.expect("an archived job still answers");
+    assert_eq!(after.summary, finished.summary, "the same summary");
+    assert_eq!(after.files, finished.files, "and the same files, from the archive");
+    let listed = AdminServiceClient::new(group.direct(group.leader_among(&[1, 2, 3]).await))
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed, vec![finished.summary.clone().unwrap()], "listed by its summary");
+
+    // A coordinator without the archived files (one that caught up from a later snapshot)
+    // answers with the summary alone, never with an empty job.
+    for id in 1..=3 {
+        std::fs::remove_file(archived(id)).unwrap();
+    }
+    let summary_only = group.job(&job_id).await.expect("the summary still answers");
+    assert_eq!(summary_only.summary, finished.summary);
+    assert!(summary_only.files.is_empty() && summary_only.next_file_offset.is_none());
+}

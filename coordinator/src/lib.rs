@@ -27,9 +27,11 @@
 //! - [`leader`]: leader-only work: the term supervisor, the pure planner, job drivers and
 //!   the lease manager.
 //! - [`kickoff_ledger`]: what came of the kick-offs this node sent.
+//! - [`archive`]: finished jobs' files, moved out of the replicated state.
 //! - [`error`]: the coordinator's error type and its one mapping to gRPC statuses.
 //! - [`grpc`]: the worker, admin and raft gRPC services.
 
+pub mod archive;
 pub mod error;
 pub mod grpc;
 pub mod kickoff_ledger;

@@ -27,7 +27,24 @@ pub use crate::leader::LeaderTerm;
 pub use crate::leader::leases::LeasedFile;
 use crate::peers::Peers;
 use crate::raft_node::{self, Membership, RaftError, RaftHandle, RaftSettings};
-use crate::state::{Applied, Command, DeletePolicy, Job, Refusal, State};
+use crate::state::{Applied, ArchivedJob, Command, DeletePolicy, Job, Refusal, State};
+
+/// How long a finished job stays in the hot state by default: long enough for whoever
+/// started it to read its status and files, short enough that a coordinator running
+/// export after export keeps a state (and memory, and snapshots) of what is running.
+pub const DEFAULT_ARCHIVE_AFTER: Duration = Duration::from_secs(600);
+
+/// A job as status calls see it.
+#[derive(Debug, Clone)]
+pub enum JobView {
+    Live(Box<Job>),
+    Archived {
+        summary: Box<ArchivedJob>,
+        /// The job with its files, from this coordinator's archive (none if it caught up
+        /// from a snapshot taken after the job was archived).
+        detail: Option<Box<Job>>,
+    },
+}
 
 /// Coordinator timings and limits.
 #[derive(Debug, Clone)]
@@ -49,6 +66,9 @@ pub struct CoordinatorSettings {
     /// Serve gRPC reflection (it lists every API, unauthenticated) on a non-loopback
     /// address too; on loopback it is always served.
     pub reflection_beyond_loopback: bool,
+    /// A finished job is moved out of the replicated state (its summary stays; its files
+    /// go to the archive directory) once it has been quiet this long.
+    pub archive_after: Duration,
 }
 
 impl Default for CoordinatorSettings {
@@ -63,6 +83,7 @@ impl Default for CoordinatorSettings {
             cluster_token: None,
             offload: Offload::Threads,
             reflection_beyond_loopback: false,
+            archive_after: DEFAULT_ARCHIVE_AFTER,
         }
     }
 }
@@ -396,12 +417,44 @@ impl Coordinator {
         }
     }
 
-    /// The job as the leader knows it now (a linearizable read).
+    /// The job as the leader knows it now (a linearizable read); an archived job as this
+    /// coordinator's archive holds it, files and all.
     pub async fn job(&self, job_id: &str) -> Result<Job, CoordinatorError> {
+        match self.job_or_archived(job_id).await? {
+            JobView::Live(job) | JobView::Archived { detail: Some(job), .. } => Ok(*job),
+            JobView::Archived { detail: None, .. } => Err(Refusal::ArchivedElsewhere(job_id.to_string()).into()),
+        }
+    }
+
+    /// The job as the leader knows it now, or what is kept of it once archived: its
+    /// summary, and its files if this coordinator's archive has them.
+    pub async fn job_or_archived(&self, job_id: &str) -> Result<JobView, CoordinatorError> {
         let id = job_id.to_string();
-        self.read_linearizable(move |state| state.jobs.get(&id).cloned())
-            .await?
-            .ok_or_else(|| Refusal::UnknownJob(job_id.to_string()).into())
+        let (live, archived) = self
+            .read_linearizable(move |state| (state.jobs.get(&id).cloned(), state.archived.get(&id).cloned()))
+            .await?;
+        if let Some(job) = live {
+            return Ok(JobView::Live(Box::new(job)));
+        }
+        let Some(summary) = archived else {
+            return Err(Refusal::UnknownJob(job_id.to_string()).into());
+        };
+        let archive = crate::archive::JobArchive::new(&self.inner.settings.data_dir);
+        let id = job_id.to_string();
+        let detail = self
+            .inner
+            .settings
+            .offload
+            .run(move || archive.read(&id))
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, job = %job_id, "could not read an archived job's files");
+                None
+            });
+        Ok(JobView::Archived {
+            summary: Box::new(summary),
+            detail: detail.map(Box::new),
+        })
     }
 
     /// The job in this node's applied state (for the leader's own work).

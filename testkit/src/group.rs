@@ -27,8 +27,8 @@ pub struct Group {
     pub coordinators: BTreeMap<u64, Process>,
     pub workers: BTreeMap<String, Process>,
     pub lease: Option<&'static str>,
-    /// `cluster.snapshot_every` (the coordinators' default when `None`).
-    pub snapshot_every: Option<u64>,
+    /// Lines for the coordinators' `[cluster]` table (`snapshot_every = 20`, say).
+    pub cluster_toml: String,
 }
 
 pub fn address(port: u16) -> String {
@@ -39,16 +39,16 @@ impl Group {
     /// `lease` is the coordinators' `--lease-duration` (their default when `None`).
     /// Snapshots every 20 entries, so tests exercise them.
     pub async fn start(config: SimConfig, members: u64, lease: Option<&'static str>) -> Group {
-        Self::start_with(config, members, lease, Some(20), |toml| toml).await
+        Self::start_with(config, members, lease, "snapshot_every = 20\n", |toml| toml).await
     }
 
-    /// [`Group::start`] with the coordinators' `snapshot_every` and the tenant's TOML as
-    /// `tenant` makes it (a benchmark's concurrency and request, say).
+    /// [`Group::start`] with `cluster_toml` in the coordinators' `[cluster]` table and the
+    /// tenant's TOML as `tenant` makes it (a benchmark's concurrency and request, say).
     pub async fn start_with(
         config: SimConfig,
         members: u64,
         lease: Option<&'static str>,
-        snapshot_every: Option<u64>,
+        cluster_toml: &str,
         tenant: impl FnOnce(String) -> String,
     ) -> Group {
         let dir = tempfile::tempdir().unwrap();
@@ -62,7 +62,7 @@ impl Group {
             coordinators: BTreeMap::new(),
             workers: BTreeMap::new(),
             lease,
-            snapshot_every,
+            cluster_toml: cluster_toml.to_string(),
         };
         for id in 1..=members {
             group.ports.insert(id, free_port());
@@ -85,9 +85,7 @@ impl Group {
     pub fn write_config(&self, id: u64, join: bool) {
         let mut toml = self.tenant_toml.clone();
         toml += &format!("[cluster]\nnode_id = {id}\njoin = {join}\n");
-        if let Some(every) = self.snapshot_every {
-            toml += &format!("snapshot_every = {every}\n");
-        }
+        toml += &self.cluster_toml;
         for (&peer, &port) in &self.ports {
             let route = match self.links.get(&(id, peer)) {
                 Some(link) => address(link.port),

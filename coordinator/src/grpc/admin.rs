@@ -10,8 +10,8 @@ use fhirhaul_proto::v1::admin_service_server::AdminService;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{job_summary_to_pb, job_to_pb, summary_to_pb};
-use crate::node::Coordinator;
+use super::convert::{archived_job_to_pb, archived_summary_to_pb, job_summary_to_pb, job_to_pb, summary_to_pb};
+use crate::node::{Coordinator, JobView};
 
 /// What operators and the CLI call.
 pub struct AdminApi {
@@ -85,7 +85,12 @@ impl AdminService for AdminApi {
         let now_ms = self.coordinator.now_ms();
         let jobs = self
             .coordinator
-            .read_linearizable(move |state| state.jobs.values().map(|job| summary_to_pb(job, now_ms)).collect())
+            .read_linearizable(move |state| {
+                let archived = state.archived.values().map(archived_summary_to_pb);
+                archived
+                    .chain(state.jobs.values().map(|job| summary_to_pb(job, now_ms)))
+                    .collect()
+            })
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
@@ -93,21 +98,34 @@ impl AdminService for AdminApi {
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::GetJobResponse>, Status> {
         let request = request.into_inner();
-        let job = self.coordinator.job(&request.job_id).await.map_err(Status::from)?;
-        Ok(Response::new(job_to_pb(
-            &job,
-            self.coordinator.now_ms(),
-            request.file_offset,
-            request.file_limit,
-        )))
+        let view = self
+            .coordinator
+            .job_or_archived(&request.job_id)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(match view {
+            JobView::Live(job) | JobView::Archived { detail: Some(job), .. } => {
+                job_to_pb(&job, self.coordinator.now_ms(), request.file_offset, request.file_limit)
+            }
+            JobView::Archived { summary, detail: None } => archived_job_to_pb(&summary),
+        }))
     }
 
     type WatchJobStream = JobStream;
 
     async fn watch_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         let job_id = request.into_inner().job_id;
-        let first = self.coordinator.job(&job_id).await.map_err(Status::from)?;
         let (sender, receiver) = tokio::sync::mpsc::channel(8);
+        let first = match self.coordinator.job_or_archived(&job_id).await.map_err(Status::from)? {
+            JobView::Live(job) => *job,
+            // Archived: it has ended; its summary is all there is to watch.
+            JobView::Archived { summary, .. } => {
+                let _ = sender.send(Ok(archived_job_to_pb(&summary))).await;
+                return Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+                    receiver,
+                ))));
+            }
+        };
         let coordinator = self.coordinator.clone();
         tokio::spawn(async move {
             let mut applied = coordinator.raft().applied();

@@ -10,7 +10,7 @@ use fhirhaul_proto::v1 as pb;
 use tonic::Status;
 
 use crate::leader::leases::LeasedFile;
-use crate::state::{Cleanup, FilePhase, FileRecord, Job, JobPhase};
+use crate::state::{ArchivedJob, Cleanup, FilePhase, FileRecord, Job, JobPhase};
 
 impl From<JobPhase> for pb::JobPhase {
     fn from(phase: JobPhase) -> Self {
@@ -88,6 +88,38 @@ pub fn summary_to_pb(job: &Job, now_ms: u64) -> pb::JobSummary {
         ehr_errors: job.ehr_errors(),
         download_ms: job.download_ms(now_ms),
         failures_by_category: job.failures_by_category(),
+    }
+}
+
+/// What is kept of an archived job, as a summary.
+pub fn archived_summary_to_pb(job: &ArchivedJob) -> pb::JobSummary {
+    pb::JobSummary {
+        job_id: job.id.clone(),
+        tenant: job.tenant.clone(),
+        phase: pb::JobPhase::from(job.phase) as i32,
+        files_total: job.files_total,
+        files_done: job.files_done,
+        files_failed: job.files_failed,
+        bytes_done: job.bytes_done,
+        progress: job.progress.clone(),
+        error: job.error.clone(),
+        transaction_time: job.transaction_time.clone(),
+        output_dir: job.output_dir.clone(),
+        cleanup: pb::Cleanup::from(&job.cleanup) as i32,
+        delete_error: job.delete_error.clone(),
+        ehr_errors: job.ehr_errors,
+        download_ms: job.download_ms,
+        failures_by_category: job.failures_by_category.clone().into_iter().collect(),
+    }
+}
+
+/// An archived job whose files this coordinator does not have: the summary alone.
+pub fn archived_job_to_pb(job: &ArchivedJob) -> pb::GetJobResponse {
+    pb::GetJobResponse {
+        summary: Some(archived_summary_to_pb(job)),
+        files: Vec::new(),
+        file_offset: 0,
+        next_file_offset: None,
     }
 }
 

@@ -149,6 +149,7 @@ async fn lead(
         term_since_ms: term.since_ms,
         // Workers heartbeat every third of a lease period (see `grpc::worker`).
         report_grace_ms: (coordinator.settings().lease_duration / 3).as_millis() as u64,
+        archive_after_ms: coordinator.settings().archive_after.as_millis() as u64,
     };
     let mut work = TermWork {
         coordinator,
@@ -239,6 +240,11 @@ impl TermWork<'_> {
                 self.coordinator
                     .propose(Command::ExpireLease { lease_id, generation })
                     .await?;
+            }
+            Action::ArchiveJob { job_id } => {
+                tracing::info!(job = %job_id, "archiving a finished job; its summary stays in the state");
+                let at_ms = self.coordinator.now_ms();
+                self.coordinator.propose(Command::ArchiveJob { job_id, at_ms }).await?;
             }
             Action::ForgetAbsentWorkers { stale_before_ms } => {
                 self.coordinator

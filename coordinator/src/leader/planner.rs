@@ -21,6 +21,8 @@ pub enum Action {
     ExpireLease { lease_id: u64, generation: u64 },
     /// Files waiting for a worker not seen since then may go to anyone.
     ForgetAbsentWorkers { stale_before_ms: u64 },
+    /// The job has finished and been quiet for a while: move it out of the hot state.
+    ArchiveJob { job_id: String },
 }
 
 /// What this term runs already.
@@ -44,6 +46,8 @@ pub struct PlanSettings {
     /// period): a report at least this much later that leaves it out means the worker
     /// never got it.
     pub report_grace_ms: u64,
+    /// A finished job (nothing left to DELETE) is archived once quiet this long.
+    pub archive_after_ms: u64,
 }
 
 /// Decides what the leader does now.
@@ -58,6 +62,13 @@ pub fn plan(state: &State, running: &Running, now_ms: u64, settings: &PlanSettin
             !running.deleting.contains(&job.id) && matches!(job.cleanup(), Cleanup::Due { at_ms } if now_ms >= at_ms);
         if delete_due {
             actions.push(Action::DeleteStatus { job_id: job.id.clone() });
+        }
+        let archive_due = job.phase.is_final()
+            && !running.deleting.contains(&job.id)
+            && !matches!(job.cleanup(), Cleanup::Due { .. })
+            && now_ms >= job.last_activity_ms().saturating_add(settings.archive_after_ms);
+        if archive_due {
+            actions.push(Action::ArchiveJob { job_id: job.id.clone() });
         }
         match job.phase {
             JobPhase::Submitted | JobPhase::Polling => {
@@ -137,12 +148,14 @@ mod tests {
 
     const LEASE_MS: u64 = 30_000;
     const REPORT_GRACE_MS: u64 = 10_000;
+    const ARCHIVE_AFTER_MS: u64 = 600_000;
 
     fn settings() -> PlanSettings {
         PlanSettings {
             lease_ms: LEASE_MS,
             term_since_ms: 1_000,
             report_grace_ms: REPORT_GRACE_MS,
+            archive_after_ms: ARCHIVE_AFTER_MS,
         }
     }
 
@@ -207,6 +220,49 @@ mod tests {
         assert_eq!(actions, [start(&submitted), start(&polling)]);
         let actions = plan(&state, &running(&[&submitted, &polling], &[]), 2_000, &settings());
         assert!(actions.is_empty(), "a running driver is not started twice: {actions:?}");
+    }
+
+    #[test]
+    fn a_finished_job_is_archived_once_quiet_and_never_before_its_delete() {
+        let mut state = State::default();
+        let kept = submit(&mut state, "t");
+        kicked_off(&mut state, &kept);
+        state.apply(Command::JobFailed {
+            job_id: kept.clone(),
+            reason: "refused".into(),
+        });
+        let deleted = submit(&mut state, "deletes-all");
+        kicked_off(&mut state, &deleted);
+        state.apply(Command::CancelJob {
+            job_id: deleted.clone(),
+        });
+        let running_job = submit(&mut state, "t");
+        kicked_off(&mut state, &running_job);
+        let archive = |state: &State, now_ms: u64| -> Vec<Action> {
+            plan(state, &running(&[&running_job], &[]), now_ms, &settings())
+                .into_iter()
+                .filter(|a| matches!(a, Action::ArchiveJob { .. }))
+                .collect()
+        };
+        assert!(
+            archive(&state, ARCHIVE_AFTER_MS - 1).is_empty(),
+            "not quiet long enough"
+        );
+        assert_eq!(
+            archive(&state, ARCHIVE_AFTER_MS),
+            [Action::ArchiveJob { job_id: kept.clone() }],
+            "the cancelled job waits for its DELETE; the running one stays"
+        );
+        state.apply(Command::StatusDeleted {
+            job_id: deleted.clone(),
+        });
+        assert_eq!(
+            archive(&state, ARCHIVE_AFTER_MS),
+            [
+                Action::ArchiveJob { job_id: kept },
+                Action::ArchiveJob { job_id: deleted }
+            ]
+        );
     }
 
     #[test]
@@ -350,7 +406,11 @@ mod tests {
                 now += pause;
             }
         }
-        assert!(plan(&state, &Running::default(), now + 3_600_000, &settings()).is_empty());
+        assert_eq!(
+            plan(&state, &Running::default(), now + 3_600_000, &settings()),
+            [Action::ArchiveJob { job_id: job.clone() }],
+            "no fourth DELETE; in time the job is archived"
+        );
         assert_eq!(state.jobs[&job].cleanup(), Cleanup::Failed("HTTP 500".into()));
     }
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::peers::{Delivery, Peers};
 use crate::raft_log::{LogError, LogStorage, SledLog, restore_state, storage_error};
-use crate::state::{Command, State};
+use crate::state::{Command, Job, State};
 
 /// Messages handled before one Ready is processed (a bound on one batch's size and on
 /// how long the actor goes without ticking or persisting).
@@ -53,6 +53,8 @@ pub(super) struct Actor {
     pub(super) snapshot_saved: (mpsc::Sender<SavedSnapshot>, Option<mpsc::Receiver<SavedSnapshot>>),
     /// A snapshot is being written (at most one at a time).
     pub(super) snapshot_in_flight: bool,
+    /// Where jobs archived out of the state are written with their files.
+    pub(super) archive: crate::archive::JobArchive,
 }
 
 /// A snapshot written to disk off the actor, or why it could not be.
@@ -527,12 +529,31 @@ impl Actor {
                 reason: error.to_string(),
             })),
         };
+        for job in self.state.take_archived_jobs() {
+            self.write_archive(job);
+        }
         if let Some((node, request)) = parse_context(&entry.context)
             && node == self.node.raft.id
             && self.waiting.get(&request).is_some_and(|(term, _)| *term == entry.term)
             && let Some((_, reply)) = self.waiting.remove(&request)
         {
             let _ = reply.send(result);
+        }
+    }
+
+    /// Writes an archived job's files to this node's archive, off the actor (a large job
+    /// takes a while to serialize). Status calls answer with its summary until it is there.
+    fn write_archive(&self, job: Job) {
+        let archive = self.archive.clone();
+        let write = move || {
+            if let Err(error) = archive.write(&job) {
+                tracing::warn!(%error, job = %job.id, "could not write an archived job's files; its summary stays");
+            }
+        };
+        if self.offload.is_inline() {
+            write();
+        } else {
+            tokio::task::spawn_blocking(write);
         }
     }
 

@@ -347,6 +347,7 @@ pub fn start(
             (sender, Some(receiver))
         },
         snapshot_in_flight: false,
+        archive: crate::archive::JobArchive::new(dir),
     };
     actor.publish_addresses();
     actor.publish_status();

@@ -2,8 +2,8 @@ use fhirhaul_common::Category;
 use fhirhaul_common::fhir::parse_instant;
 
 use super::{
-    Applied, Command, FilePhase, FileRecord, HeldLeases, Job, JobPhase, LeaseGrant, LeaseIndex, Refusal, State,
-    WorkerRecord,
+    Applied, ArchivedJob, Cleanup, Command, FilePhase, FileRecord, HeldLeases, Job, JobPhase, LeaseGrant, LeaseIndex,
+    Refusal, State, WorkerRecord,
 };
 
 fn refused(refusal: Refusal) -> Applied {
@@ -430,6 +430,17 @@ impl State {
                 self.forget_preferences_of_absent_workers(stale_before_ms);
                 Applied::Done
             }
+            Command::ArchiveJob { job_id, at_ms } => match self.jobs.get(&job_id) {
+                Some(job) if job.phase.is_final() && !matches!(job.cleanup(), Cleanup::Due { .. }) => {
+                    if let Some(job) = self.jobs.remove(&job_id) {
+                        self.archived.insert(job_id, ArchivedJob::of(&job, at_ms));
+                        self.archive_outbox.push(job);
+                    }
+                    Applied::Done
+                }
+                Some(_) => refused(Refusal::NotFinished(job_id)),
+                None => refused(Refusal::UnknownJob(job_id)),
+            },
             Command::SetCoordinatorAddress { node_id, address } => {
                 self.coordinators.insert(node_id, address);
                 Applied::Done

@@ -172,12 +172,67 @@ pub enum Command {
     ForgetAbsentWorkers {
         stale_before_ms: u64,
     },
+    /// A finished job leaves the hot state: its summary stays in [`State::archived`], its
+    /// files go to each coordinator's archive directory (see `crate::archive`).
+    ArchiveJob {
+        job_id: String,
+        /// When the leader decided it (unix ms).
+        at_ms: u64,
+    },
     /// Records where a coordinator listens, so the address book is in the log (and in
     /// snapshots) and not only in each node's configuration.
     SetCoordinatorAddress {
         node_id: u64,
         address: String,
     },
+}
+
+/// What stays of a job in replicated state once it is archived: its summary, constant in
+/// size whatever the number of files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArchivedJob {
+    pub id: String,
+    pub tenant: String,
+    pub phase: JobPhase,
+    pub files_total: u32,
+    pub files_done: u32,
+    pub files_failed: u32,
+    pub bytes_done: u64,
+    /// The EHR's last `X-Progress`.
+    pub progress: Option<String>,
+    pub error: Option<String>,
+    pub transaction_time: Option<String>,
+    pub output_dir: String,
+    pub cleanup: Cleanup,
+    pub delete_error: Option<String>,
+    pub ehr_errors: u64,
+    pub download_ms: u64,
+    pub failures_by_category: BTreeMap<String, u32>,
+    pub archived_ms: u64,
+}
+
+impl ArchivedJob {
+    fn of(job: &Job, at_ms: u64) -> ArchivedJob {
+        ArchivedJob {
+            id: job.id.clone(),
+            tenant: job.tenant.clone(),
+            phase: job.phase,
+            files_total: job.files.len() as u32,
+            files_done: job.files_done() as u32,
+            files_failed: job.files_failed() as u32,
+            bytes_done: job.bytes_done(),
+            progress: job.progress.clone(),
+            error: job.error.clone(),
+            transaction_time: job.transaction_time.clone(),
+            output_dir: job.output_dir(),
+            cleanup: job.cleanup(),
+            delete_error: job.delete_error.clone(),
+            ehr_errors: job.ehr_errors(),
+            download_ms: job.download_ms(at_ms),
+            failures_by_category: job.failures_by_category().into_iter().collect(),
+            archived_ms: at_ms,
+        }
+    }
 }
 
 /// When a job's export is DELETEd at the EHR. A cancelled job's export always is (that is
@@ -195,7 +250,7 @@ pub struct DeletePolicy {
 pub const MAX_DELETE_ATTEMPTS: u32 = 3;
 
 /// Where a job's cleanup at the EHR stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Cleanup {
     /// Nothing to clean up, or not yet (no export at the EHR, or the job still runs).
     None,
@@ -376,6 +431,21 @@ impl Job {
         until.saturating_sub(started)
     }
 
+    /// When the job last did anything the state records (submitted, progressed, finished a
+    /// file, failed a DELETE).
+    pub fn last_activity_ms(&self) -> u64 {
+        [
+            Some(self.submitted_ms),
+            self.progress_at_ms,
+            self.last_file_ms,
+            Some(self.delete_failed_at_ms),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0)
+    }
+
     /// Failed files by category name.
     pub fn failures_by_category(&self) -> std::collections::HashMap<String, u32> {
         let mut counts = std::collections::HashMap::new();
@@ -519,6 +589,10 @@ pub enum Refusal {
     NoSuchFile { job_id: String, file: u32 },
     #[error("file {file} of {job_id} is not pending")]
     FileNotPending { job_id: String, file: u32 },
+    #[error("{0} has not finished (or its export is still to be DELETEd)")]
+    NotFinished(String),
+    #[error("{0} is archived and its files are not kept on this coordinator (its summary is)")]
+    ArchivedElsewhere(String),
     #[error("lease {lease_id} is not live (expired, finished or unknown)")]
     LeaseNotLive { lease_id: u64 },
     #[error("lease {lease_id} generation {generation} is stale (the file is at generation {current})")]
@@ -562,8 +636,23 @@ pub struct State {
     /// The job each submission's request id created (see [`Command::SubmitJob`]).
     #[serde(default)]
     pub submissions: BTreeMap<String, String>,
+    /// Finished jobs moved out of `jobs` (see [`Command::ArchiveJob`]).
+    #[serde(default)]
+    pub archived: BTreeMap<String, ArchivedJob>,
+    /// Jobs archived by the last applied command, with their files, for this coordinator
+    /// to write to its archive directory (never serialized: it is drained after every
+    /// command).
+    #[serde(skip)]
+    archive_outbox: Vec<Job>,
     next_job: u64,
     next_lease: u64,
+}
+
+impl State {
+    /// Jobs archived since last asked, with their files (see [`State::archived`]).
+    pub fn take_archived_jobs(&mut self) -> Vec<Job> {
+        std::mem::take(&mut self.archive_outbox)
+    }
 }
 
 mod apply;

@@ -686,3 +686,54 @@ fn a_state_loaded_from_a_snapshot_picks_and_counts_as_the_live_one_did() {
     assert_eq!(restored.jobs[&job_id].files_done(), 1);
     assert_eq!(state.jobs[&job_id].files_done(), 1);
 }
+
+#[test]
+fn a_finished_job_is_archived_to_its_summary_and_a_running_one_is_not() {
+    let mut state = State::default();
+    let running = start_job(&mut state, None, 2);
+    assert_eq!(
+        state.apply(Command::ArchiveJob {
+            job_id: running.clone(),
+            at_ms: 9,
+        }),
+        Applied::Refused(Refusal::NotFinished(running.clone()))
+    );
+    run_job(&mut state, None, "2024-01-01T00:00:00Z", 3, 1);
+    let finished = state.jobs.keys().find(|id| **id != running).unwrap().clone();
+    let before = state.jobs[&finished].clone();
+    assert_eq!(
+        state.apply(Command::ArchiveJob {
+            job_id: finished.clone(),
+            at_ms: 9,
+        }),
+        Applied::Done
+    );
+    assert!(!state.jobs.contains_key(&finished), "it left the hot state");
+    let summary = &state.archived[&finished];
+    assert_eq!(
+        (
+            summary.phase,
+            summary.files_total,
+            summary.files_done,
+            summary.files_failed
+        ),
+        (JobPhase::Completed, 3, 2, 1)
+    );
+    assert_eq!(summary.failures_by_category.get("network"), Some(&1));
+    assert_eq!(summary.output_dir, before.output_dir());
+    assert_eq!(
+        state.take_archived_jobs(),
+        vec![before],
+        "its files go to this coordinator's archive"
+    );
+    assert!(state.take_archived_jobs().is_empty());
+    let restored: State = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    assert_eq!(restored.archived, state.archived, "the summary is in snapshots");
+    assert_eq!(
+        state.apply(Command::ArchiveJob {
+            job_id: finished.clone(),
+            at_ms: 10,
+        }),
+        Applied::Refused(Refusal::UnknownJob(finished))
+    );
+}
