@@ -319,17 +319,18 @@ impl State {
                 progress,
                 expires_at_ms,
             } => {
-                let record = match self.current_lease(lease_id, generation) {
-                    Ok(record) => record,
-                    Err(refusal) => return refusal,
-                };
-                if let FilePhase::Leased {
-                    expires_at_ms: expiry, ..
-                } = &mut record.phase
-                {
-                    *expiry = expires_at_ms;
+                if let Err(refusal) = self.current_lease(lease_id, generation) {
+                    return refusal;
                 }
-                record.progress = progress;
+                self.change_lease_file(lease_id, |record| {
+                    if let FilePhase::Leased {
+                        expires_at_ms: expiry, ..
+                    } = &mut record.phase
+                    {
+                        *expiry = expires_at_ms;
+                    }
+                    record.progress = progress;
+                });
                 Applied::Done
             }
             Command::CompleteLease {
@@ -343,17 +344,16 @@ impl State {
                 ehr_errors,
                 at_ms,
             } => {
-                let record = match self.current_lease(lease_id, generation) {
-                    Ok(record) => record,
-                    Err(refusal) => return refusal,
-                };
-                record.progress.offset = bytes;
-                record.progress.resources = resources;
-                record.sha256 = Some(sha256);
-                record.location = Some(location);
-                record.issues = issues;
-                record.ehr_errors = ehr_errors;
+                if let Err(refusal) = self.current_lease(lease_id, generation) {
+                    return refusal;
+                }
                 self.change_lease_file(lease_id, |record| {
+                    record.progress.offset = bytes;
+                    record.progress.resources = resources;
+                    record.sha256 = Some(sha256);
+                    record.location = Some(location);
+                    record.issues = issues;
+                    record.ehr_errors = ehr_errors;
                     record.phase = FilePhase::Done;
                     record.preferred_worker = None;
                 });

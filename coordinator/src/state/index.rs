@@ -1,6 +1,6 @@
 //! A job's file index: what the leader asks of a job on every lease (which pending file
-//! comes next, for this worker or anyone; how many files are done or failed) without
-//! walking its files. It is derived from the files, never replicated or serialized: built
+//! comes next, for this worker or anyone; how many files are done or failed) and what
+//! every summary shows (bytes, EHR-reported errors) without walking its files. It is derived from the files, never replicated or serialized: built
 //! on first use (after a snapshot is loaded, say) and kept up to date by every change that
 //! goes through [`Job::change_file`] and [`Job::push_file`].
 
@@ -14,6 +14,9 @@ use super::{FileList, FilePhase, FileRecord, Job};
 pub struct FileIndex {
     pub done: usize,
     pub failed: usize,
+    /// Bytes downloaded (every file's checkpoint offset) and EHR-reported errors, summed.
+    pub bytes: u64,
+    pub ehr_errors: u64,
     /// Pending files nobody prefers, in manifest order.
     pub free: BTreeSet<u32>,
     /// Pending files kept for the worker that holds their partial download.
@@ -30,6 +33,8 @@ impl FileIndex {
     }
 
     fn add(&mut self, position: u32, file: &FileRecord) {
+        self.bytes += file.progress.offset;
+        self.ehr_errors += file.ehr_errors;
         match file.phase {
             FilePhase::Done => self.done += 1,
             FilePhase::Failed => self.failed += 1,
@@ -46,6 +51,8 @@ impl FileIndex {
     }
 
     fn remove(&mut self, position: u32, file: &FileRecord) {
+        self.bytes -= file.progress.offset;
+        self.ehr_errors -= file.ehr_errors;
         match file.phase {
             FilePhase::Done => self.done -= 1,
             FilePhase::Failed => self.failed -= 1,

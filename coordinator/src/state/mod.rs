@@ -459,7 +459,7 @@ impl Job {
 
     /// OperationOutcomes in the job's `error` files that report an error or fatal issue.
     pub fn ehr_errors(&self) -> u64 {
-        self.files.iter().map(|f| f.ehr_errors).sum()
+        self.index().ehr_errors
     }
 
     pub fn files_failed(&self) -> usize {
@@ -467,7 +467,7 @@ impl Job {
     }
 
     pub fn bytes_done(&self) -> u64 {
-        self.files.iter().map(|f| f.progress.offset).sum()
+        self.index().bytes
     }
 
     /// Where the job's cleanup at the EHR stands (see [`DeletePolicy`]).
