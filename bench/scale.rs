@@ -180,6 +180,9 @@ struct JobFigures {
     rss_mib: f64,
     written_per_lease: f64,
     data_dir_mib: f64,
+    /// Of which the archive of finished jobs (expected to grow: it is the record).
+    archive_mib: f64,
+    snapshot_mib: f64,
 }
 
 #[tokio::main]
@@ -282,6 +285,11 @@ async fn main() {
                 rss_mib: rss as f64 / 1024.0,
                 written_per_lease: written_after.saturating_sub(written_before) as f64 / files as f64,
                 data_dir_mib: dir_bytes(&data_dir) as f64 / (1024.0 * 1024.0),
+                archive_mib: dir_bytes(&data_dir.join("archive")) as f64 / (1024.0 * 1024.0),
+                snapshot_mib: std::fs::metadata(data_dir.join("raft-snapshot.bin"))
+                    .map(|m| m.len())
+                    .unwrap_or(0) as f64
+                    / (1024.0 * 1024.0),
             });
         }
         println!(
@@ -290,12 +298,12 @@ async fn main() {
             ms(beat_p99)
         );
         println!(
-            "| job | grants+completions/s | grant p50 (× heartbeat) | grant p99 (× heartbeat) | leader RSS | written per lease | data dir |"
+            "| job | grants+completions/s | grant p50 (× heartbeat) | grant p99 (× heartbeat) | leader RSS | written per lease | data dir (archive) | snapshot |"
         );
-        println!("|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
         for (n, f) in figures.iter().enumerate() {
             println!(
-                "| {} | {:.0} | {} ({:.1}×) | {} ({:.1}×) | {:.0} MiB | {:.1} KB | {:.1} MiB |",
+                "| {} | {:.0} | {} ({:.1}×) | {} ({:.1}×) | {:.0} MiB | {:.1} KB | {:.1} MiB ({:.1}) | {:.1} MiB |",
                 n + 1,
                 2.0 * f.files as f64 / f.seconds,
                 ms(f.grant_p50),
@@ -305,6 +313,8 @@ async fn main() {
                 f.rss_mib,
                 f.written_per_lease / 1000.0,
                 f.data_dir_mib,
+                f.archive_mib,
+                f.snapshot_mib,
             );
         }
         drop(group);

@@ -278,6 +278,9 @@ impl Link {
                     // A cut between the accept and the subscription above is seen here.
                     let live = !was_cut.load(Ordering::SeqCst);
                     if live && let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to_port)).await {
+                        // Like the coordinators' own sockets: a proxy that delays small
+                        // writes (Nagle) would add ~40 ms to every raft round trip.
+                        let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
                         let (mut a, mut b) = (inbound, outbound);
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
