@@ -44,6 +44,7 @@ async fn acquire(group: &Group, wait_ms: u64) -> Option<pb::Lease> {
                 reason: "benchmark gives the lease back".into(),
                 released: true,
                 retryable: Some(true),
+                throttled: 0,
             });
             async move { WorkerServiceClient::new(channel).fail_lease(request).await }
         })

@@ -148,6 +148,7 @@ async fn worker(
                 lease_id: lease.lease_id.clone(),
                 generation: lease.generation,
                 progress: Some(checkpoint),
+                throttled: 0,
             })
             .await;
         if renewed.is_err() {
@@ -164,6 +165,7 @@ async fn worker(
                 location: format!("/bench/{name}"),
                 issues: Vec::new(),
                 ehr_errors: 0,
+                throttled: 0,
             })
             .await;
         if finished.is_ok() {

@@ -658,6 +658,11 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                             status.leader_id.as_deref().unwrap_or("unknown")
                         );
                         print_members(&status.coordinators);
+                        let mut tenants: Vec<_> = status.tenant_concurrency.iter().collect();
+                        tenants.sort();
+                        for (tenant, files) in tenants {
+                            println!("  tenant {tenant}: {files} file(s) at once");
+                        }
                     }
                     Err(status) => println!("{address}: unreachable ({})", status.message()),
                 }

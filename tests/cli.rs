@@ -146,4 +146,13 @@ fn a_bad_config_names_the_key_and_the_example_config_parses() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("tenant.x.export.concurrency"), "{stderr}");
+
+    std::fs::write(&path, "[[tenant]]\nname = \"x\"\nbase_url = \"https://e.example/fhir\"\nclient_id = \"c\"\nprivate_key = \"k.pem\"\n[tenant.export]\nconcurrency = 8\nmax_concurrency = 4\n").unwrap();
+    let output = fhirhaul().args(["run", "--config"]).arg(&path).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("tenant.x.export.max_concurrency") && stderr.contains("at least export.concurrency"),
+        "{stderr}"
+    );
 }

@@ -397,6 +397,7 @@ async fn a_stale_lease_holders_renewal_and_completion_are_refused() {
         location: "/nowhere".into(),
         issues: vec![],
         ehr_errors: 0,
+        throttled: 0,
     };
     let renewal = workers
         .renew_lease(pb::RenewLeaseRequest {
@@ -404,6 +405,7 @@ async fn a_stale_lease_holders_renewal_and_completion_are_refused() {
             lease_id: first.lease_id.clone(),
             generation: first.generation,
             progress: None,
+            throttled: 0,
         })
         .await
         .unwrap_err();

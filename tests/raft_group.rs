@@ -324,3 +324,51 @@ async fn a_finished_job_leaves_the_hot_state_and_still_answers_with_its_files_th
     assert_eq!(summary_only.summary, finished.summary);
     assert!(summary_only.files.is_empty() && summary_only.next_file_offset.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ehr_that_throttles_is_given_fewer_files_at_once_and_the_export_still_completes() {
+    let config = SimConfig {
+        patients: 30,
+        max_resources_per_file: 2,
+        job_duration: Duration::from_millis(300),
+        ..SimConfig::default()
+    };
+    // The tenant may download six files at once (three workers of two slots each)...
+    let mut group = Group::start(config, 1, Some("10s")).await;
+    // ...but the EHR serves two at a time, slowly, and answers 429 to the rest.
+    group.sim.set_faults(|f| {
+        f.max_concurrent_files = Some(2);
+        f.throttle_bytes_per_sec = Some(8_000);
+    });
+    let leader = group.leader_among(&[1]).await;
+    for name in ["w1", "w2", "w3"] {
+        group.start_worker(name);
+    }
+    let job_id = group.submit().await;
+    let concurrency = || async {
+        group
+            .status_of(leader)
+            .await
+            .and_then(|status| status.tenant_concurrency.get("sim").copied())
+    };
+    assert_eq!(concurrency().await, Some(6), "it starts at the configured value");
+    let mut lowered = None;
+    for _ in 0..600 {
+        if let Some(now) = concurrency().await
+            && now <= 2
+        {
+            lowered = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let observed = group.sim.observed();
+    assert!(
+        lowered.is_some(),
+        "the limit came down to the EHR's ({} refusals so far)",
+        observed.concurrency_refusals
+    );
+    assert!(observed.concurrency_refusals > 0, "the EHR did throttle");
+    let job = group.wait_completed(&job_id).await;
+    assert!(job.summary.unwrap().files_failed == 0);
+}

@@ -150,6 +150,16 @@ impl TenantConfig {
         if self.export.concurrency == 0 {
             return Err(config_error(&key("export.concurrency"), "must be at least 1"));
         }
+        if self
+            .export
+            .max_concurrency
+            .is_some_and(|max| max < self.export.concurrency)
+        {
+            return Err(config_error(
+                &key("export.max_concurrency"),
+                "must be at least export.concurrency",
+            ));
+        }
         if self.export.download.max_attempts == 0 {
             return Err(config_error(&key("export.download.max_attempts"), "must be at least 1"));
         }

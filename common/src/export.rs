@@ -31,8 +31,15 @@ use crate::url_util::SafeUrl;
 pub struct ExportSettings {
     pub poll: PollSettings,
     pub download: DownloadSettings,
-    /// Files downloaded at once (a limit per EHR, so it is not hammered).
+    /// Files downloaded at once (a limit per EHR, so it is not hammered). In a cluster this
+    /// is where the tenant's adaptive limit starts.
     pub concurrency: usize,
+    /// In a cluster: the most files of this tenant downloaded at once. The coordinator
+    /// grows the limit from `concurrency` toward this while throughput rises and the EHR
+    /// does not throttle, and halves it when the EHR answers 429/503. Unset: no growth
+    /// above `concurrency` (throttling still lowers it).
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
     /// DELETE the status URL once every file is saved, so the EHR can purge them.
     pub delete_when_done: bool,
     /// Also DELETE an export that failed or ended with failed files (the EHR may then
@@ -53,6 +60,7 @@ impl Default for ExportSettings {
             poll: PollSettings::default(),
             download: DownloadSettings::default(),
             concurrency: 4,
+            max_concurrency: None,
             delete_when_done: false,
             delete_after_failure: false,
             kickoff_attempts: 5,

@@ -417,6 +417,26 @@ impl Coordinator {
         }
     }
 
+    /// A worker saw the EHR answer 429/503 `responses` times while holding `lease_id`:
+    /// the lease's tenant is paced down (when this node leads; otherwise nobody paces).
+    pub async fn report_throttled(&self, lease_id: u64, responses: u32) {
+        if responses == 0 {
+            return;
+        }
+        let Ok(term) = self.leader_term() else {
+            return;
+        };
+        let tenant = self
+            .read(move |state| {
+                let at = state.leases.get(&lease_id)?;
+                state.jobs.get(&at.job_id).map(|job| job.tenant.clone())
+            })
+            .await;
+        if let Ok(Some(tenant)) = tenant {
+            term.pacing().throttled(&tenant, u64::from(responses));
+        }
+    }
+
     /// The job as the leader knows it now (a linearizable read); an archived job as this
     /// coordinator's archive holds it, files and all.
     pub async fn job(&self, job_id: &str) -> Result<Job, CoordinatorError> {

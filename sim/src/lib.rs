@@ -188,6 +188,9 @@ pub struct Faults {
     /// status, file) answers 429 with a `Retry-After` (at most 60 s, never past the end)
     /// for this long after the first request of that kind arrives.
     pub busy_for: Option<Duration>,
+    /// An EHR that serves at most this many file downloads at once: a file request
+    /// beyond it is answered 429 with `Retry-After: 1`.
+    pub max_concurrent_files: Option<usize>,
 }
 
 /// A kick-off as the EHR saw it.
@@ -235,6 +238,10 @@ pub struct Observed {
     pub unauthorized: u32,
     /// Requests refused with 429 by `Faults::busy_for`, by kind (kick-off, status, file).
     pub busy_refusals: BTreeMap<&'static str, u32>,
+    /// File requests refused with 429 by `Faults::max_concurrent_files`.
+    pub concurrency_refusals: u32,
+    /// The most file downloads served at once.
+    pub max_files_in_flight: usize,
     pub file_requests: Vec<FileRequestSeen>,
     /// Requests that brought a bearer token to the storage origin.
     pub token_leaks: u32,
@@ -283,6 +290,8 @@ struct State {
     observed: Observed,
     /// When the first request of each kind arrived, for `Faults::busy_for`.
     busy_since: BTreeMap<&'static str, tokio::time::Instant>,
+    /// File bodies being served right now.
+    files_in_flight: usize,
 }
 
 struct Shared {
@@ -405,6 +414,7 @@ impl SimEhr {
                 faults: Faults::default(),
                 observed: Observed::default(),
                 busy_since: BTreeMap::new(),
+                files_in_flight: 0,
             }),
             config,
         });

@@ -53,6 +53,7 @@ pub fn fast_settings() -> ExportSettings {
             ..DownloadSettings::default()
         },
         concurrency: 4,
+        max_concurrency: None,
         delete_when_done: false,
         delete_after_failure: false,
         kickoff_attempts: 5,

@@ -161,6 +161,7 @@ pub async fn run(
             sink: Arc::clone(&sink) as _,
             held: held.clone(),
             tokens: Arc::clone(&tokens),
+            throttled: Arc::default(),
         };
         let span = tracing::info_span!("slot", worker = %settings.name, slot);
         tracker.spawn(context.run(cancel.clone()).instrument(span));

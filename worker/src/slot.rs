@@ -54,6 +54,16 @@ pub(crate) struct SlotContext {
     pub held: HeldLeases,
     /// Each tenant's token, shared by the worker's slots.
     pub tokens: Arc<TokenCache>,
+    /// The EHR's 429/503 answers to this slot's downloads, reported (and reset) with each
+    /// lease call so the coordinator can pace the tenant.
+    pub throttled: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Throttled answers counted since the last report, and the count reset.
+fn take_throttled(counter: &std::sync::atomic::AtomicU64) -> u32 {
+    counter
+        .swap(0, std::sync::atomic::Ordering::Relaxed)
+        .min(u64::from(u32::MAX)) as u32
 }
 
 impl SlotContext {
@@ -110,6 +120,7 @@ impl SlotContext {
             reason: failure.reason,
             released: failure.released,
             retryable: Some(failure.retryable),
+            throttled: take_throttled(&self.throttled),
         };
         if let Err(status) = self
             .coordinator
@@ -256,11 +267,13 @@ impl SlotContext {
                     download: download_cancel.clone(),
                     ended: download_ended.clone(),
                     fenced: fenced.clone(),
+                    throttled: Arc::clone(&self.throttled),
                 },
             ));
             let options = DownloadOptions {
                 resume,
                 checkpoints: Some(checkpoint_tx),
+                throttled: Some(Arc::clone(&self.throttled)),
                 cancel: download_cancel.clone(),
                 offload: self.settings.offload,
             };
@@ -337,6 +350,7 @@ impl SlotContext {
                     worker_id: self.coordinator.worker_id.clone(),
                     lease_id: lease.lease_id.clone(),
                     generation: lease.generation,
+                    throttled: take_throttled(&self.throttled),
                     progress: Some(pb::Checkpoint {
                         offset: outcome.bytes,
                         lines: 0,
@@ -390,6 +404,7 @@ impl SlotContext {
                     location,
                     issues: outcome.issues.clone(),
                     ehr_errors: outcome.ehr_errors,
+                    throttled: take_throttled(&self.throttled),
                 };
                 match self
                     .coordinator
@@ -462,6 +477,7 @@ async fn keep_lease(
         download,
         ended,
         fenced,
+        throttled,
     } = keeping;
     let renew_every = Duration::from_millis(lease.renew_every_ms.max(100));
     let mut renew = tokio::time::interval(renew_every);
@@ -494,6 +510,7 @@ async fn keep_lease(
                     lease_id: lease.lease_id.clone(),
                     generation: lease.generation,
                     progress: Some(pb::Checkpoint::from(&checkpoint)),
+                    throttled: take_throttled(&throttled),
                 };
                 renewal = Some(Box::pin(
                     coordinator.call(request, |mut client, request| async move { client.renew_lease(request).await }),
@@ -523,6 +540,7 @@ struct Keeping {
     download: CancellationToken,
     ended: CancellationToken,
     fenced: CancellationToken,
+    throttled: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How a lease ended without a file, as the coordinator is told.

@@ -143,6 +143,8 @@ pub struct DownloadOptions {
     pub resume: Option<Checkpoint>,
     /// Receives each new durable checkpoint.
     pub checkpoints: Option<watch::Sender<Checkpoint>>,
+    /// Counts the EHR's 429/503 answers (a cluster's coordinator paces the tenant by them).
+    pub throttled: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     pub cancel: CancellationToken,
     /// Where checking, hashing and writing run: the writer and hashing threads, or (only for
     /// a deterministic simulation, where a real thread finishing at a real-time moment moves
@@ -235,6 +237,7 @@ pub async fn download_file(
         settings,
         url: url.clone(),
         commands,
+        throttled: options.throttled.clone(),
         cancel: options.cancel.clone(),
     };
     let result = driver.drive(resume).await;
@@ -301,6 +304,7 @@ struct Driver<'a> {
     settings: &'a DownloadSettings,
     url: SafeUrl,
     commands: mpsc::Sender<Command>,
+    throttled: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     cancel: CancellationToken,
 }
 
@@ -448,6 +452,11 @@ impl Driver<'_> {
                 Err(error) if error.is_retryable() => error,
                 Err(error) => return Err(error),
             };
+            if matches!(error, Error::Throttled { .. })
+                && let Some(counter) = &self.throttled
+            {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let delay = backoff.next_delay(error.retry_after());
             // Throttled with a hint: wait as told, without counting an attempt (up to a
             // total); anything else counts toward giving up.

@@ -198,6 +198,15 @@ impl AdminService for AdminApi {
             coordinators: members_to_pb(&status),
             snapshot_index: status.snapshot_index,
             role: status.role.to_string(),
+            tenant_concurrency: match self.coordinator.leader_term() {
+                Ok(term) => term
+                    .pacing()
+                    .limits()
+                    .into_iter()
+                    .map(|(tenant, limit)| (tenant, limit as u32))
+                    .collect(),
+                Err(_) => Default::default(),
+            },
         }))
     }
 

@@ -90,11 +90,13 @@ impl WorkerService for WorkerApi {
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
         let request = request.into_inner();
+        let lease_id = parse_lease_id(&request.lease_id)?;
+        self.coordinator.report_throttled(lease_id, request.throttled).await;
         let progress = Checkpoint::from(request.progress.unwrap_or_default());
         let expires_at_ms = self.coordinator.lease_expiry();
         self.coordinator
             .lease_command(Command::RenewLease {
-                lease_id: parse_lease_id(&request.lease_id)?,
+                lease_id,
                 generation: request.generation,
                 progress,
                 expires_at_ms,
@@ -114,6 +116,9 @@ impl WorkerService for WorkerApi {
         if request.sha256.len() != 64 || !request.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(Status::invalid_argument("sha256 must be 64 hex digits"));
         }
+        self.coordinator
+            .report_throttled(parse_lease_id(&request.lease_id)?, request.throttled)
+            .await;
         self.coordinator
             .lease_command(Command::CompleteLease {
                 lease_id: parse_lease_id(&request.lease_id)?,
@@ -139,6 +144,9 @@ impl WorkerService for WorkerApi {
         let category =
             category_from_wire(request.category).map_err(|e| Status::invalid_argument(format!("category: {e}")))?;
         let retryable = request.retryable.unwrap_or(category.usually_retryable());
+        self.coordinator
+            .report_throttled(parse_lease_id(&request.lease_id)?, request.throttled)
+            .await;
         self.coordinator
             .lease_command(Command::FailLease {
                 lease_id: parse_lease_id(&request.lease_id)?,

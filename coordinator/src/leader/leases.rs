@@ -52,6 +52,8 @@ pub struct LeaseManager {
 /// What the lease manager needs from its node.
 pub struct LeaseContext {
     pub raft: RaftHandle,
+    /// Each tenant's current download concurrency.
+    pub pacing: Arc<super::pacing::Pacing>,
     pub tenants: Arc<BTreeMap<String, TenantConfig>>,
     pub lease_duration: Duration,
     pub clock: Arc<dyn Clock>,
@@ -148,12 +150,9 @@ impl Actor {
         self.waiting = still;
     }
 
+    /// Each tenant's current download concurrency (adaptive; see `pacing`).
     fn limits(&self) -> BTreeMap<String, usize> {
-        self.context
-            .tenants
-            .iter()
-            .map(|(name, t)| (name.clone(), t.export.concurrency.max(1)))
-            .collect()
+        self.context.pacing.limits()
     }
 
     /// One round: a distinct file for as many waiters as state allows, all granted in one
@@ -364,6 +363,7 @@ mod tests {
         let leases = LeaseManager::start(
             LeaseContext {
                 raft: raft.clone(),
+                pacing: Arc::new(super::super::pacing::Pacing::new([("t".to_string(), 8, 8)], 0)),
                 tenants: Arc::new([("t".to_string(), tenant)].into_iter().collect()),
                 lease_duration: Duration::from_secs(30),
                 clock: Arc::new(fhirhaul_common::clock::SystemClock),

@@ -9,6 +9,7 @@
 pub mod driver;
 pub mod leases;
 pub mod links;
+pub mod pacing;
 pub mod planner;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,6 +39,8 @@ pub struct LeaderTerm {
     /// their jobs fail with that reason while every other tenant's go on.
     unavailable: BTreeMap<String, fhirhaul_common::Error>,
     leases: LeaseManager,
+    /// Each tenant's adaptive download concurrency, for this term.
+    pacing: Arc<pacing::Pacing>,
     /// Plans at once instead of at the next tick (a job was submitted or cancelled).
     wake: tokio::sync::Notify,
     cancel: CancellationToken,
@@ -55,6 +58,10 @@ impl LeaderTerm {
 
     pub fn leases(&self) -> &LeaseManager {
         &self.leases
+    }
+
+    pub fn pacing(&self) -> &pacing::Pacing {
+        &self.pacing
     }
 
     /// Whether this term has ended (leadership lost, or the node is stopping).
@@ -122,9 +129,17 @@ async fn lead(
             }
         }
     }
+    let pacing = Arc::new(pacing::Pacing::new(
+        coordinator.tenants().iter().map(|(name, config)| {
+            let start = config.export.concurrency.max(1);
+            (name.clone(), start, config.export.max_concurrency.unwrap_or(start))
+        }),
+        coordinator.now_ms(),
+    ));
     let leases = LeaseManager::start(
         LeaseContext {
             raft: coordinator.raft().clone(),
+            pacing: Arc::clone(&pacing),
             tenants: Arc::clone(coordinator.tenants()),
             lease_duration: coordinator.settings().lease_duration,
             clock: coordinator.clock(),
@@ -138,6 +153,7 @@ async fn lead(
         clients,
         unavailable,
         leases,
+        pacing,
         wake: tokio::sync::Notify::new(),
         cancel: cancel.clone(),
     });
@@ -205,6 +221,44 @@ impl TermWork<'_> {
             .await?;
         for action in actions {
             self.carry_out(action).await?;
+        }
+        self.pace(now_ms).await
+    }
+
+    /// Ticks each tenant's pacer with what it downloaded so far and whether its leases are
+    /// at the limit (see `pacing`).
+    async fn pace(&self, now_ms: u64) -> Result<(), CoordinatorError> {
+        let limits = self.term.pacing.limits();
+        let observed = self
+            .coordinator
+            .read(move |state| {
+                let mut observed: BTreeMap<String, (u64, usize)> = BTreeMap::new();
+                for job in state.jobs.values() {
+                    observed.entry(job.tenant.clone()).or_default().0 += job.bytes_done();
+                }
+                for at in state.leases.values() {
+                    if let Some(job) = state.jobs.get(&at.job_id) {
+                        observed.entry(job.tenant.clone()).or_default().1 += 1;
+                    }
+                }
+                observed
+                    .into_iter()
+                    .map(|(tenant, (bytes, leased))| {
+                        let saturated = leased >= limits.get(&tenant).copied().unwrap_or(1);
+                        (tenant, (bytes, saturated))
+                    })
+                    .collect()
+            })
+            .await?;
+        for (tenant, change) in self.term.pacing.tick(now_ms, &observed) {
+            match change {
+                pacing::Change::Grew { to } => {
+                    tracing::info!(%tenant, concurrency = to, "the EHR keeps up: one more file at once")
+                }
+                pacing::Change::BackedOff { to } => {
+                    tracing::warn!(%tenant, concurrency = to, "the EHR is throttling (429/503): fewer files at once")
+                }
+            }
         }
         Ok(())
     }

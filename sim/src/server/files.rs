@@ -131,6 +131,13 @@ pub(super) async fn serve_file(
     storage: bool,
     headers: &HeaderMap,
 ) -> Response<Body> {
+    let in_flight = match InFlight::enter(shared) {
+        Ok(in_flight) => in_flight,
+        Err(response) => {
+            record_file(shared, job_id, index, storage, headers, 429);
+            return response;
+        }
+    };
     let (file, faults_cut, file_500, file_html, change_after, throttle, unframed, line_cut) = {
         let mut state = shared.lock();
         let file = match state.jobs.get(&job_id) {
@@ -269,6 +276,7 @@ pub(super) async fn serve_file(
         job: job_id,
         index,
         done: false,
+        _in_flight: in_flight,
     };
     let stream = futures_util::stream::unfold((handle, plan), |(mut handle, mut plan)| async move {
         let next = plan.next_chunk(&mut handle).await?;
@@ -347,6 +355,41 @@ pub(super) struct StreamPlan {
     job: u64,
     index: usize,
     done: bool,
+    /// Counts this body as being served until it ends or the connection drops.
+    _in_flight: InFlight,
+}
+
+/// One file body being served (`Faults::max_concurrent_files`).
+pub(super) struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    /// Counts a new download, or refuses it with 429 when the EHR is at its limit.
+    fn enter(shared: &Arc<Shared>) -> Result<InFlight, Response<Body>> {
+        let mut state = shared.lock();
+        if let Some(max) = state.faults.max_concurrent_files
+            && state.files_in_flight >= max
+        {
+            state.observed.concurrency_refusals += 1;
+            drop(state);
+            let mut response = outcome(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                &format!("at most {max} downloads at once"),
+            );
+            set_header(&mut response, "retry-after", "1");
+            return Err(response);
+        }
+        state.files_in_flight += 1;
+        state.observed.max_files_in_flight = state.observed.max_files_in_flight.max(state.files_in_flight);
+        Ok(InFlight(Arc::clone(shared)))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.files_in_flight = state.files_in_flight.saturating_sub(1);
+    }
 }
 
 pub(super) const CHUNK: usize = 64 * 1024;
