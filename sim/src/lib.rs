@@ -196,6 +196,8 @@ pub struct Faults {
 /// A kick-off as the EHR saw it.
 #[derive(Debug, Clone)]
 pub struct KickoffSeen {
+    /// When it arrived (the runtime's clock: virtual under turmoil).
+    pub at: tokio::time::Instant,
     pub method: String,
     pub path: String,
     /// Parameters in arrival order, values as sent (comma-joined values not split).

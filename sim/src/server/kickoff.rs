@@ -140,6 +140,7 @@ pub(super) async fn kickoff(shared: &Arc<Shared>, level: Level, request: Request
     {
         let mut state = shared.lock();
         state.observed.kickoffs.push(KickoffSeen {
+            at: tokio::time::Instant::now(),
             method: method.to_string(),
             path: path.clone(),
             params: params.clone(),
