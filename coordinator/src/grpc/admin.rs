@@ -127,7 +127,8 @@ impl AdminService for AdminApi {
             }
         };
         let coordinator = self.coordinator.clone();
-        tokio::spawn(async move {
+        // Tracked, so shutdown drains it (it ends when the raft node stops or the caller goes).
+        self.coordinator.tracker().spawn(async move {
             let mut applied = coordinator.raft().applied();
             let mut last = job_summary_to_pb(&first, coordinator.now_ms());
             if sender.send(Ok(last.clone())).await.is_err() {

@@ -71,27 +71,11 @@ pub fn lease_to_pb(leased: LeasedFile, renew_every: Duration) -> pb::Lease {
 }
 
 pub fn summary_to_pb(job: &Job, now_ms: u64) -> pb::JobSummary {
-    pb::JobSummary {
-        job_id: job.id.clone(),
-        tenant: job.tenant.clone(),
-        phase: pb::JobPhase::from(job.phase) as i32,
-        files_total: job.files.len() as u32,
-        files_done: job.files_done() as u32,
-        files_failed: job.files_failed() as u32,
-        bytes_done: job.bytes_done(),
-        progress: job.progress.clone(),
-        error: job.error.clone(),
-        transaction_time: job.transaction_time.clone(),
-        output_dir: job.output_dir(),
-        cleanup: pb::Cleanup::from(&job.cleanup()) as i32,
-        delete_error: job.delete_error.clone(),
-        ehr_errors: job.ehr_errors(),
-        download_ms: job.download_ms(now_ms),
-        failures_by_category: job.failures_by_category(),
-    }
+    // The same figures an archived job keeps, computed now.
+    archived_summary_to_pb(&ArchivedJob::of(job, now_ms))
 }
 
-/// What is kept of an archived job, as a summary.
+/// A job's summary from its totals (what an archived job keeps).
 pub fn archived_summary_to_pb(job: &ArchivedJob) -> pb::JobSummary {
     pb::JobSummary {
         job_id: job.id.clone(),

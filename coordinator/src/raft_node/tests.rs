@@ -36,6 +36,18 @@ fn submit() -> Command {
     }
 }
 
+/// Runs a leader in `dir` that commits `jobs` submissions, then stops it.
+async fn submit_and_stop(dir: &Path, jobs: usize) {
+    let cancel = CancellationToken::new();
+    let raft = leader(dir, &cancel).await;
+    for _ in 0..jobs {
+        raft.propose(submit()).await.unwrap();
+    }
+    cancel.cancel();
+    drop(raft);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 #[tokio::test]
 async fn committed_commands_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -77,14 +89,7 @@ async fn committed_commands_survive_a_restart() {
 #[tokio::test]
 async fn snapshots_compact_the_log_and_restore_the_state() {
     let dir = tempfile::tempdir().unwrap();
-    let cancel = CancellationToken::new();
-    let raft = leader(dir.path(), &cancel).await;
-    for _ in 0..35 {
-        raft.propose(submit()).await.unwrap();
-    }
-    cancel.cancel();
-    drop(raft);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    submit_and_stop(dir.path(), 35).await;
     {
         let log = SledLog::open(dir.path()).unwrap();
         let entries = log.entry_count();
@@ -111,14 +116,7 @@ async fn snapshots_compact_the_log_and_restore_the_state() {
 #[allow(clippy::disallowed_methods)] // The test rearranges the data directory itself.
 async fn a_snapshot_lives_in_its_own_file_and_one_kept_in_sled_by_an_older_version_is_read() {
     let dir = tempfile::tempdir().unwrap();
-    let cancel = CancellationToken::new();
-    let raft = leader(dir.path(), &cancel).await;
-    for _ in 0..35 {
-        raft.propose(submit()).await.unwrap();
-    }
-    cancel.cancel();
-    drop(raft);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    submit_and_stop(dir.path(), 35).await;
     {
         // Move the snapshot back to where an older version kept it.
         let log = SledLog::open(dir.path()).unwrap();
@@ -196,14 +194,7 @@ async fn proposals_that_arrive_together_share_disk_syncs() {
 #[tokio::test]
 async fn a_commit_index_lost_in_a_crash_never_trails_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    let cancel = CancellationToken::new();
-    let raft = leader(dir.path(), &cancel).await;
-    for _ in 0..35 {
-        raft.propose(submit()).await.unwrap();
-    }
-    cancel.cancel();
-    drop(raft);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    submit_and_stop(dir.path(), 35).await;
     {
         // The commit index is written without a sync: a crash can leave an older one.
         let log = SledLog::open(dir.path()).unwrap();

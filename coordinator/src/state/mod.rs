@@ -212,7 +212,8 @@ pub struct ArchivedJob {
 }
 
 impl ArchivedJob {
-    fn of(job: &Job, at_ms: u64) -> ArchivedJob {
+    /// The job's totals at `at_ms` (what its summary shows, live or archived).
+    pub fn of(job: &Job, at_ms: u64) -> ArchivedJob {
         ArchivedJob {
             id: job.id.clone(),
             tenant: job.tenant.clone(),
