@@ -879,6 +879,43 @@ async fn expired_file_links_are_renewed_from_the_status_url_and_the_export_compl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_that_expire_together_cost_the_ehr_one_fresh_manifest() {
+    let config = SimConfig {
+        link_lifetime: Some(Duration::from_secs(2)),
+        ..slow_config()
+    };
+    let mut cluster = Cluster::start(config, "5s").await;
+    let job_id = cluster.submit("").await;
+    let ready = cluster
+        .wait_for(&job_id, Duration::from_secs(30), |job| {
+            job.summary
+                .as_ref()
+                .is_some_and(|s| s.phase == pb::JobPhase::Downloading as i32)
+        })
+        .await;
+    assert!(
+        ready.files.len() >= 4,
+        "enough files for every slot: {}",
+        ready.files.len()
+    );
+    let polled = cluster.sim.observed().status_requests;
+    // Every link has expired by the time the workers start (four slots at once).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    let job = cluster.wait_completed(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job.summary.unwrap().files_failed, 0);
+    let observed = cluster.sim.observed();
+    let refused = observed.file_requests.iter().filter(|r| r.status == 404).count();
+    assert!(refused >= 1, "some link had expired");
+    assert_eq!(
+        observed.status_requests - polled,
+        1,
+        "{refused} expired link(s) renewed by one fresh manifest"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenants_broken_key_or_refusing_ehr_fails_only_its_own_jobs() {
     let config = SimConfig {
         patients: 30,

@@ -3,7 +3,9 @@
 //! fails near that time asks the leader ([`renew_link`]), which GETs the status URL (every
 //! page), matches each file of the job to its new link ([`match_links`], pure), commits the
 //! new links for every file not yet done, and answers the worker's file's link. A worker
-//! whose link was already renewed by another's request gets it without a new request.
+//! whose link was already renewed by another's request gets it without a new request:
+//! renewals of one job run one at a time, so links that expire together cost the EHR one
+//! fresh manifest, not one per worker.
 
 use std::collections::BTreeMap;
 
@@ -68,6 +70,13 @@ pub async fn renew_link(
     failed_url: &str,
 ) -> Result<RenewedLink, CoordinatorError> {
     let term = coordinator.leader_term()?;
+    let job_id = coordinator
+        .read(move |state| state.leases.get(&lease_id).map(|at| at.job_id.clone()))
+        .await?
+        .ok_or(Refusal::LeaseNotLive { lease_id })?;
+    // One renewal per job at a time; whoever waited reads the links it committed below.
+    let renewal = term.link_renewal(&job_id);
+    let _one_at_a_time = renewal.lock().await;
     let (job, file) = {
         let worker = worker_id.to_string();
         coordinator

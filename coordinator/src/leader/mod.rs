@@ -41,6 +41,8 @@ pub struct LeaderTerm {
     leases: LeaseManager,
     /// Each tenant's adaptive download concurrency, for this term.
     pacing: Arc<pacing::Pacing>,
+    /// One link renewal at a time per job (see `links::renew_link`).
+    link_renewals: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Plans at once instead of at the next tick (a job was submitted or cancelled).
     wake: tokio::sync::Notify,
     cancel: CancellationToken,
@@ -62,6 +64,14 @@ impl LeaderTerm {
 
     pub fn pacing(&self) -> &pacing::Pacing {
         &self.pacing
+    }
+
+    /// The lock that makes a job's link renewals one at a time: workers whose links
+    /// expired together wait for the first renewal and find their fresh link in it,
+    /// instead of each asking the EHR for the whole manifest again.
+    pub fn link_renewal(&self, job_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.link_renewals.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(locks.entry(job_id.to_string()).or_default())
     }
 
     /// Whether this term has ended (leadership lost, or the node is stopping).
@@ -154,6 +164,7 @@ async fn lead(
         unavailable,
         leases,
         pacing,
+        link_renewals: Default::default(),
         wake: tokio::sync::Notify::new(),
         cancel: cancel.clone(),
     });
