@@ -111,6 +111,12 @@ impl LineChecker {
         self.outcome_errors
     }
 
+    /// Whether this checker reads OperationOutcomes (an `error` file), whose counts and
+    /// issues a resume must read again from the kept part of the file.
+    pub fn reads_outcomes(&self) -> bool {
+        self.expect == Expect::OperationOutcome
+    }
+
     /// Restores counts when resuming a file whose first `lines` lines were checked before.
     pub fn resume_from(&mut self, lines: u64, resources: u64) {
         self.lines = lines;

@@ -205,16 +205,25 @@ impl Writer {
                 .map_err(|e| Error::io("truncating", &path, e))?;
             let mut buffer = vec![0u8; 1 << 16];
             let mut reader = (&file).take(resume.offset);
+            // An `error` file's OperationOutcomes (how many report errors, and what they
+            // say) are not in the checkpoint: read them again from the kept lines.
+            let mut recounted = checker.reads_outcomes();
             loop {
                 let n = reader.read(&mut buffer).map_err(|e| Error::io("reading", &path, e))?;
                 if n == 0 {
                     break;
                 }
                 hasher.update(&buffer[..n]);
+                if recounted {
+                    recounted = checker.feed(&buffer[..n], &mut |_| Ok(())).is_ok();
+                }
             }
             file.seek(std::io::SeekFrom::End(0))
                 .map_err(|e| Error::io("seeking", &path, e))?;
-            checker.resume_from(resume.lines, resume.resources);
+            let agrees = recounted && checker.lines() == resume.lines && checker.pending_bytes() == 0;
+            if !agrees {
+                checker.resume_from(resume.lines, resume.resources);
+            }
             file
         } else {
             crate::private_fs::create_file(&path).map_err(|e| Error::io("creating", &path, e))?
@@ -475,5 +484,48 @@ impl Writer {
             issues: self.checker.outcome_issues().to_vec(),
             ehr_errors: self.checker.outcome_errors(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ndjson::Expect;
+
+    const ERROR: &str = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"Patient/7 could not be exported"}]}"#;
+    const INFO: &str = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational","diagnostics":"done"}]}"#;
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // The test writes the partial file itself.
+    fn a_resumed_error_file_counts_the_errors_before_its_checkpoint_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("error.ndjson.part");
+        let kept = format!("{ERROR}\n{INFO}\n{ERROR}\n");
+        std::fs::write(&path, &kept).unwrap();
+        let resume = Checkpoint {
+            offset: kept.len() as u64,
+            lines: 3,
+            resources: 3,
+            validator: None,
+        };
+        let mut writer = Writer::open(
+            path,
+            &resume,
+            LineChecker::new(Expect::OperationOutcome, 1 << 20),
+            u64::MAX,
+            None,
+            SafeUrl::from("https://ehr.example/error.ndjson"),
+            Offload::Inline,
+        )
+        .unwrap();
+        writer.data(&Bytes::from(format!("{ERROR}\n"))).unwrap();
+        let stats = writer.finish().unwrap();
+        assert_eq!(stats.resources, 4);
+        assert_eq!(stats.ehr_errors, 3, "two before the checkpoint, one after");
+        assert_eq!(
+            stats.issues.len(),
+            4,
+            "every OperationOutcome's words, the kept ones too"
+        );
     }
 }
