@@ -2,8 +2,8 @@ use fhirhaul_common::Category;
 use fhirhaul_common::fhir::parse_instant;
 
 use super::{
-    Applied, ArchivedJob, Cleanup, Command, FilePhase, FileRecord, HeldLeases, Job, JobPhase, LeaseGrant, LeaseIndex,
-    Refusal, State, WorkerRecord,
+    Applied, ArchivedJob, Cleanup, Command, FilePhase, FileRecord, Job, JobPhase, LeaseGrant, LeaseIndex, Refusal,
+    ReportedLeases, State, WorkerRecord,
 };
 
 fn refused(refusal: Refusal) -> Applied {
@@ -68,7 +68,7 @@ impl State {
                     if let Some(lease_ids) = lease_ids
                         && worker.holding.as_ref().is_none_or(|h| h.at_ms <= at_ms)
                     {
-                        worker.holding = Some(HeldLeases {
+                        worker.holding = Some(ReportedLeases {
                             at_ms,
                             lease_ids: lease_ids.into_iter().collect(),
                         });

@@ -535,12 +535,12 @@ pub struct WorkerRecord {
     /// The leases the worker last said it holds, and when (a worker that does not report
     /// them has none here).
     #[serde(default)]
-    pub holding: Option<HeldLeases>,
+    pub holding: Option<ReportedLeases>,
 }
 
 /// What a worker's heartbeat said it holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeldLeases {
+pub struct ReportedLeases {
     pub at_ms: u64,
     pub lease_ids: std::collections::BTreeSet<u64>,
 }

@@ -18,26 +18,6 @@ pub(super) fn throttled(shared: &Shared, status: StatusCode) -> Response<Body> {
     response
 }
 
-/// `Faults::busy_for`: the 429 a request of `kind` gets while the EHR's rate limiter blocks
-/// that kind, or `None` once the block has passed.
-pub(super) fn busy(shared: &Shared, kind: &'static str) -> Option<Response<Body>> {
-    let mut state = shared.lock();
-    let window = state.faults.busy_for?;
-    let now = tokio::time::Instant::now();
-    let since = *state.busy_since.entry(kind).or_insert(now);
-    let left = (since + window).checked_duration_since(now).filter(|d| !d.is_zero())?;
-    *state.observed.busy_refusals.entry(kind).or_default() += 1;
-    drop(state);
-    let mut response = outcome(
-        StatusCode::TOO_MANY_REQUESTS,
-        "throttled",
-        "rate limit exceeded: this client is blocked for a while",
-    );
-    let wait = left.min(Duration::from_secs(60)).as_secs_f64().ceil().max(1.0) as u64;
-    set_header(&mut response, "retry-after", &wait.to_string());
-    Some(response)
-}
-
 pub(super) fn parse_instant(text: &str) -> Option<i64> {
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .ok()

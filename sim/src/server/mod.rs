@@ -114,6 +114,26 @@ fn outcome(status: StatusCode, code: &str, diagnostics: &str) -> Response<Body> 
     respond(status, "application/fhir+json", body.to_string())
 }
 
+/// `Faults::busy_for`: the 429 a request of `kind` gets while the EHR's rate limiter blocks
+/// that kind, or `None` once the block has passed.
+fn busy(shared: &Shared, kind: &'static str) -> Option<Response<Body>> {
+    let mut state = shared.lock();
+    let window = state.faults.busy_for?;
+    let now = tokio::time::Instant::now();
+    let since = *state.busy_since.entry(kind).or_insert(now);
+    let left = (since + window).checked_duration_since(now).filter(|d| !d.is_zero())?;
+    *state.observed.busy_refusals.entry(kind).or_default() += 1;
+    drop(state);
+    let mut response = outcome(
+        StatusCode::TOO_MANY_REQUESTS,
+        "throttled",
+        "rate limit exceeded: this client is blocked for a while",
+    );
+    let wait = left.min(Duration::from_secs(60)).as_secs_f64().ceil().max(1.0) as u64;
+    set_header(&mut response, "retry-after", &wait.to_string());
+    Some(response)
+}
+
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Body> {
     let body = json!({"error": error, "error_description": description});
     let mut response = respond(status, "application/json", body.to_string());
