@@ -14,7 +14,8 @@
 //! raft entry, like a grant, but no lease decision). Reported per job: grant latency p50/p99
 //! (calls that returned a lease) and their ratio to the heartbeat's, grants+completions per
 //! second, the leader's RSS, bytes it wrote to disk per lease (`/proc/<pid>/io`), and the
-//! size of its data directory, for the first and the last of the consecutive jobs. Finished
+//! size of its data directory, for the first and the last of the consecutive jobs, and how
+//! long `fhirhaul status <job>` takes to list every file. Finished
 //! jobs are archived a second after they end (`cluster.archive_after`).
 
 // Benchmarks measure wall time and read /proc directly; clippy.toml lists what the
@@ -114,6 +115,26 @@ fn dir_bytes(path: &Path) -> u64 {
     }
 }
 
+/// Runs `fhirhaul status <job>` against the group, as an operator would, and checks it
+/// listed every file (one line each after the job's line); returns its wall time.
+fn cli_status(group: &Group, job_id: &str, files: u64) -> f64 {
+    let started = Instant::now();
+    let output = fhirhaul_testkit::processes::fhirhaul()
+        .args(["status", "--coordinator", &group.addresses().join(","), job_id])
+        .output()
+        .expect("running fhirhaul status");
+    let seconds = started.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "fhirhaul status failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed = stdout.lines().filter(|line| line.starts_with("  ")).count() as u64;
+    assert_eq!(listed, files, "fhirhaul status listed every file");
+    seconds
+}
+
 /// One simulated worker: lease, checkpoint, complete, until `done`.
 async fn worker(
     name: String,
@@ -185,6 +206,8 @@ struct JobFigures {
     /// Of which the archive of finished jobs (expected to grow: it is the record).
     archive_mib: f64,
     snapshot_mib: f64,
+    /// `fhirhaul status <job>` (every file, page by page), wall time.
+    status_seconds: f64,
 }
 
 #[tokio::main]
@@ -277,6 +300,7 @@ async fn main() {
             }
             group.wait_completed(&job_id).await;
             let (rss, written_after) = process_stats(pid);
+            let status_seconds = cli_status(&group, &job_id, files);
             let mut latencies = latencies.lock().unwrap().clone();
             latencies.sort();
             figures.push(JobFigures {
@@ -292,6 +316,7 @@ async fn main() {
                     .map(|m| m.len())
                     .unwrap_or(0) as f64
                     / (1024.0 * 1024.0),
+                status_seconds,
             });
         }
         println!(
@@ -300,12 +325,12 @@ async fn main() {
             ms(beat_p99)
         );
         println!(
-            "| job | grants+completions/s | grant p50 (× heartbeat) | grant p99 (× heartbeat) | leader RSS | written per lease | data dir (archive) | snapshot |"
+            "| job | grants+completions/s | grant p50 (× heartbeat) | grant p99 (× heartbeat) | leader RSS | written per lease | data dir (archive) | snapshot | `fhirhaul status <job>` |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for (n, f) in figures.iter().enumerate() {
             println!(
-                "| {} | {:.0} | {} ({:.1}×) | {} ({:.1}×) | {:.0} MiB | {:.1} KB | {:.1} MiB ({:.1}) | {:.1} MiB |",
+                "| {} | {:.0} | {} ({:.1}×) | {} ({:.1}×) | {:.0} MiB | {:.1} KB | {:.1} MiB ({:.1}) | {:.1} MiB | {:.1} s |",
                 n + 1,
                 2.0 * f.files as f64 / f.seconds,
                 ms(f.grant_p50),
@@ -317,6 +342,7 @@ async fn main() {
                 f.data_dir_mib,
                 f.archive_mib,
                 f.snapshot_mib,
+                f.status_seconds,
             );
         }
         drop(group);

@@ -551,6 +551,14 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 if file_offset == 0 {
                     println!("{}", progress_line(&job));
                 }
+                let total = job.summary.as_ref().map_or(0, |s| s.files_total);
+                if job.files.is_empty() && file_offset < total {
+                    // An archived job whose file list this coordinator does not hold.
+                    anyhow::bail!(
+                        "{job_id}: {file_offset} of {total} files listed; the coordinator returned no more \
+                         (the job is archived and its file list is not on the leader; its summary above stands)"
+                    );
+                }
                 for file in &job.files {
                     let phase = pb::FilePhase::try_from(file.phase)
                         .map(|p| p.as_str_name().trim_start_matches("FILE_PHASE_").to_lowercase())

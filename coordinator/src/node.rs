@@ -34,6 +34,11 @@ use crate::state::{Applied, ArchivedJob, Command, DeletePolicy, Job, Refusal, St
 /// export after export keeps a state (and memory, and snapshots) of what is running.
 pub const DEFAULT_ARCHIVE_AFTER: Duration = Duration::from_secs(600);
 
+/// How long after archiving a job's file may still be being written, and how many times
+/// a status call looks for it meanwhile.
+const ARCHIVE_WRITE_GRACE: Duration = Duration::from_secs(3);
+const ARCHIVE_WRITE_WAITS: u32 = 15;
+
 /// A job as status calls see it.
 #[derive(Debug, Clone)]
 pub enum JobView {
@@ -460,17 +465,27 @@ impl Coordinator {
             return Err(Refusal::UnknownJob(job_id.to_string()).into());
         };
         let archive = crate::archive::JobArchive::new(&self.inner.settings.data_dir);
-        let id = job_id.to_string();
-        let detail = self
-            .inner
-            .settings
-            .offload
-            .run(move || archive.read(&id))
-            .await
-            .unwrap_or_else(|error| {
-                tracing::warn!(%error, job = %job_id, "could not read an archived job's files");
-                None
-            });
+        // Every coordinator writes the file when it applies the archiving, off the raft
+        // actor; a job archived a moment ago may still be being written.
+        let mut detail = None;
+        for attempt in 0..=ARCHIVE_WRITE_WAITS {
+            let (archive, id) = (archive.clone(), job_id.to_string());
+            detail = self
+                .inner
+                .settings
+                .offload
+                .run(move || archive.read(&id))
+                .await
+                .unwrap_or_else(|error| {
+                    tracing::warn!(%error, job = %job_id, "could not read an archived job's files");
+                    None
+                });
+            let recent = self.now_ms().saturating_sub(summary.archived_ms) < ARCHIVE_WRITE_GRACE.as_millis() as u64;
+            if detail.is_some() || !recent || attempt == ARCHIVE_WRITE_WAITS {
+                break;
+            }
+            tokio::time::sleep(ARCHIVE_WRITE_GRACE / ARCHIVE_WRITE_WAITS).await;
+        }
         Ok(JobView::Archived {
             summary: Box::new(summary),
             detail: detail.map(Box::new),
