@@ -34,20 +34,15 @@ use crate::state::{Applied, ArchivedJob, Command, DeletePolicy, Job, Refusal, St
 /// export after export keeps a state (and memory, and snapshots) of what is running.
 pub const DEFAULT_ARCHIVE_AFTER: Duration = Duration::from_secs(600);
 
-/// How long after archiving a job's file may still be being written, and how many times
-/// a status call looks for it meanwhile.
-const ARCHIVE_WRITE_GRACE: Duration = Duration::from_secs(3);
-const ARCHIVE_WRITE_WAITS: u32 = 15;
-
 /// A job as status calls see it.
 #[derive(Debug, Clone)]
 pub enum JobView {
-    Live(Box<Job>),
+    Live(Arc<Job>),
     Archived {
         summary: Box<ArchivedJob>,
         /// The job with its files, from this coordinator's archive (none if it caught up
         /// from a snapshot taken after the job was archived).
-        detail: Option<Box<Job>>,
+        detail: Option<Arc<Job>>,
     },
 }
 
@@ -446,7 +441,7 @@ impl Coordinator {
     /// coordinator's archive holds it, files and all.
     pub async fn job(&self, job_id: &str) -> Result<Job, CoordinatorError> {
         match self.job_or_archived(job_id).await? {
-            JobView::Live(job) | JobView::Archived { detail: Some(job), .. } => Ok(*job),
+            JobView::Live(job) | JobView::Archived { detail: Some(job), .. } => Ok(Arc::unwrap_or_clone(job)),
             JobView::Archived { detail: None, .. } => Err(Refusal::ArchivedElsewhere(job_id.to_string()).into()),
         }
     }
@@ -459,36 +454,23 @@ impl Coordinator {
             .read_linearizable(move |state| (state.jobs.get(&id).cloned(), state.archived.get(&id).cloned()))
             .await?;
         if let Some(job) = live {
-            return Ok(JobView::Live(Box::new(job)));
+            return Ok(JobView::Live(Arc::new(job)));
         }
         let Some(summary) = archived else {
             return Err(Refusal::UnknownJob(job_id.to_string()).into());
         };
-        let archive = crate::archive::JobArchive::new(&self.inner.settings.data_dir);
-        // Every coordinator writes the file when it applies the archiving, off the raft
-        // actor; a job archived a moment ago may still be being written.
-        let mut detail = None;
-        for attempt in 0..=ARCHIVE_WRITE_WAITS {
-            let (archive, id) = (archive.clone(), job_id.to_string());
-            detail = self
-                .inner
-                .settings
-                .offload
-                .run(move || archive.read(&id))
-                .await
-                .unwrap_or_else(|error| {
-                    tracing::warn!(%error, job = %job_id, "could not read an archived job's files");
-                    None
-                });
-            let recent = self.now_ms().saturating_sub(summary.archived_ms) < ARCHIVE_WRITE_GRACE.as_millis() as u64;
-            if detail.is_some() || !recent || attempt == ARCHIVE_WRITE_WAITS {
-                break;
-            }
-            tokio::time::sleep(ARCHIVE_WRITE_GRACE / ARCHIVE_WRITE_WAITS).await;
-        }
+        let detail = self
+            .raft()
+            .archive()
+            .read_when_written(job_id, self.inner.settings.offload)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, job = %job_id, "could not read an archived job's files");
+                None
+            });
         Ok(JobView::Archived {
             summary: Box::new(summary),
-            detail: detail.map(Box::new),
+            detail,
         })
     }
 

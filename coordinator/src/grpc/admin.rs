@@ -2,6 +2,7 @@
 //! membership changes.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fhirhaul_common::kickoff::ExportRequest;
@@ -117,7 +118,7 @@ impl AdminService for AdminApi {
         let job_id = request.into_inner().job_id;
         let (sender, receiver) = tokio::sync::mpsc::channel(8);
         let first = match self.coordinator.job_or_archived(&job_id).await.map_err(Status::from)? {
-            JobView::Live(job) => *job,
+            JobView::Live(job) => Arc::unwrap_or_clone(job),
             // Archived: it has ended; its summary is all there is to watch.
             JobView::Archived { summary, .. } => {
                 let _ = sender.send(Ok(archived_job_to_pb(&summary))).await;

@@ -54,7 +54,7 @@ pub(super) struct Actor {
     /// A snapshot is being written (at most one at a time).
     pub(super) snapshot_in_flight: bool,
     /// Where jobs archived out of the state are written with their files.
-    pub(super) archive: crate::archive::JobArchive,
+    pub(super) archive: Arc<crate::archive::JobArchive>,
 }
 
 /// A snapshot written to disk off the actor, or why it could not be.
@@ -542,11 +542,12 @@ impl Actor {
     }
 
     /// Writes an archived job's files to this node's archive, off the actor (a large job
-    /// takes a while to serialize). Status calls answer with its summary until it is there.
+    /// takes a while to serialize); status calls that ask for it meanwhile wait for it.
     fn write_archive(&self, job: Job) {
-        let archive = self.archive.clone();
+        self.archive.will_write(&job.id);
+        let archive = Arc::clone(&self.archive);
         let write = move || {
-            if let Err(error) = archive.write(&job) {
+            if let Err(error) = archive.write_announced(&job) {
                 tracing::warn!(%error, job = %job.id, "could not write an archived job's files; its summary stays");
             }
         };

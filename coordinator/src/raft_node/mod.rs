@@ -85,9 +85,15 @@ pub struct RaftHandle {
     role: watch::Receiver<bool>,
     status: watch::Receiver<RaftStatus>,
     log_syncs: Arc<std::sync::atomic::AtomicU64>,
+    archive: Arc<crate::archive::JobArchive>,
 }
 
 impl RaftHandle {
+    /// This node's archive of jobs moved out of the state.
+    pub fn archive(&self) -> &crate::archive::JobArchive {
+        &self.archive
+    }
+
     /// How many times this node has synced log entries or hard state to disk.
     pub fn log_syncs(&self) -> u64 {
         self.log_syncs.load(std::sync::atomic::Ordering::Relaxed)
@@ -313,12 +319,14 @@ pub fn start(
     let (applied_tx, applied) = watch::channel(loaded.snapshot_index);
     let (role_tx, role) = watch::channel(false);
     let (status_tx, status) = watch::channel(RaftStatus::default());
+    let archive = Arc::new(crate::archive::JobArchive::new(dir));
     let handle = RaftHandle {
         messages,
         applied,
         role,
         status,
         log_syncs: log.syncs(),
+        archive: Arc::clone(&archive),
     };
     let (deliveries_tx, deliveries) = mpsc::channel(256);
     peers.attach(deliveries_tx);
@@ -347,7 +355,7 @@ pub fn start(
             (sender, Some(receiver))
         },
         snapshot_in_flight: false,
-        archive: crate::archive::JobArchive::new(dir),
+        archive,
     };
     actor.publish_addresses();
     actor.publish_status();

@@ -649,6 +649,22 @@ pub struct State {
     next_lease: u64,
 }
 
+#[cfg(test)]
+impl Command {
+    /// A submission of tenant `t`'s default export, three attempts per file (tests).
+    pub(crate) fn test_submission() -> Command {
+        Command::SubmitJob {
+            tenant: "t".into(),
+            request: ExportRequest::default(),
+            max_file_attempts: 3,
+            at_ms: 0,
+            request_id: None,
+            export_id: None,
+            delete_policy: DeletePolicy::default(),
+        }
+    }
+}
+
 impl State {
     /// Jobs archived since last asked, with their files (see [`State::archived`]).
     pub fn take_archived_jobs(&mut self) -> Vec<Job> {
