@@ -177,15 +177,7 @@ mod tests {
     fn a_job_answers_a_page_of_files_and_where_the_next_one_begins() {
         use crate::state::{Applied, Command, State};
         let mut state = State::default();
-        let Applied::JobSubmitted { job_id } = state.apply(Command::SubmitJob {
-            tenant: "t".into(),
-            request: Default::default(),
-            max_file_attempts: 1,
-            at_ms: 0,
-            request_id: None,
-            export_id: None,
-            delete_policy: Default::default(),
-        }) else {
+        let Applied::JobSubmitted { job_id } = state.apply(Command::test_submission()) else {
             panic!("submitted")
         };
         state.apply(Command::KickedOff {

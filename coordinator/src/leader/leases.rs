@@ -320,7 +320,6 @@ fn picks(state: &State, workers: &[String], limits: &BTreeMap<String, usize>) ->
 
 #[cfg(test)]
 mod tests {
-    use fhirhaul_common::kickoff::ExportRequest;
     use fhirhaul_common::manifest::{FileKind, ManifestFile};
 
     use super::*;
@@ -359,12 +358,13 @@ mod tests {
             dir.path().join("unused.pem"),
         );
         tenant.export.concurrency = 8;
+        let tenants: Arc<BTreeMap<String, TenantConfig>> = Arc::new([("t".to_string(), tenant)].into_iter().collect());
         let tracker = tokio_util::task::TaskTracker::new();
         let leases = LeaseManager::start(
             LeaseContext {
                 raft: raft.clone(),
-                pacing: Arc::new(super::super::pacing::Pacing::new([("t".to_string(), 8, 8)], 0)),
-                tenants: Arc::new([("t".to_string(), tenant)].into_iter().collect()),
+                pacing: Arc::new(super::super::pacing::Pacing::for_tenants(&tenants, 0)),
+                tenants,
                 lease_duration: Duration::from_secs(30),
                 clock: Arc::new(fhirhaul_common::clock::SystemClock),
             },
@@ -390,15 +390,7 @@ mod tests {
     /// registered `workers`.
     fn setup(files: u32, workers: &[&str]) -> Vec<Command> {
         let mut commands = vec![
-            Command::SubmitJob {
-                tenant: "t".into(),
-                request: ExportRequest::default(),
-                max_file_attempts: 3,
-                at_ms: 0,
-                request_id: None,
-                export_id: None,
-                delete_policy: Default::default(),
-            },
+            Command::test_submission(),
             Command::KickedOff {
                 job_id: "job-1".into(),
                 status_url: "https://ehr.example/status/1".into(),

@@ -139,13 +139,7 @@ async fn lead(
             }
         }
     }
-    let pacing = Arc::new(pacing::Pacing::new(
-        coordinator.tenants().iter().map(|(name, config)| {
-            let start = config.export.concurrency.max(1);
-            (name.clone(), start, config.export.max_concurrency.unwrap_or(start))
-        }),
-        coordinator.now_ms(),
-    ));
+    let pacing = Arc::new(pacing::Pacing::for_tenants(coordinator.tenants(), coordinator.now_ms()));
     let leases = LeaseManager::start(
         LeaseContext {
             raft: coordinator.raft().clone(),

@@ -155,6 +155,18 @@ impl Pacing {
         }
     }
 
+    /// Each tenant's pacer from its configuration: it starts at `export.concurrency` and
+    /// never goes above `export.max_concurrency` (unset: the start).
+    pub fn for_tenants(tenants: &BTreeMap<String, fhirhaul_common::config::TenantConfig>, now_ms: u64) -> Pacing {
+        Pacing::new(
+            tenants.iter().map(|(name, config)| {
+                let start = config.export.concurrency.max(1);
+                (name.clone(), start, config.export.max_concurrency.unwrap_or(start))
+            }),
+            now_ms,
+        )
+    }
+
     fn pacers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Pacer>> {
         self.pacers.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -50,7 +50,7 @@ pub(super) struct Actor {
     pub(super) status: watch::Sender<RaftStatus>,
     /// Snapshots are written off the actor (a clone of the state is cheap: files are
     /// shared copy-on-write); each reports here when it is on disk.
-    pub(super) snapshot_saved: (mpsc::Sender<SavedSnapshot>, Option<mpsc::Receiver<SavedSnapshot>>),
+    pub(super) snapshot_saved: mpsc::Sender<SavedSnapshot>,
     /// A snapshot is being written (at most one at a time).
     pub(super) snapshot_in_flight: bool,
     /// Where jobs archived out of the state are written with their files.
@@ -65,14 +65,12 @@ impl Actor {
         mut self,
         mut messages: mpsc::Receiver<Message>,
         mut deliveries: mpsc::Receiver<Delivery>,
+        mut saved: mpsc::Receiver<SavedSnapshot>,
         tick: Duration,
         cancel: CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let Some(mut saved) = self.snapshot_saved.1.take() else {
-            return;
-        };
         loop {
             tokio::select! {
                 biased;
@@ -447,10 +445,10 @@ impl Actor {
         Ok(())
     }
 
-    /// Every `snapshot_every` applied entries, and after every membership change: save the state machine to
-    /// the snapshot file and compact the log up to it. The state is cloned here and written
-    /// off the actor, so leases go on while a large state is serialized and synced (or
-    /// inline, for a deterministic simulation).
+    /// Every `snapshot_every` applied entries, and after every membership change: save the
+    /// state machine to the snapshot file and compact the log up to it. The state is cloned
+    /// here and written off the actor, so leases go on while a large state is serialized
+    /// and synced (or inline, for a deterministic simulation).
     async fn snapshot_if_due(&mut self) -> Result<(), RaftError> {
         let applied = self.node.raft.raft_log.applied;
         let due = applied >= self.snapshot_index + self.snapshot_every || self.conf_changed;
@@ -478,7 +476,7 @@ impl Actor {
         if self.offload.is_inline() {
             return self.snapshot_saved(write()?);
         }
-        let done = self.snapshot_saved.0.clone();
+        let done = self.snapshot_saved.clone();
         tokio::task::spawn_blocking(move || {
             let _ = done.blocking_send(write());
         });

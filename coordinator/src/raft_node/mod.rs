@@ -330,6 +330,8 @@ pub fn start(
     };
     let (deliveries_tx, deliveries) = mpsc::channel(256);
     peers.attach(deliveries_tx);
+    // One snapshot is written at a time, so one slot is enough.
+    let (saved_tx, saved) = mpsc::channel(1);
     let mut actor = Actor {
         node,
         log: Arc::new(log),
@@ -350,16 +352,13 @@ pub fn start(
         applied: applied_tx,
         role: role_tx,
         status: status_tx,
-        snapshot_saved: {
-            let (sender, receiver) = mpsc::channel(1);
-            (sender, Some(receiver))
-        },
+        snapshot_saved: saved_tx,
         snapshot_in_flight: false,
         archive,
     };
     actor.publish_addresses();
     actor.publish_status();
-    tokio::spawn(actor.run(receiver, deliveries, settings.tick, cancel));
+    tokio::spawn(actor.run(receiver, deliveries, saved, settings.tick, cancel));
     Ok(handle)
 }
 

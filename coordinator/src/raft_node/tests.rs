@@ -1,6 +1,5 @@
 use super::*;
 use crate::state::{Applied, Command};
-use fhirhaul_common::kickoff::ExportRequest;
 
 async fn leader(dir: &Path, cancel: &CancellationToken) -> RaftHandle {
     let handle = start(
@@ -24,24 +23,12 @@ async fn leader(dir: &Path, cancel: &CancellationToken) -> RaftHandle {
     handle
 }
 
-fn submit() -> Command {
-    Command::SubmitJob {
-        tenant: "t".into(),
-        request: ExportRequest::default(),
-        max_file_attempts: 3,
-        at_ms: 1,
-        request_id: None,
-        export_id: None,
-        delete_policy: Default::default(),
-    }
-}
-
 /// Runs a leader in `dir` that commits `jobs` submissions, then stops it.
 async fn submit_and_stop(dir: &Path, jobs: usize) {
     let cancel = CancellationToken::new();
     let raft = leader(dir, &cancel).await;
     for _ in 0..jobs {
-        raft.propose(submit()).await.unwrap();
+        raft.propose(Command::test_submission()).await.unwrap();
     }
     cancel.cancel();
     drop(raft);
@@ -55,7 +42,7 @@ async fn committed_commands_survive_a_restart() {
     let raft = leader(dir.path(), &cancel).await;
     assert!(raft.term() >= 1, "a leader has been elected in some term");
     assert_eq!(
-        raft.propose(submit()).await.unwrap(),
+        raft.propose(Command::test_submission()).await.unwrap(),
         Applied::JobSubmitted { job_id: "job-1".into() }
     );
     raft.propose(Command::KickedOff {
@@ -80,7 +67,7 @@ async fn committed_commands_survive_a_restart() {
         "the committed status URL is back after a restart"
     );
     assert_eq!(
-        raft.propose(submit()).await.unwrap(),
+        raft.propose(Command::test_submission()).await.unwrap(),
         Applied::JobSubmitted { job_id: "job-2".into() }
     );
     cancel.cancel();
@@ -104,7 +91,7 @@ async fn snapshots_compact_the_log_and_restore_the_state() {
         "snapshot plus the log tail restore every job"
     );
     assert_eq!(
-        raft.propose(submit()).await.unwrap(),
+        raft.propose(Command::test_submission()).await.unwrap(),
         Applied::JobSubmitted {
             job_id: "job-36".into()
         }
@@ -131,7 +118,7 @@ async fn a_snapshot_lives_in_its_own_file_and_one_kept_in_sled_by_an_older_versi
     assert_eq!(raft.read_linearizable(|state| state.jobs.len()).await.unwrap(), 35);
     // Enough log to outweigh the 35-job snapshot (see `snapshot_due`).
     for _ in 0..150 {
-        raft.propose(submit()).await.unwrap();
+        raft.propose(Command::test_submission()).await.unwrap();
     }
     cancel.cancel();
     drop(raft);
@@ -177,7 +164,7 @@ async fn proposals_that_arrive_together_share_disk_syncs() {
     let proposals: Vec<_> = (0..64)
         .map(|_| {
             let raft = raft.clone();
-            tokio::spawn(async move { raft.propose(submit()).await })
+            tokio::spawn(async move { raft.propose(Command::test_submission()).await })
         })
         .collect();
     for proposal in proposals {
@@ -209,7 +196,7 @@ async fn a_commit_index_lost_in_a_crash_never_trails_the_snapshot() {
     let cancel = CancellationToken::new();
     let raft = leader(dir.path(), &cancel).await;
     assert_eq!(raft.read_linearizable(|state| state.jobs.len()).await.unwrap(), 35);
-    raft.propose(submit()).await.unwrap();
+    raft.propose(Command::test_submission()).await.unwrap();
     cancel.cancel();
 }
 

@@ -580,17 +580,15 @@ impl State {
             return;
         }
         for job in self.jobs.values_mut() {
-            let preferring: Vec<(String, Vec<u32>)> = job
+            let kept_for_absent: Vec<u32> = job
                 .index()
                 .preferred
                 .iter()
                 .filter(|(worker, _)| absent.contains(worker))
-                .map(|(worker, files)| (worker.clone(), files.iter().copied().collect()))
+                .flat_map(|(_, files)| files.iter().copied())
                 .collect();
-            for (_, files) in preferring {
-                for position in files {
-                    job.change_file(position, |file| file.preferred_worker = None);
-                }
+            for position in kept_for_absent {
+                job.change_file(position, |file| file.preferred_worker = None);
             }
         }
     }

@@ -230,7 +230,7 @@ impl ArchivedJob {
             delete_error: job.delete_error.clone(),
             ehr_errors: job.ehr_errors(),
             download_ms: job.download_ms(at_ms),
-            failures_by_category: job.failures_by_category().into_iter().collect(),
+            failures_by_category: job.failures_by_category(),
             archived_ms: at_ms,
         }
     }
@@ -448,8 +448,8 @@ impl Job {
     }
 
     /// Failed files by category name.
-    pub fn failures_by_category(&self) -> std::collections::HashMap<String, u32> {
-        let mut counts = std::collections::HashMap::new();
+    pub fn failures_by_category(&self) -> BTreeMap<String, u32> {
+        let mut counts = BTreeMap::new();
         for file in self.files.iter().filter(|f| f.phase == FilePhase::Failed) {
             if let Some((category, _)) = &file.failure {
                 *counts.entry(category.as_str().to_string()).or_default() += 1;

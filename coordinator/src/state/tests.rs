@@ -13,15 +13,7 @@ fn manifest_file(n: u32) -> ManifestFile {
 /// A state with one job, submitted and not yet kicked off.
 fn state_with_submitted_job() -> (State, String) {
     let mut state = State::default();
-    let Applied::JobSubmitted { job_id } = state.apply(Command::SubmitJob {
-        tenant: "t".into(),
-        request: ExportRequest::default(),
-        max_file_attempts: 3,
-        at_ms: 0,
-        request_id: None,
-        export_id: None,
-        delete_policy: Default::default(),
-    }) else {
+    let Applied::JobSubmitted { job_id } = state.apply(Command::test_submission()) else {
         panic!()
     };
     (state, job_id)
